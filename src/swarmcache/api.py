@@ -1,0 +1,326 @@
+"""HTTP API: handlers, the image response, and the one error middleware.
+
+Domain errors become HTTP statuses only here (errors.SwarmcacheError.status).
+Image bytes always go out with sendfile from the cache file; on a miss the
+response follows the fetch chunk by chunk, and the chunk that ends the image is
+held back until the whole image has passed verification, so a client never
+receives a complete image that failed its checksum.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import IO, Any
+
+from aiohttp import web
+
+from .errors import ImageNotFound, RangeNotSatisfiable, SwarmcacheError
+from .fetcher import Fetcher, FetchJob
+from .manifest import Manifest, validate_image_id
+from .metrics import CONTENT_TYPE, Metrics
+from .ranges import parse_range
+from .store import CachedImage, Store
+
+log = logging.getLogger(__name__)
+
+STORE = web.AppKey("store", Store)
+FETCHER = web.AppKey("fetcher", Fetcher)
+METRICS = web.AppKey("metrics", Metrics)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_body(status: int, error: str, detail: str) -> web.Response:
+    """The JSON error shape every failure uses."""
+    return web.json_response({"error": error, "detail": detail}, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map SwarmcacheError and aiohttp's HTTP exceptions to JSON errors."""
+    try:
+        return await handler(request)
+    except SwarmcacheError as err:
+        resp = error_body(err.status, err.error, err.detail)
+        if isinstance(err, RangeNotSatisfiable):
+            resp.headers["Content-Range"] = f"bytes */{err.size}"
+        if err.status >= 500:
+            log.warning("%s %s -> %d: %s", request.method, request.path, err.status, err.detail)
+        return resp
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        resp = error_body(exc.status, exc.reason.lower(), exc.text or exc.reason)
+        for name in ("Allow",):
+            if name in exc.headers:
+                resp.headers[name] = exc.headers[name]
+        return resp
+
+
+def _image_id(request: web.Request) -> str:
+    return validate_image_id(request.match_info["image_id"])
+
+
+def image_state(image: CachedImage | None, job: FetchJob | None, failed: bool) -> str:
+    """complete | fetching | failed | partial."""
+    if image is not None and image.complete:
+        return "complete"
+    if job is not None:
+        return "fetching"
+    return "failed" if failed else "partial"
+
+
+def describe(fetcher: Fetcher, image_id: str, *, progress: bool) -> dict[str, Any]:
+    """The JSON description of one image (status and list entries)."""
+    image = fetcher.store.get(image_id)
+    job = fetcher.jobs.get(image_id)
+    failure = fetcher.failures.get(image_id)
+    if image is None and failure is None:
+        raise ImageNotFound(f"image {image_id!r} is not in the cache")
+    out: dict[str, Any] = {"id": image_id, "state": image_state(image, job, failure is not None)}
+    if image is not None:
+        m = image.manifest
+        out.update(
+            size=m.size,
+            chunk_size=m.chunk_size,
+            chunks_present=m.chunks if m.complete else image.present_chunks,
+            chunks_total=m.chunks,
+            bytes=image.present_bytes,
+            last_access=image.last_access,
+            hits=image.hits,
+            pinned=image.pinned,
+            readers=image.readers,
+            sha256=m.sha256,
+            origin_sha256=m.origin_sha256,
+        )
+    else:
+        assert failure is not None
+        out.update(size=failure.size, chunks_present=0, bytes=0, pinned=False)
+    if failure is not None and out["state"] == "failed":
+        out["error"] = {
+            "error": failure.error.error,
+            "detail": failure.error.detail,
+            "at": failure.at,
+        }
+    if progress and job is not None:
+        out["fetch"] = job.progress()
+    return out
+
+
+async def empty_id(request: web.Request) -> web.Response:
+    """/v1/images/ with no id."""
+    validate_image_id("")
+    raise AssertionError("unreachable")
+
+
+async def list_images(request: web.Request) -> web.Response:
+    """GET /v1/images."""
+    fetcher = request.app[FETCHER]
+    ids = sorted(set(fetcher.store.images) | set(fetcher.failures))
+    return web.json_response({"images": [describe(fetcher, i, progress=False) for i in ids]})
+
+
+async def image_status(request: web.Request) -> web.Response:
+    """GET /v1/images/{id}/status."""
+    return web.json_response(describe(request.app[FETCHER], _image_id(request), progress=True))
+
+
+async def start_fetch(request: web.Request) -> web.Response:
+    """POST /v1/images/{id}/fetch: start a background fetch (idempotent)."""
+    image_id = _image_id(request)
+    fetcher = request.app[FETCHER]
+    await fetcher.start(image_id)
+    return web.json_response(describe(fetcher, image_id, progress=True), status=202)
+
+
+async def delete_image(request: web.Request) -> web.Response:
+    """DELETE /v1/images/{id}: drop it from the cache (409 while being read)."""
+    image_id = _image_id(request)
+    fetcher = request.app[FETCHER]
+    store = request.app[STORE]
+    image = store.get(image_id)
+    if image is None:
+        if fetcher.failures.pop(image_id, None) is None:
+            raise ImageNotFound(f"image {image_id!r} is not in the cache")
+        return web.json_response({"id": image_id, "deleted": True})
+    if image.readers:
+        store.remove(image_id)  # raises ImageBusy
+    await fetcher.cancel(image_id)
+    await asyncio.to_thread(store.remove, image_id)
+    fetcher.failures.pop(image_id, None)
+    log.info("image %s removed by request", image_id)
+    return web.json_response({"id": image_id, "deleted": True})
+
+
+async def set_pin(request: web.Request) -> web.Response:
+    """PUT/DELETE /v1/images/{id}/pin."""
+    image_id = _image_id(request)
+    image = request.app[STORE].get(image_id)
+    if image is None:
+        raise ImageNotFound(f"image {image_id!r} is not in the cache; fetch it before pinning")
+    image.pinned = request.method == "PUT"
+    await asyncio.to_thread(image.save_meta, durable=True)
+    log.info("image %s %s", image_id, "pinned" if image.pinned else "unpinned")
+    return web.json_response(describe(request.app[FETCHER], image_id, progress=False))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """GET /healthz."""
+    store = request.app[STORE]
+    return web.json_response(
+        {
+            "status": "ok",
+            "images": len(store.images),
+            "bytes": store.used_bytes(),
+            "max_size": store.max_size,
+        }
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics (Prometheus text format)."""
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def get_image(request: web.Request) -> web.StreamResponse:
+    """GET/HEAD /v1/images/{id}: the bytes, from cache or following a fetch."""
+    image_id = _image_id(request)
+    store, fetcher, m = request.app[STORE], request.app[FETCHER], request.app[METRICS]
+    image = store.get(image_id)
+    head = request.method == "HEAD"
+    job: FetchJob | None = None
+    if head and (image is None or not image.complete):
+        manifest = await fetcher.manifest_for(image_id)  # HEAD never starts a fetch
+    else:
+        if image is None or not image.complete:
+            m.cache_misses.inc()
+            job = await fetcher.start(image_id)
+            image = job.image if job is not None else store.get(image_id)
+            if image is None:
+                raise ImageNotFound(f"image {image_id!r} vanished from the cache")
+        else:
+            m.cache_hits.inc()
+        manifest = image.manifest
+    size = manifest.size
+    byte_range = parse_range(request.headers.get("Range"), size)
+    if_range = request.headers.get("If-Range")
+    if byte_range is not None and if_range is not None and if_range != manifest.etag:
+        byte_range = None
+    if request.headers.get("If-None-Match") == manifest.etag:
+        return web.Response(status=304, headers={"ETag": manifest.etag})
+    start, end = byte_range if byte_range is not None else (0, size - 1)
+    resp = web.StreamResponse(status=206 if byte_range is not None else 200)
+    resp.content_type = "application/octet-stream"
+    resp.content_length = end - start + 1 if size else 0
+    resp.headers["Accept-Ranges"] = "bytes"
+    resp.headers["ETag"] = manifest.etag
+    if byte_range is not None:
+        resp.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    if head or image is None or size == 0:
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp
+    image.readers += 1
+    try:
+        await _send_image(request, resp, image, job, manifest, start, end)
+    finally:
+        image.readers -= 1
+        image.hits += 1
+        image.last_access = time.time()
+        if image_id in store.images:
+            await asyncio.to_thread(_save_meta_quietly, image)
+    return resp
+
+
+def _save_meta_quietly(image: CachedImage) -> None:
+    try:
+        image.save_meta()
+    except SwarmcacheError as err:  # stats only: never fail a read over them
+        log.warning("cannot save access stats of %s: %s", image.image_id, err.detail)
+
+
+async def _send_image(
+    request: web.Request,
+    resp: web.StreamResponse,
+    image: CachedImage,
+    job: FetchJob | None,
+    manifest: Manifest,
+    start: int,
+    end: int,
+) -> None:
+    """Send bytes start..end with sendfile, waiting for chunks a running fetch still owes."""
+    try:
+        f = await asyncio.to_thread(open, image.data_path, "rb")
+    except OSError as err:
+        raise ImageNotFound(f"image {image.image_id!r} is no longer in the cache") from err
+    try:
+        await resp.prepare(request)
+        sent = 0
+        pos = start
+        last_chunk = manifest.chunks - 1
+        while pos <= end:
+            index = pos // manifest.chunk_size
+            if job is not None and not image.has(index):
+                await job.wait_chunk(index)
+            if job is not None and index == last_chunk and not image.complete:
+                await job.wait_complete()
+            # Send the whole run of chunks already present in one sendfile call.
+            run_end = min(end, (index + 1) * manifest.chunk_size - 1)
+            while run_end < end and (
+                image.complete or image.has(run_end // manifest.chunk_size + 1)
+            ):
+                nxt = run_end // manifest.chunk_size + 1
+                if job is not None and nxt == last_chunk and not image.complete:
+                    break
+                run_end = min(end, (nxt + 1) * manifest.chunk_size - 1)
+            await _sendfile(request, resp, f, pos, run_end - pos + 1)
+            sent += run_end - pos + 1
+            pos = run_end + 1
+        await resp.write_eof()
+        request.app[METRICS].bytes_served.inc(sent)
+    except SwarmcacheError as err:
+        # Headers are out: the only honest signal left is to cut the connection short.
+        log.error("read of %s aborted after headers: %s", image.image_id, err.detail)
+        if request.transport is not None:
+            request.transport.abort()
+    finally:
+        await asyncio.to_thread(f.close)
+
+
+async def _sendfile(
+    request: web.Request, resp: web.StreamResponse, f: IO[bytes], offset: int, count: int
+) -> None:
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("client went away")
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sendfile(transport, f, offset, count)
+    except NotImplementedError:  # e.g. TLS transports: fall back to reads
+        done = 0
+        while done < count:
+            data = await asyncio.to_thread(
+                os.pread, f.fileno(), min(1 << 20, count - done), offset + done
+            )
+            if not data:
+                raise ConnectionResetError("cache file is short") from None
+            await resp.write(data)
+            done += len(data)
+
+
+def add_routes(app: web.Application) -> None:
+    """Register every route of the API."""
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/images", list_images)
+    app.router.add_route("*", "/v1/images/", empty_id)
+    app.router.add_get("/v1/images/{image_id}", get_image)  # also HEAD
+    app.router.add_delete("/v1/images/{image_id}", delete_image)
+    app.router.add_get("/v1/images/{image_id}/status", image_status)
+    app.router.add_post("/v1/images/{image_id}/fetch", start_fetch)
+    app.router.add_put("/v1/images/{image_id}/pin", set_pin)
+    app.router.add_delete("/v1/images/{image_id}/pin", set_pin)

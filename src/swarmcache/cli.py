@@ -1,0 +1,344 @@
+"""Command line: the only place that prints for humans and calls sys.exit.
+
+Exit status: 0 success, 1 the operation failed (the daemon's error is printed),
+2 bad usage or configuration, 3 the daemon could not be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from typing import IO, Any, NoReturn
+
+from . import __version__
+from .config import config_path_from, format_size, load_config
+from .errors import ConfigError, SwarmcacheError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+_POLL_SECONDS = 0.5
+
+
+class CliError(Exception):
+    """An error to print in one line, with its exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    p = argparse.ArgumentParser(
+        prog="swarmcache",
+        description="Peer-to-peer VM image cache. 'serve' runs the daemon; the other "
+        "commands talk to a running daemon's HTTP API.",
+        epilog="Exit status: 0 ok, 1 operation failed, 2 bad usage or config, "
+        "3 daemon unreachable.",
+    )
+    p.add_argument("--version", action="version", version=f"swarmcache {__version__}")
+    p.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="config file (default: $SWARMCACHE_CONFIG, else "
+        "/etc/swarmcache/swarmcache.toml if present, else built-in defaults)",
+    )
+    p.add_argument(
+        "--daemon",
+        metavar="URL",
+        help="daemon API base URL for client commands "
+        "(default: http://<daemon.listen> from the config)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser(
+        "serve",
+        help="run the daemon in the foreground",
+        description="Run the daemon: HTTP API on daemon.listen, cache in cache.dir.",
+    )
+    f = sub.add_parser(
+        "fetch",
+        help="fetch an image into the cache (or into a file with -o)",
+        description="Fetch an image through the daemon. Without -o, the daemon "
+        "fetches it into its cache and the command waits until it is complete "
+        "and verified. With -o, the image bytes are also written to FILE "
+        "(FILE.part until the download completed). A progress bar with rate "
+        "and ETA is shown on a terminal.",
+    )
+    f.add_argument("image_id", metavar="ID")
+    f.add_argument("-o", "--output", metavar="FILE", help="write the image to FILE ('-' = stdout)")
+    f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    ls = sub.add_parser("ls", help="list cached images", description="List cached images.")
+    ls.add_argument("--json", action="store_true", help="print the API's JSON")
+    st = sub.add_parser(
+        "status",
+        help="show one image's state and fetch progress",
+        description="Show one image's state, chunks and fetch progress.",
+    )
+    st.add_argument("image_id", metavar="ID")
+    st.add_argument("--json", action="store_true", help="print the API's JSON")
+    ev = sub.add_parser(
+        "evict",
+        help="remove an image from the cache",
+        description="Remove an image from the cache (fails while it is read).",
+    )
+    ev.add_argument("image_id", metavar="ID")
+    pin = sub.add_parser(
+        "pin",
+        help="keep an image in the cache (never evicted)",
+        description="Pin a cached image so eviction never removes it.",
+    )
+    pin.add_argument("image_id", metavar="ID")
+    unpin = sub.add_parser(
+        "unpin", help="let eviction remove an image again", description="Unpin an image."
+    )
+    unpin.add_argument("image_id", metavar="ID")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point of the `swarmcache` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(config_path_from(args.config))
+        if args.command == "serve":
+            from .daemon import run
+
+            run(config)
+            sys.exit(EXIT_OK)
+        client = Client(args.daemon or f"http://{config.daemon.listen}")
+        sys.exit(COMMANDS[args.command](client, args))
+    except ConfigError as err:
+        print(f"swarmcache: config error: {err.detail}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except CliError as err:
+        print(f"swarmcache: {err}", file=sys.stderr)
+        sys.exit(err.status)
+    except SwarmcacheError as err:
+        print(f"swarmcache: {err.error}: {err.detail}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    except OSError as err:
+        print(f"swarmcache: {err}", file=sys.stderr)
+        sys.exit(EXIT_FAILED)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+class Client:
+    """A small blocking client for the daemon's API."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base.rstrip("/")
+
+    def open(self, method: str, path: str) -> Any:
+        """Send a request; raise CliError with the daemon's message on an error status."""
+        req = urllib.request.Request(self.base + path, method=method)
+        try:
+            return urllib.request.urlopen(req, timeout=60)
+        except urllib.error.HTTPError as err:
+            raise CliError(_error_text(err)) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+            reason = getattr(err, "reason", err)
+            raise CliError(
+                f"cannot reach the daemon at {self.base}: {reason}", EXIT_UNREACHABLE
+            ) from None
+
+    def json(self, method: str, path: str) -> Any:
+        """Send a request and decode the JSON answer."""
+        with self.open(method, path) as resp:
+            return json.load(resp)
+
+
+def _error_text(err: urllib.error.HTTPError) -> str:
+    try:
+        body = json.load(err)
+        return f"{body['error']}: {body['detail']} (HTTP {err.code})"
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {err.code} {err.reason}"
+
+
+def _path(image_id: str, suffix: str = "") -> str:
+    return "/v1/images/" + urllib.parse.quote(image_id, safe="") + suffix
+
+
+class Progress:
+    """A one-line progress bar with rate and ETA, drawn only on a terminal."""
+
+    def __init__(self, label: str, stream: IO[str], enabled: bool) -> None:
+        self.label = label
+        self.stream = stream
+        self.enabled = enabled and stream.isatty()
+        self.start = time.monotonic()
+        self._last = 0.0
+
+    def update(self, done: int, total: int | None, *, force: bool = False) -> None:
+        """Redraw (at most 10 times a second)."""
+        now = time.monotonic()
+        if not self.enabled or (not force and now - self._last < 0.1):
+            return
+        self._last = now
+        rate = done / max(now - self.start, 1e-6)
+        parts = [self.label]
+        if total:
+            parts.append(f"{100 * done / total:5.1f}%")
+            parts.append(f"{format_size(done)}/{format_size(total)}")
+        else:
+            parts.append(format_size(done))
+        parts.append(f"{format_size(int(rate))}/s")
+        if total and rate > 0 and done < total:
+            parts.append(f"ETA {int((total - done) / rate)}s")
+        self.stream.write("\r" + "  ".join(parts) + "\x1b[K")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        """End the line."""
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def cmd_fetch(client: Client, args: argparse.Namespace) -> int:
+    """swarmcache fetch ID [-o FILE]."""
+    progress = Progress(args.image_id, sys.stderr, not args.quiet)
+    if args.output:
+        _download(client, args.image_id, args.output, progress)
+    else:
+        _wait_cached(client, args.image_id, progress)
+    progress.finish()
+    return EXIT_OK
+
+
+def _download(client: Client, image_id: str, output: str, progress: Progress) -> None:
+    to_stdout = output == "-"
+    part = output + ".part"
+    with client.open("GET", _path(image_id)) as resp:
+        total = int(resp.headers.get("Content-Length", 0)) or None
+        out: IO[bytes] = sys.stdout.buffer if to_stdout else open(part, "wb")  # noqa: SIM115
+        done = 0
+        try:
+            while True:
+                block = resp.read(1 << 20)
+                if not block:
+                    break
+                out.write(block)
+                done += len(block)
+                progress.update(done, total)
+            progress.update(done, total, force=True)
+            if total is not None and done != total:
+                raise CliError(
+                    f"download of {image_id} cut short at {done} of {total} bytes "
+                    "(the daemon aborted it; see its log)"
+                )
+            out.flush()
+            if not to_stdout:
+                os.fsync(out.fileno())
+        except BaseException:
+            if not to_stdout:
+                out.close()
+                os.unlink(part)
+            raise
+    if not to_stdout:
+        out.close()
+        os.replace(part, output)
+
+
+def _wait_cached(client: Client, image_id: str, progress: Progress) -> None:
+    status = client.json("POST", _path(image_id, "/fetch"))
+    while status["state"] != "complete":
+        if status["state"] == "failed":
+            err = status.get("error", {})
+            raise CliError(f"fetch of {image_id} failed: {err.get('error')}: {err.get('detail')}")
+        if status["state"] == "partial":  # a fetch that ended; ask once more
+            status = client.json("POST", _path(image_id, "/fetch"))
+            continue
+        progress.update(status.get("bytes", 0), status.get("size"))
+        time.sleep(_POLL_SECONDS)
+        status = client.json("GET", _path(image_id, "/status"))
+    progress.update(status["size"], status["size"], force=True)
+
+
+def cmd_ls(client: Client, args: argparse.Namespace) -> int:
+    """swarmcache ls."""
+    data = client.json("GET", "/v1/images")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    rows = [("ID", "STATE", "SIZE", "CHUNKS", "HITS", "PINNED", "LAST ACCESS")]
+    for img in data["images"]:
+        last = img.get("last_access")
+        rows.append(
+            (
+                img["id"],
+                img["state"],
+                format_size(img["size"]) if img.get("size") is not None else "-",
+                f"{img.get('chunks_present', 0)}/{img.get('chunks_total', '-')}",
+                str(img.get("hits", 0)),
+                "yes" if img.get("pinned") else "no",
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if last else "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return EXIT_OK
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    """swarmcache status ID."""
+    data = client.json("GET", _path(args.image_id, "/status"))
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    for key in (
+        "id",
+        "state",
+        "size",
+        "chunks_present",
+        "chunks_total",
+        "bytes",
+        "hits",
+        "pinned",
+        "readers",
+        "sha256",
+        "origin_sha256",
+    ):
+        if key in data:
+            print(f"{key:15} {data[key]}")
+    if "fetch" in data:
+        for key, value in data["fetch"].items():
+            print(f"{'fetch.' + key:15} {value}")
+    if "error" in data:
+        print(f"{'error':15} {data['error']['error']}: {data['error']['detail']}")
+    return EXIT_FAILED if data["state"] == "failed" else EXIT_OK
+
+
+def cmd_evict(client: Client, args: argparse.Namespace) -> int:
+    """swarmcache evict ID."""
+    client.json("DELETE", _path(args.image_id))
+    print(f"{args.image_id} removed")
+    return EXIT_OK
+
+
+def cmd_pin(client: Client, args: argparse.Namespace) -> int:
+    """swarmcache pin ID / unpin ID."""
+    method = "PUT" if args.command == "pin" else "DELETE"
+    client.json(method, _path(args.image_id, "/pin"))
+    print(f"{args.image_id} {'pinned' if method == 'PUT' else 'unpinned'}")
+    return EXIT_OK
+
+
+COMMANDS = {
+    "fetch": cmd_fetch,
+    "ls": cmd_ls,
+    "status": cmd_status,
+    "evict": cmd_evict,
+    "pin": cmd_pin,
+    "unpin": cmd_pin,
+}

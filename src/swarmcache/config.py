@@ -1,0 +1,298 @@
+"""Configuration: TOML file + SWARMCACHE_<SECTION>_<KEY> overrides -> frozen dataclasses.
+
+The schema below is the single list of keys; the parser, the environment overrides
+and the error messages all come from it, so a key added here is documented in
+config/swarmcache.toml and nowhere else needs to change.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATHS = ("/etc/swarmcache/swarmcache.toml",)
+ENV_CONFIG = "SWARMCACHE_CONFIG"
+
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1024,
+    "KB": 1024,
+    "KIB": 1024,
+    "M": 1024**2,
+    "MB": 1024**2,
+    "MIB": 1024**2,
+    "G": 1024**3,
+    "GB": 1024**3,
+    "GIB": 1024**3,
+    "T": 1024**4,
+    "TB": 1024**4,
+    "TIB": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_size(value: object) -> int:
+    """Parse a byte size: an integer, or a string such as "4MiB", "50GiB", "512K".
+
+    Binary units only (KB means KiB): operators write "GB" and mean GiB.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as '4MiB', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must not be negative, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a size such as '4MiB', got {value!r}")
+    m = _SIZE_RE.match(value)
+    if not m or m.group(2).upper() not in _SIZE_UNITS:
+        raise ValueError(f"cannot parse size {value!r} (use e.g. 4MiB, 50GiB, 1TiB)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+
+
+def parse_duration(value: object) -> float:
+    """Parse a duration in seconds: a number, or a string such as "500ms", "30s", "2m"."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration such as '30s', got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"duration must not be negative, got {value}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ValueError(f"expected a duration such as '30s', got {value!r}")
+    m = _DURATION_RE.match(value)
+    if not m:
+        raise ValueError(f"cannot parse duration {value!r} (use e.g. 500ms, 30s, 2m)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def format_size(n: int) -> str:
+    """Render a byte count for humans (binary units)."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _parse_str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+def _parse_int(value: object) -> int:
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
+
+
+def _parse_bool(value: object) -> bool:
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+def _choice(*choices: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return str(value)
+
+    return parse
+
+
+def _listen(value: object) -> str:
+    text = _parse_str(value)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {text!r}")
+    return text
+
+
+def _positive(parse: Callable[[object], Any]) -> Callable[[object], Any]:
+    def check(value: object) -> Any:
+        result = parse(value)
+        if result <= 0:
+            raise ValueError(f"must be greater than zero, got {value!r}")
+        return result
+
+    return check
+
+
+# section -> key -> (parser, default). Defaults are the documented ones.
+SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
+    "daemon": {
+        "listen": (_listen, "127.0.0.1:7480"),
+        "log_level": (_choice("debug", "info", "warning", "error"), "info"),
+    },
+    "cache": {
+        "dir": (_parse_str, "/var/lib/swarmcache"),
+        "max_size": (_positive(parse_size), parse_size("50GiB")),
+        "chunk_size": (_positive(parse_size), parse_size("4MiB")),
+    },
+    "origin": {
+        "kind": (_choice("http", "directory"), "http"),
+        "url": (_parse_str, "http://origin.example:8080/images/{image_id}"),
+        "path": (_parse_str, "/srv/images"),
+        "concurrency": (_positive(_parse_int), 4),
+        "retries": (_parse_int, 4),
+        "retry_backoff": (parse_duration, 0.5),
+        "connect_timeout": (_positive(parse_duration), 5.0),
+        "read_timeout": (_positive(parse_duration), 30.0),
+        "checksum_sidecar": (_parse_bool, True),
+    },
+}
+
+_MAX_CHUNK = 256 * 1024**2
+_MIN_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """[daemon]: where the API listens and how loud the log is."""
+
+    listen: str = "127.0.0.1:7480"
+    log_level: str = "info"
+
+    @property
+    def host(self) -> str:
+        """Host part of `listen` (brackets of an IPv6 literal removed)."""
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        """Port part of `listen`."""
+        return int(self.listen.rpartition(":")[2])
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """[cache]: the on-disk store."""
+
+    dir: Path = Path("/var/lib/swarmcache")
+    max_size: int = 50 * 1024**3
+    chunk_size: int = 4 * 1024**2
+
+
+@dataclass(frozen=True)
+class OriginConfig:
+    """[origin]: where images come from when nobody nearer has them."""
+
+    kind: Literal["http", "directory"] = "http"
+    url: str = "http://origin.example:8080/images/{image_id}"
+    path: Path = Path("/srv/images")
+    concurrency: int = 4
+    retries: int = 4
+    retry_backoff: float = 0.5
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    checksum_sidecar: bool = True
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole, validated configuration."""
+
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    origin: OriginConfig = field(default_factory=OriginConfig)
+    source: str = "<defaults>"
+
+
+def load_config(
+    path: str | os.PathLike[str] | None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Read a TOML file (None: defaults only), apply environment overrides, validate."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(source, "", "file not found") from None
+        except OSError as err:
+            raise ConfigError(source, "", f"cannot read: {err.strerror}") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(source, "", f"invalid TOML: {err}") from None
+    return build_config(raw, env, source)
+
+
+def build_config(raw: Mapping[str, Any], env: Mapping[str, str], source: str) -> Config:
+    """Validate a parsed TOML document plus overrides against SCHEMA."""
+    values: dict[str, dict[str, Any]] = {
+        s: {k: d for k, (_, d) in keys.items()} for s, keys in SCHEMA.items()
+    }
+    for section, table in raw.items():
+        if section not in SCHEMA:
+            raise ConfigError(source, section, f"unknown section [{section}]")
+        if not isinstance(table, dict):
+            raise ConfigError(source, section, "expected a table")
+        for key, value in table.items():
+            if key not in SCHEMA[section]:
+                raise ConfigError(source, f"{section}.{key}", "unknown key")
+            values[section][key] = _parse(source, section, key, value)
+    for name, value in env.items():
+        if not name.startswith("SWARMCACHE_") or name == ENV_CONFIG:
+            continue
+        section, _, key = name[len("SWARMCACHE_") :].lower().partition("_")
+        if section not in SCHEMA or key not in SCHEMA[section]:
+            raise ConfigError(f"environment {name}", "", "no such configuration key")
+        values[section][key] = _parse(f"environment {name}", section, key, value)
+    cache = values["cache"]
+    if not _MIN_CHUNK <= cache["chunk_size"] <= _MAX_CHUNK:
+        raise ConfigError(source, "cache.chunk_size", "must be between 64KiB and 256MiB")
+    origin = values["origin"]
+    if origin["kind"] == "http" and "{image_id}" not in origin["url"]:
+        raise ConfigError(source, "origin.url", "must contain {image_id}")
+    if origin["retries"] < 0:
+        raise ConfigError(source, "origin.retries", "must not be negative")
+    return Config(
+        daemon=DaemonConfig(**values["daemon"]),
+        cache=CacheConfig(
+            dir=Path(cache["dir"]), max_size=cache["max_size"], chunk_size=cache["chunk_size"]
+        ),
+        origin=OriginConfig(**{**origin, "path": Path(origin["path"])}),
+        source=source,
+    )
+
+
+def _parse(source: str, section: str, key: str, value: object) -> Any:
+    parser, _ = SCHEMA[section][key]
+    try:
+        return parser(value)
+    except ValueError as err:
+        raise ConfigError(source, f"{section}.{key}", str(err)) from None
+
+
+def config_path_from(arg: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """The config file: --config, else $SWARMCACHE_CONFIG, else the system file if present."""
+    env = os.environ if env is None else env
+    if arg:
+        return arg
+    if env.get(ENV_CONFIG):
+        return env[ENV_CONFIG]
+    for candidate in DEFAULT_CONFIG_PATHS:
+        if os.path.exists(candidate):
+            return candidate
+    return None

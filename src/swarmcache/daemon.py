@@ -1,0 +1,92 @@
+"""Composition root: config -> store -> origin -> fetcher -> API, each with its teardown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable
+
+from aiohttp import web
+from prometheus_client.core import Metric
+
+from .api import FETCHER, METRICS, STORE, add_routes, error_middleware, image_state
+from .config import Config
+from .fetcher import Fetcher
+from .metrics import Metrics, gauge
+from .origin import make_origin
+from .store import Store
+
+log = logging.getLogger(__name__)
+CONFIG = web.AppKey("config", Config)
+
+
+def build_app(config: Config) -> web.Application:
+    """The daemon as an aiohttp application (tests run it in-process)."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=1024**2)
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_fetcher_ctx)
+    add_routes(app)
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    cfg = app[CONFIG].cache
+    store = Store(cfg.dir, cfg.max_size)
+    await asyncio.to_thread(store.open)
+    app[STORE] = store
+    yield
+    store.close()
+
+
+async def _fetcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    metrics = app[METRICS]
+    async with make_origin(config.origin) as origin:
+        fetcher = Fetcher(
+            app[STORE], origin, metrics, config.origin.concurrency, config.cache.chunk_size
+        )
+        app[FETCHER] = fetcher
+        metrics.add_state_collector(lambda: _state_metrics(fetcher))
+        resume = asyncio.create_task(fetcher.resume_partial(), name="resume-partial")
+        try:
+            yield
+        finally:
+            resume.cancel()
+            await asyncio.gather(resume, return_exceptions=True)
+            await fetcher.close()
+
+
+def _state_metrics(fetcher: Fetcher) -> Iterable[Metric]:
+    store = fetcher.store
+    states = dict.fromkeys(("complete", "partial", "fetching", "failed"), 0.0)
+    for image_id in set(store.images) | set(fetcher.failures):
+        image = store.get(image_id)
+        state = image_state(image, fetcher.jobs.get(image_id), image_id in fetcher.failures)
+        states[state] += 1
+    yield gauge("swarmcache_cache_bytes", "Bytes held in the cache", store.used_bytes())
+    yield gauge("swarmcache_cache_max_bytes", "cache.max_size", store.max_size)
+    yield gauge("swarmcache_images", "Images by state", labelled=states, label="state")
+
+
+def run(config: Config) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    logging.basicConfig(
+        level=config.daemon.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    log.info(
+        "swarmcache listening on http://%s (cache %s, origin %s)",
+        config.daemon.listen,
+        config.cache.dir,
+        config.origin.kind,
+    )
+    web.run_app(
+        build_app(config),
+        host=config.daemon.host,
+        port=config.daemon.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=5,
+    )

@@ -1,0 +1,127 @@
+"""One exception tree for the whole daemon.
+
+Every error the daemon raises on purpose derives from SwarmcacheError and carries
+an HTTP status hint; the API middleware is the only place that turns it into a
+response, so the rest of the code never imports aiohttp.web to report a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class SwarmcacheError(Exception):
+    """Root of every error swarmcache raises on purpose."""
+
+    status = 500
+    error = "internal error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class ConfigError(SwarmcacheError, ValueError):
+    """The configuration file or an environment override is invalid."""
+
+    error = "invalid configuration"
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        super().__init__(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
+        self.source = source
+        self.key = key
+        self.problem = problem
+
+
+class BadRequest(SwarmcacheError, ValueError):
+    """A request is malformed (bad image id, bad parameter)."""
+
+    status = 400
+    error = "bad request"
+
+
+class InvalidImageId(BadRequest):
+    """An image id does not match the allowed pattern."""
+
+    error = "invalid image id"
+
+
+class ImageNotFound(SwarmcacheError, LookupError):
+    """The image is neither in the cache nor at the origin."""
+
+    status = 404
+    error = "image not found"
+
+
+class ImageBusy(SwarmcacheError):
+    """The image is being read or fetched, so it cannot be removed now."""
+
+    status = 409
+    error = "image busy"
+
+
+class RangeNotSatisfiable(SwarmcacheError):
+    """A Range header asks for bytes outside the image."""
+
+    status = 416
+    error = "range not satisfiable"
+
+    def __init__(self, detail: str, size: int) -> None:
+        super().__init__(detail)
+        self.size = size
+
+
+class OriginError(SwarmcacheError):
+    """The origin store failed to deliver (after retries)."""
+
+    status = 502
+    error = "origin unavailable"
+
+    def __init__(self, detail: str, *, retryable: bool = True) -> None:
+        super().__init__(detail)
+        self.retryable = retryable
+
+
+class OriginNotFound(OriginError, ImageNotFound):
+    """The origin answered that it has no such image."""
+
+    status = 404
+    error = "image not found at origin"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, retryable=False)
+
+
+class OriginTimeout(OriginError, asyncio.TimeoutError):
+    """The origin did not answer in time (after retries)."""
+
+    status = 504
+    error = "origin timeout"
+
+
+class IntegrityError(SwarmcacheError):
+    """Bytes failed verification (chunk digest or whole-image checksum)."""
+
+    status = 502
+    error = "verification failed"
+
+
+class StorageError(SwarmcacheError, OSError):
+    """The cache directory could not take the data (disk full, I/O error)."""
+
+    status = 507
+    error = "cache storage error"
+
+
+class FetchFailed(SwarmcacheError):
+    """A fetch ended without a complete, verified image; wraps the first cause."""
+
+    status = 502
+    error = "fetch failed"
+
+    def __init__(self, detail: str, cause: SwarmcacheError | None = None) -> None:
+        super().__init__(detail)
+        self.cause = cause
+        if cause is not None:
+            self.status = cause.status
+            self.error = cause.error

@@ -1,0 +1,366 @@
+"""Fetching images into the store: chunk sources, one job per image, single-flight.
+
+A FetchJob fills one CachedImage. Its workers take chunk indices from a pure
+ChunkPlan, read each chunk from a ChunkSource (the origin today; peers are a second
+kind of source), hash and write it in a thread, and wake the readers waiting for
+that chunk. When every chunk is in, the whole file is read back and checked
+against the chunk digests and the origin's sha256 before the image is complete.
+
+The Fetcher keeps at most one job per image, so any number of concurrent readers
+of an uncached image cause exactly one read of each chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .errors import FetchFailed, ImageNotFound, IntegrityError, StorageError, SwarmcacheError
+from .manifest import Manifest, chunk_digest
+from .metrics import Metrics
+from .origin import Origin
+from .planner import ChunkPlan
+from .store import CachedImage, Store
+
+log = logging.getLogger(__name__)
+
+
+class ChunkSource(Protocol):
+    """Anything that can hand over the bytes of one chunk."""
+
+    name: str
+
+    async def read_chunk(self, manifest: Manifest, index: int) -> bytes:
+        """The bytes of chunk `index` (unverified: the caller checks them)."""
+        ...
+
+
+class OriginSource:
+    """The origin as a chunk source."""
+
+    name = "origin"
+
+    def __init__(self, origin: Origin) -> None:
+        self.origin = origin
+
+    async def read_chunk(self, manifest: Manifest, index: int) -> bytes:
+        """Read the chunk's byte range from the origin (retries inside)."""
+        offset, length = manifest.span(index)
+        return await self.origin.read(manifest.image_id, offset, length)
+
+
+@dataclass
+class Failure:
+    """Why the last fetch of an image failed."""
+
+    error: SwarmcacheError
+    at: float
+    size: int | None
+
+
+class FetchJob:
+    """Fetches the missing chunks of one image, then verifies it."""
+
+    def __init__(
+        self, image: CachedImage, sources: list[ChunkSource], metrics: Metrics, concurrency: int
+    ) -> None:
+        self.image = image
+        self.sources = sources
+        self.metrics = metrics
+        self.concurrency = concurrency
+        self.plan = ChunkPlan(
+            image.manifest.chunks, (i for i in range(image.manifest.chunks) if image.has(i))
+        )
+        self.started = time.monotonic()
+        self.bytes_by_source: Counter[str] = Counter()
+        self.result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters: dict[int, list[asyncio.Future[None]]] = {}
+        self._changed = asyncio.Event()
+
+    @property
+    def image_id(self) -> str:
+        """The image being fetched."""
+        return self.image.image_id
+
+    def progress(self) -> dict[str, Any]:
+        """Bytes done, rate and sources of this run, for the status API."""
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        done = sum(self.bytes_by_source.values())
+        rate = done / elapsed
+        left = self.image.manifest.size - self.image.present_bytes
+        return {
+            "bytes_done": done,
+            "elapsed_s": round(elapsed, 3),
+            "rate_bytes_per_s": round(rate),
+            "eta_s": round(left / rate, 1) if rate > 0 else None,
+            "sources": dict(self.bytes_by_source),
+        }
+
+    async def wait_chunk(self, index: int) -> None:
+        """Return once chunk `index` is durable and verified; raise if the fetch fails."""
+        if self.image.has(index):
+            return
+        if self.result.done():
+            self.result.result()  # raises the failure
+            raise FetchFailed(f"fetch of {self.image_id} ended without chunk {index}")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(index, []).append(fut)
+        self.plan.want([index])
+        self._changed.set()
+        await fut
+
+    async def wait_complete(self) -> None:
+        """Return once the image is complete and verified; raise if the fetch fails."""
+        await asyncio.shield(self.result)
+
+    async def run(self) -> None:
+        """The job's body: fetch, verify, mark complete. Sets `result`."""
+        try:
+            workers = [
+                asyncio.create_task(self._worker(), name=f"fetch-{self.image_id}-{n}")
+                for n in range(self.concurrency)
+            ]
+            try:
+                await asyncio.gather(*workers)
+            finally:
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+            await self._finish()
+        except SwarmcacheError as err:
+            self._fail(err)
+        except asyncio.CancelledError:
+            self._fail(FetchFailed(f"fetch of {self.image_id} was cancelled"))
+            raise
+        except Exception as err:  # a bug must not leave readers hanging
+            log.exception("fetch of %s crashed", self.image_id)
+            self._fail(FetchFailed(f"fetch of {self.image_id} crashed: {err!r}"))
+        else:
+            self.result.set_result(None)
+
+    async def _worker(self) -> None:
+        while not self.plan.finished:
+            index = self.plan.next()
+            if index is None:  # the rest is in flight elsewhere
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            try:
+                await self._fetch_chunk(index)
+            except BaseException:
+                self.plan.failed(index)
+                raise
+            self.plan.done(index)
+            self._changed.set()
+            for fut in self._waiters.pop(index, ()):
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def _fetch_chunk(self, index: int) -> None:
+        manifest = self.image.manifest
+        source = self.sources[0]
+        t0 = time.monotonic()
+        try:
+            data = await source.read_chunk(manifest, index)
+        except SwarmcacheError:
+            self.metrics.source_errors.labels(source.name).inc()
+            raise
+        await asyncio.to_thread(self._commit, index, data, manifest.digest(index))
+        self.metrics.chunk_latency.labels(source.name).observe(time.monotonic() - t0)
+        self.metrics.bytes_fetched.labels(source.name).inc(len(data))
+        self.bytes_by_source[source.name] += len(data)
+
+    def _commit(self, index: int, data: bytes, expected: bytes | None) -> None:
+        digest = chunk_digest(data)
+        if expected is not None and digest != expected:
+            self.metrics.verification_failures.labels("chunk").inc()
+            raise IntegrityError(f"chunk {index} of {self.image_id} does not match its digest")
+        self.image.write_chunk(index, data, digest)
+
+    async def _finish(self) -> None:
+        manifest = self.image.manifest
+        sha256 = await asyncio.to_thread(self.image.verify)
+        if manifest.origin_sha256 is not None and sha256 != manifest.origin_sha256:
+            self.metrics.verification_failures.labels("image").inc()
+            raise IntegrityError(
+                f"{self.image_id}: sha256 {sha256} does not match the origin's "
+                f"{manifest.origin_sha256}; image discarded"
+            )
+        await asyncio.to_thread(self.image.mark_complete, sha256)
+
+    def _fail(self, err: SwarmcacheError) -> None:
+        if not self.result.done():
+            self.result.set_exception(err)
+            self.result.exception()  # retrieved: a failure nobody awaits is not an error
+        for futs in self._waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(err)
+        self._waiters.clear()
+
+
+class Fetcher:
+    """Owns every running FetchJob: at most one per image."""
+
+    def __init__(
+        self, store: Store, origin: Origin, metrics: Metrics, concurrency: int, chunk_size: int
+    ) -> None:
+        self.store = store
+        self.origin = origin
+        self.sources: list[ChunkSource] = [OriginSource(origin)]
+        self.metrics = metrics
+        self.concurrency = concurrency
+        self.chunk_size = chunk_size
+        self.jobs: dict[str, FetchJob] = {}
+        self.failures: dict[str, Failure] = {}
+        self._starting: dict[str, asyncio.Future[FetchJob | None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def manifest_for(self, image_id: str) -> Manifest:
+        """The manifest of a cached image, or a fresh one from the origin's stat."""
+        image = self.store.get(image_id)
+        if image is not None:
+            return image.manifest
+        stat = await self.origin.stat(image_id)
+        return Manifest(
+            image_id=image_id,
+            size=stat.size,
+            chunk_size=self.chunk_size,
+            origin_sha256=stat.sha256,
+            origin_validator=stat.validator,
+        )
+
+    async def start(self, image_id: str) -> FetchJob | None:
+        """The running job for an image, started if needed; None if already complete."""
+        if image_id in self.jobs:
+            return self.jobs[image_id]
+        image = self.store.get(image_id)
+        if image is not None and image.complete:
+            return None
+        pending = self._starting.get(image_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[FetchJob | None] = asyncio.get_running_loop().create_future()
+        self._starting[image_id] = fut
+        try:
+            job = await self._start(image_id)
+        except BaseException as err:
+            if isinstance(err, SwarmcacheError) and not isinstance(err, ImageNotFound):
+                self.failures[image_id] = Failure(err, time.time(), None)
+            fut.set_exception(err)
+            fut.exception()
+            raise
+        else:
+            fut.set_result(job)
+            return job
+        finally:
+            del self._starting[image_id]
+
+    async def _start(self, image_id: str) -> FetchJob | None:
+        stat = await self.origin.stat(image_id)
+        manifest = Manifest(
+            image_id=image_id,
+            size=stat.size,
+            chunk_size=self.chunk_size,
+            origin_sha256=stat.sha256,
+            origin_validator=stat.validator,
+        )
+        image = self.store.get(image_id)
+        if image is not None and image.complete:
+            return None
+        if image is not None and not image.manifest.same_source(manifest):
+            log.info(
+                "%s changed at the origin; dropping %d cached chunks",
+                image_id,
+                image.present_chunks,
+            )
+            image = None
+        incoming = manifest.size - (image.present_bytes if image else 0)
+        if manifest.size > self.store.max_size:
+            raise StorageError(
+                f"image {image_id} ({manifest.size} bytes) is larger than "
+                f"cache.max_size ({self.store.max_size} bytes)"
+            )
+        self._evict(incoming, keep=image_id)
+        if image is None:
+            image = await asyncio.to_thread(self.store.create, manifest)
+        job = FetchJob(image, self.sources, self.metrics, self.concurrency)
+        self.jobs[image_id] = job
+        self.failures.pop(image_id, None)
+        task = asyncio.create_task(self._run(job), name=f"fetch-{image_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        log.info(
+            "fetch %s started: %d bytes, %d of %d chunks missing",
+            image_id,
+            manifest.size,
+            job.plan.remaining,
+            manifest.chunks,
+        )
+        return job
+
+    async def _run(self, job: FetchJob) -> None:
+        image_id = job.image_id
+        try:
+            await job.run()
+        finally:
+            self.jobs.pop(image_id, None)
+        elapsed = time.monotonic() - job.started
+        err = job.result.exception() if job.result.done() else None
+        if err is None:
+            self.metrics.fetches.labels("complete").inc()
+            self.metrics.fetch_duration.observe(elapsed)
+            log.info(
+                "fetch %s complete: %d bytes in %.2fs, sources %s",
+                image_id,
+                job.image.manifest.size,
+                elapsed,
+                dict(job.bytes_by_source),
+            )
+            self._evict(0)
+            return
+        self.metrics.fetches.labels("failed").inc()
+        assert isinstance(err, SwarmcacheError)
+        self.failures[image_id] = Failure(err, time.time(), job.image.manifest.size)
+        log.error("fetch %s failed after %.2fs: %s", image_id, elapsed, err.detail)
+        if isinstance(err, IntegrityError):
+            # Never keep bytes that failed the whole-image check.
+            with contextlib.suppress(ImageNotFound):
+                self.store.remove(image_id, force=True)
+
+    def _evict(self, incoming: int, keep: str | None = None) -> None:
+        in_use = set(self.jobs) | ({keep} if keep else set())
+        evicted = self.store.evict(in_use, incoming)
+        self.metrics.evictions.inc(len(evicted))
+
+    async def cancel(self, image_id: str) -> None:
+        """Stop the running fetch of an image, if any."""
+        job = self.jobs.get(image_id)
+        if job is None:
+            return
+        for task in list(self._tasks):
+            if task.get_name() == f"fetch-{image_id}":
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def resume_partial(self) -> None:
+        """Restart the fetch of every partial image (after a restart or crash)."""
+        for image_id, image in list(self.store.images.items()):
+            if image.complete:
+                continue
+            try:
+                await self.start(image_id)
+            except SwarmcacheError as err:
+                log.warning("cannot resume %s: %s", image_id, err.detail)
+
+    async def close(self) -> None:
+        """Cancel every running fetch and wait for it to stop."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

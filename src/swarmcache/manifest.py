@@ -1,0 +1,229 @@
+"""Pure image model: ids, chunk geometry, manifests and the chunk log records.
+
+A manifest describes one image: its size, how it is cut into chunks, the xxh3-128
+digest of every chunk (known once the chunk has been fetched and checked), the
+whole-image sha256 and the checksum the origin publishes. It travels as msgpack,
+always decoded with size limits, because later it comes from peers.
+
+The chunk log is the crash-safe record of which chunks are on disk and verified:
+fixed-size records appended and fsynced after the chunk's bytes are durable. A torn
+or corrupt tail record (a crash mid-append) fails its own checksum and is dropped.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import msgpack
+import xxhash
+
+from .errors import IntegrityError, InvalidImageId
+
+IMAGE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+DIGEST_SIZE = 16  # xxh3-128
+MANIFEST_VERSION = 1
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # 4M chunks: a 16 TiB image at 4 MiB chunks
+_NO_DIGEST = bytes(DIGEST_SIZE)
+
+
+def validate_image_id(image_id: str) -> str:
+    """Return image_id if it is safe to use in a path and a URL, else raise InvalidImageId."""
+    if not isinstance(image_id, str) or not IMAGE_ID_RE.fullmatch(image_id):
+        shown = image_id if isinstance(image_id, str) and len(image_id) <= 64 else "<long>"
+        raise InvalidImageId(
+            f"image id {shown!r} is not valid: 1-128 characters of A-Z a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    return image_id
+
+
+def chunk_digest(data: bytes | bytearray | memoryview) -> bytes:
+    """xxh3-128 digest of one chunk."""
+    return xxhash.xxh3_128_digest(data)
+
+
+def chunk_count(size: int, chunk_size: int) -> int:
+    """How many chunks an image of `size` bytes has (an empty image has none)."""
+    return (size + chunk_size - 1) // chunk_size
+
+
+def chunk_span(index: int, size: int, chunk_size: int) -> tuple[int, int]:
+    """(offset, length) of chunk `index`."""
+    offset = index * chunk_size
+    if index < 0 or offset >= size:
+        raise IndexError(f"chunk {index} is outside an image of {size} bytes")
+    return offset, min(chunk_size, size - offset)
+
+
+def chunks_for_range(start: int, end: int, chunk_size: int) -> range:
+    """Indices of the chunks that hold bytes start..end (inclusive)."""
+    return range(start // chunk_size, end // chunk_size + 1)
+
+
+@dataclass
+class Manifest:
+    """What is known about one image; `digests` holds 16 bytes per chunk (zeros = unknown)."""
+
+    image_id: str
+    size: int
+    chunk_size: int
+    origin_sha256: str | None = None
+    origin_validator: str = ""
+    sha256: str | None = None
+    complete: bool = False
+    digests: bytearray = field(default_factory=bytearray)
+
+    def __post_init__(self) -> None:
+        if not self.digests:
+            self.digests = bytearray(DIGEST_SIZE * self.chunks)
+
+    @property
+    def chunks(self) -> int:
+        """Number of chunks."""
+        return chunk_count(self.size, self.chunk_size)
+
+    def span(self, index: int) -> tuple[int, int]:
+        """(offset, length) of chunk `index`."""
+        return chunk_span(index, self.size, self.chunk_size)
+
+    def digest(self, index: int) -> bytes | None:
+        """The known digest of chunk `index`, or None."""
+        d = bytes(self.digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE])
+        return None if d == _NO_DIGEST else d
+
+    def set_digest(self, index: int, digest: bytes) -> None:
+        """Record the digest of chunk `index`."""
+        if len(digest) != DIGEST_SIZE:
+            raise ValueError("digest must be 16 bytes")
+        self.digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = digest
+
+    @property
+    def etag(self) -> str:
+        """A strong ETag that is the same for partial and complete copies of this image."""
+        basis = self.origin_sha256 or f"{self.size}:{self.origin_validator}"
+        return '"' + xxhash.xxh3_64_hexdigest(f"{self.image_id}\0{basis}".encode()) + '"'
+
+    def same_source(self, other: Manifest) -> bool:
+        """True if both describe the same origin bytes (so chunks can be kept)."""
+        return (
+            self.size == other.size
+            and self.chunk_size == other.chunk_size
+            and self.origin_sha256 == other.origin_sha256
+            and self.origin_validator == other.origin_validator
+        )
+
+    def encode(self) -> bytes:
+        """msgpack form, for disk and (later) for peers."""
+        return msgpack.packb(
+            {
+                "v": MANIFEST_VERSION,
+                "id": self.image_id,
+                "size": self.size,
+                "chunk_size": self.chunk_size,
+                "origin_sha256": self.origin_sha256,
+                "origin_validator": self.origin_validator,
+                "sha256": self.sha256,
+                "complete": self.complete,
+                "digests": bytes(self.digests),
+            },
+            use_bin_type=True,
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Manifest:
+        """Parse and validate msgpack from an untrusted source."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise IntegrityError(f"manifest of {len(data)} bytes exceeds the limit")
+        try:
+            obj = msgpack.unpackb(
+                data,
+                raw=False,
+                max_bin_len=MAX_MANIFEST_BYTES,
+                max_str_len=4096,
+                max_array_len=64,
+                max_map_len=64,
+            )
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as err:
+            raise IntegrityError(f"manifest is not valid msgpack: {err}") from err
+        try:
+            return cls._from_obj(obj)
+        except (KeyError, TypeError, ValueError) as err:
+            raise IntegrityError(f"manifest is malformed: {err!r}") from err
+
+    @classmethod
+    def _from_obj(cls, obj: Any) -> Manifest:
+        if not isinstance(obj, dict) or obj.get("v") != MANIFEST_VERSION:
+            raise ValueError("unsupported manifest version")
+        size, chunk_size = obj["size"], obj["chunk_size"]
+        if (
+            not (isinstance(size, int) and isinstance(chunk_size, int))
+            or size < 0
+            or chunk_size <= 0
+        ):
+            raise ValueError("bad size or chunk_size")
+        digests = obj["digests"]
+        if not isinstance(digests, bytes) or len(digests) != DIGEST_SIZE * chunk_count(
+            size, chunk_size
+        ):
+            raise ValueError("digest list does not match the chunk count")
+        for key in ("origin_sha256", "sha256"):
+            if obj[key] is not None and not re.fullmatch(r"[0-9a-f]{64}", obj[key]):
+                raise ValueError(f"{key} is not a sha256 hex digest")
+        return cls(
+            image_id=validate_image_id(obj["id"]),
+            size=size,
+            chunk_size=chunk_size,
+            origin_sha256=obj["origin_sha256"],
+            origin_validator=str(obj["origin_validator"]),
+            sha256=obj["sha256"],
+            complete=bool(obj["complete"]),
+            digests=bytearray(digests),
+        )
+
+    def restarted(self) -> Manifest:
+        """A copy with no chunk known, for a fresh fetch of the same image."""
+        return replace(self, sha256=None, complete=False, digests=bytearray())
+
+
+# Chunk log: <index:u32><digest:16 bytes><xxh32 of the previous 20 bytes:u32>
+_RECORD = struct.Struct("<I16sI")
+LOG_RECORD_SIZE = _RECORD.size
+
+
+def encode_log_record(index: int, digest: bytes) -> bytes:
+    """One chunk-log record saying chunk `index` is durable with `digest`."""
+    body = struct.pack("<I16s", index, digest)
+    return body + struct.pack("<I", xxhash.xxh32_intdigest(body))
+
+
+def decode_log(data: bytes, chunks: int) -> Iterator[tuple[int, bytes]]:
+    """Valid (index, digest) records of a chunk log; stops at the first torn or bad record."""
+    for pos in range(0, len(data) - LOG_RECORD_SIZE + 1, LOG_RECORD_SIZE):
+        index, digest, check = _RECORD.unpack_from(data, pos)
+        if check != xxhash.xxh32_intdigest(data[pos : pos + 20]) or index >= chunks:
+            return
+        yield index, digest
+
+
+def bitmap_new(chunks: int) -> bytearray:
+    """An all-clear bitmap for `chunks` chunks."""
+    return bytearray((chunks + 7) // 8)
+
+
+def bitmap_get(bitmap: bytearray | bytes, index: int) -> bool:
+    """Is bit `index` set."""
+    return bool(bitmap[index >> 3] & (1 << (index & 7)))
+
+
+def bitmap_set(bitmap: bytearray, index: int) -> None:
+    """Set bit `index`."""
+    bitmap[index >> 3] |= 1 << (index & 7)
+
+
+def bitmap_count(bitmap: bytearray | bytes) -> int:
+    """How many bits are set."""
+    return int.from_bytes(bitmap, "little").bit_count()

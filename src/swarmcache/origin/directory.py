@@ -1,0 +1,72 @@
+"""Directory origin: images are files in a folder, `<path>/<image_id>` (+ `.sha256`)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from ..errors import OriginError, OriginNotFound
+from ..manifest import validate_image_id
+from . import Origin, OriginImage, parse_sha256_sidecar
+
+
+class DirectoryOrigin(Origin):
+    """Reads images from a local (or network-mounted) directory."""
+
+    def _file(self, image_id: str) -> Path:
+        return self.config.path / validate_image_id(image_id)
+
+    def describe(self, image_id: str) -> str:
+        """The image's path."""
+        return str(self._file(image_id))
+
+    async def _stat(self, image_id: str) -> OriginImage:
+        return await asyncio.to_thread(self._stat_sync, image_id)
+
+    def _stat_sync(self, image_id: str) -> OriginImage:
+        path = self._file(image_id)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise OriginNotFound(f"no image {image_id!r} at origin ({path})") from None
+        except OSError as err:
+            raise OriginError(f"cannot stat {path}: {err.strerror}") from err
+        if not path.is_file():
+            raise OriginNotFound(f"{path} is not a regular file")
+        sha256 = None
+        sidecar = path.with_name(path.name + ".sha256")
+        if self.config.checksum_sidecar and sidecar.exists():
+            try:
+                sha256 = parse_sha256_sidecar(sidecar.read_bytes())
+            except (OSError, ValueError) as err:
+                raise OriginError(f"checksum sidecar {sidecar} is unusable: {err}") from err
+        return OriginImage(
+            size=st.st_size, validator=f"{st.st_mtime_ns:x}-{st.st_size:x}", sha256=sha256
+        )
+
+    async def _read(self, image_id: str, offset: int, length: int) -> bytes:
+        return await asyncio.to_thread(self._read_sync, image_id, offset, length)
+
+    def _read_sync(self, image_id: str, offset: int, length: int) -> bytes:
+        path = self._file(image_id)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise OriginNotFound(f"image {image_id!r} vanished from the origin ({path})") from None
+        except OSError as err:
+            raise OriginError(f"cannot open {path}: {err.strerror}") from err
+        try:
+            parts = []
+            got = 0
+            while got < length:
+                part = os.pread(fd, length - got, offset + got)
+                if not part:
+                    break
+                parts.append(part)
+                got += len(part)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        except OSError as err:
+            raise OriginError(f"cannot read {path}: {err.strerror}") from err
+        finally:
+            os.close(fd)

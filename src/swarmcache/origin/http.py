@@ -1,0 +1,155 @@
+"""HTTP origin: `origin.url` with {image_id} filled in, read with Range requests.
+
+One ClientSession (one connection pool) serves every fetch; several chunk reads are
+in flight at once, so a cold fetch keeps the link as busy as a single stream would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from types import TracebackType
+from urllib.parse import quote
+
+import aiohttp
+
+from ..errors import OriginError, OriginNotFound, OriginTimeout
+from ..manifest import validate_image_id
+from . import MAX_SIDECAR_BYTES, Origin, OriginImage, parse_sha256_sidecar
+
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+
+
+class HttpOrigin(Origin):
+    """Reads images from a plain HTTP server that supports Range requests."""
+
+    _session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> HttpOrigin:
+        cfg = self.config
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max(8, cfg.concurrency * 2)),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout
+            ),
+            auto_decompress=False,
+            headers={"User-Agent": "swarmcache"},
+        )
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The shared connection pool (only inside `async with`)."""
+        if self._session is None:
+            raise RuntimeError("HttpOrigin used outside 'async with'")
+        return self._session
+
+    def describe(self, image_id: str) -> str:
+        """The image's URL."""
+        return self.config.url.replace("{image_id}", quote(validate_image_id(image_id), safe=""))
+
+    async def _stat(self, image_id: str) -> OriginImage:
+        url = self.describe(image_id)
+        async with self._request("HEAD", url) as resp:
+            if resp.status in (405, 501):  # no HEAD: ask for one byte instead
+                size, validator = None, ""
+            else:
+                self._check(resp, url, (200,))
+                size = resp.content_length
+                validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified") or ""
+        if size is None:
+            async with self._request("GET", url, headers={"Range": "bytes=0-0"}) as resp:
+                self._check(resp, url, (206,))
+                m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+                if not m or m.group(3) == "*":
+                    raise OriginError(
+                        f"{url}: no usable size in the origin's answer", retryable=False
+                    )
+                size = int(m.group(3))
+                validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified") or ""
+        sha256 = await self._sidecar(url) if self.config.checksum_sidecar else None
+        return OriginImage(size=size, validator=validator, sha256=sha256)
+
+    async def _sidecar(self, url: str) -> str | None:
+        sidecar = url + ".sha256"
+        async with self._request("GET", sidecar) as resp:
+            if resp.status == 404:
+                return None
+            self._check(resp, sidecar, (200,))
+            body = await resp.content.read(MAX_SIDECAR_BYTES)
+        try:
+            return parse_sha256_sidecar(body)
+        except ValueError as err:
+            raise OriginError(
+                f"checksum sidecar {sidecar} is unusable: {err}", retryable=False
+            ) from err
+
+    async def _read(self, image_id: str, offset: int, length: int) -> bytes:
+        url = self.describe(image_id)
+        end = offset + length - 1
+        async with self._request("GET", url, headers={"Range": f"bytes={offset}-{end}"}) as resp:
+            self._check(resp, url, (200, 206))
+            if resp.status == 200:
+                raise OriginError(
+                    f"{url}: origin ignores Range requests; swarmcache needs them", retryable=False
+                )
+            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+            if not m or int(m.group(1)) != offset or int(m.group(2)) != end:
+                raise OriginError(
+                    f"{url}: origin answered a different range "
+                    f"({resp.headers.get('Content-Range')!r}) for {offset}-{end}"
+                )
+            try:
+                return await resp.content.readexactly(length)
+            except asyncio.IncompleteReadError as err:
+                raise OriginError(
+                    f"{url}: connection closed after {len(err.partial)} of {length} bytes"
+                ) from err
+            except aiohttp.ClientError as err:
+                raise OriginError(f"{url}: {err.__class__.__name__}: {err}") from err
+            except TimeoutError as err:
+                raise OriginTimeout(f"{url}: read timed out") from err
+
+    def _request(self, method: str, url: str, headers: dict[str, str] | None = None) -> _Guarded:
+        return _Guarded(self.session, method, url, headers)
+
+    @staticmethod
+    def _check(resp: aiohttp.ClientResponse, url: str, ok: tuple[int, ...]) -> None:
+        if resp.status in ok:
+            return
+        if resp.status == 404:
+            raise OriginNotFound(f"origin has no image at {url} (404)")
+        retryable = resp.status >= 500 or resp.status in (408, 429)
+        raise OriginError(
+            f"{url}: origin answered {resp.status} {resp.reason}", retryable=retryable
+        )
+
+
+class _Guarded:
+    """`async with` around a request that turns aiohttp/timeout errors into OriginError."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, method: str, url: str, headers: dict[str, str] | None
+    ) -> None:
+        self._cm = session.request(method, url, headers=headers, allow_redirects=True)
+        self._url = url
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        try:
+            return await self._cm.__aenter__()
+        except TimeoutError as err:
+            raise OriginTimeout(f"{self._url}: origin did not answer in time") from err
+        except aiohttp.ClientError as err:
+            raise OriginError(f"{self._url}: {err.__class__.__name__}: {err}") from err
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._cm.__aexit__(et, e, tb)
