@@ -18,6 +18,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 from .errors import FetchFailed, ImageNotFound, IntegrityError, StorageError, SwarmcacheError
@@ -100,6 +101,11 @@ class FetchJob:
             "eta_s": round(left / rate, 1) if rate > 0 else None,
             "sources": dict(self.bytes_by_source),
         }
+
+    def want(self, indices: Iterable[int]) -> None:
+        """A reader will need these chunks soon: fetch them ahead of the rest."""
+        self.plan.want(i for i in indices if not self.image.has(i))
+        self._changed.set()
 
     async def wait_chunk(self, index: int) -> None:
         """Return once chunk `index` is durable and verified; raise if the fetch fails."""

@@ -31,6 +31,7 @@ class ChunkPlan:
         self.remaining = self.state.count(MISSING)
         self._cursor = 0
         self._urgent: deque[int] = deque()
+        self._urgent_set: set[int] = set()
 
     @property
     def finished(self) -> bool:
@@ -40,13 +41,15 @@ class ChunkPlan:
     def want(self, indices: Iterable[int]) -> None:
         """A client waits for these chunks: fetch them before anything else."""
         for i in indices:
-            if self.state[i] == MISSING and i not in self._urgent:
+            if self.state[i] == MISSING and i not in self._urgent_set:
                 self._urgent.append(i)
+                self._urgent_set.add(i)
 
     def next(self) -> int | None:
         """The chunk to fetch next (now INFLIGHT), or None if none is MISSING."""
         while self._urgent:
             i = self._urgent.popleft()
+            self._urgent_set.discard(i)
             if self.state[i] == MISSING:
                 self.state[i] = INFLIGHT
                 return i

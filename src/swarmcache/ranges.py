@@ -32,7 +32,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise RangeNotSatisfiable(f"range {header!r} selects no bytes", size)
         return max(0, size - n), size - 1
     start = int(first)
-    end = int(last) if last else size - 1
+    end = int(last) if last else max(start, size - 1)
     if end < start:
         return None
     if start >= size:

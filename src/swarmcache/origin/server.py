@@ -1,0 +1,150 @@
+"""A plain HTTP origin: serves a directory's files with Range support and counts bytes.
+
+Used by the demo, the tests and the benchmarks as "the origin": GET/HEAD
+/images/<name> with sendfile (aiohttp's FileResponse handles Range, HEAD and
+416). It counts what it sends per path and per range at GET /_stats, and has
+fault switches for tests (POST /_faults with JSON): `status` (answer every image
+request with this status), `delay` (seconds before each answer), `truncate`
+(close after this many bytes of a body).
+
+    python -m swarmcache.origin.server DIR [--listen 127.0.0.1:7481]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from ..manifest import IMAGE_ID_RE
+
+
+@dataclass
+class OriginStats:
+    """What the origin has sent."""
+
+    bytes_by_path: Counter[str] = field(default_factory=Counter)
+    requests: list[tuple[str, str, str | None, int]] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        """Body bytes sent for all paths."""
+        return sum(self.bytes_by_path.values())
+
+    def as_json(self) -> dict[str, Any]:
+        """The /_stats answer."""
+        return {
+            "total_bytes": self.total_bytes,
+            "bytes_by_path": dict(self.bytes_by_path),
+            "requests": [list(r) for r in self.requests],
+        }
+
+
+@dataclass
+class Faults:
+    """Test switches."""
+
+    status: int | None = None
+    delay: float = 0.0
+    truncate: int | None = None
+
+
+STATS = web.AppKey("stats", OriginStats)
+FAULTS = web.AppKey("faults", Faults)
+ROOT = web.AppKey("root", Path)
+
+
+def make_origin_app(root: Path) -> web.Application:
+    """The origin application serving `root`."""
+    app = web.Application()
+    app[ROOT] = Path(root)
+    app[STATS] = OriginStats()
+    app[FAULTS] = Faults()
+    app.router.add_get("/images/{name}", _serve)
+    app.on_response_prepare.append(_count)
+    app.router.add_get("/_stats", _stats)
+    app.router.add_post("/_stats/reset", _reset)
+    app.router.add_post("/_faults", _faults)
+    return app
+
+
+async def _serve(request: web.Request) -> web.StreamResponse:
+    faults = request.app[FAULTS]
+    if faults.delay:
+        await asyncio.sleep(faults.delay)
+    name = request.match_info["name"]
+    base = name.removesuffix(".sha256")
+    if not IMAGE_ID_RE.fullmatch(base):
+        raise web.HTTPNotFound()
+    if faults.status is not None:
+        return web.Response(status=faults.status, text="fault injected")
+    path = request.app[ROOT] / name
+    if not path.is_file():
+        raise web.HTTPNotFound()
+    if faults.truncate is not None and request.method == "GET" and name == base:
+        return await _truncated(request, path, faults.truncate)
+    return web.FileResponse(path)
+
+
+async def _count(request: web.Request, resp: web.StreamResponse) -> None:
+    """on_response_prepare: count the body bytes of every image GET."""
+    name = request.match_info.get("name")
+    if request.method != "GET" or name is None or resp.status >= 300:
+        return
+    stats = request.app[STATS]
+    stats.bytes_by_path[name] += resp.content_length or 0
+    stats.requests.append((request.method, name, request.headers.get("Range"), resp.status))
+
+
+async def _truncated(request: web.Request, path: Path, limit: int) -> web.StreamResponse:
+    """Promise the full body, send `limit` bytes, hang up (a dying origin)."""
+    size = path.stat().st_size
+    resp = web.StreamResponse(status=200)
+    resp.content_length = size
+    await resp.prepare(request)
+    with open(path, "rb") as f:
+        await resp.write(f.read(min(limit, size)))
+    assert request.transport is not None
+    request.transport.close()
+    return resp
+
+
+async def _stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[STATS].as_json())
+
+
+async def _reset(request: web.Request) -> web.Response:
+    stats = request.app[STATS]
+    stats.bytes_by_path.clear()
+    stats.requests.clear()
+    return web.json_response({"reset": True})
+
+
+async def _faults(request: web.Request) -> web.Response:
+    body = await request.json()
+    faults = request.app[FAULTS]
+    faults.status = body.get("status")
+    faults.delay = float(body.get("delay", 0))
+    faults.truncate = body.get("truncate")
+    return web.json_response({"faults": body})
+
+
+def main() -> None:
+    """Serve a directory as an origin until interrupted."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("root", type=Path, help="directory holding the image files")
+    p.add_argument("--listen", default="127.0.0.1:7481", help="host:port (default %(default)s)")
+    args = p.parse_args()
+    host, _, port = args.listen.rpartition(":")
+    logging.basicConfig(level=logging.WARNING)
+    web.run_app(make_origin_app(args.root), host=host, port=int(port), print=None, access_log=None)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Shared fixtures: real origin servers on loopback, real cache dirs, in-process daemons."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from swarmcache.config import Config, build_config
+from swarmcache.daemon import build_app
+from swarmcache.origin.server import FAULTS, STATS, Faults, OriginStats, make_origin_app
+
+CHUNK = 64 * 1024
+
+
+@dataclass
+class ImageDir:
+    """A directory of origin images made by the test."""
+
+    root: Path
+
+    def add(
+        self,
+        name: str,
+        size: int,
+        *,
+        sidecar: bool = True,
+        seed: int = 0,
+        wrong_sidecar: bool = False,
+    ) -> bytes:
+        """Write an image of `size` random bytes (and its .sha256); return its bytes."""
+        data = random.Random(f"{name}-{seed}").randbytes(size)
+        (self.root / name).write_bytes(data)
+        if sidecar:
+            digest = hashlib.sha256(data + (b"x" if wrong_sidecar else b"")).hexdigest()
+            (self.root / f"{name}.sha256").write_text(f"{digest}  {name}\n")
+        return data
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> ImageDir:
+    """An empty origin directory."""
+    root = tmp_path / "origin"
+    root.mkdir()
+    return ImageDir(root)
+
+
+@dataclass
+class Origin:
+    """A running HTTP origin server."""
+
+    server: TestServer
+    app: web.Application
+
+    @property
+    def url(self) -> str:
+        """The origin.url template."""
+        return (
+            str(self.server.make_url("/images/{image_id}")).replace("%7B", "{").replace("%7D", "}")
+        )
+
+    @property
+    def stats(self) -> OriginStats:
+        """Bytes and requests served so far."""
+        return self.app[STATS]
+
+    @property
+    def faults(self) -> Faults:
+        """Fault switches."""
+        return self.app[FAULTS]
+
+    def chunk_requests(self, name: str) -> list[int]:
+        """Start offsets of the Range GETs for `name`, in order."""
+        out = []
+        for method, path, rng, _status in self.stats.requests:
+            if method == "GET" and path == name and rng:
+                out.append(int(rng.split("=")[1].split("-")[0]))
+        return out
+
+
+@pytest.fixture
+async def origin(aiohttp_server: Callable[..., Awaitable[TestServer]], images: ImageDir) -> Origin:
+    """A real aiohttp origin on loopback serving `images`."""
+    app = make_origin_app(images.root)
+    server = await aiohttp_server(app)
+    return Origin(server, app)
+
+
+def make_config(tmp_path: Path, raw: dict[str, Any] | None = None) -> Config:
+    """A validated Config for a test (cache in tmp_path, 64 KiB chunks, fast retries)."""
+    base: dict[str, dict[str, Any]] = {
+        "cache": {"dir": str(tmp_path / "cache"), "chunk_size": CHUNK, "max_size": "1GiB"},
+        "origin": {
+            "retries": 2,
+            "retry_backoff": "10ms",
+            "read_timeout": "5s",
+            "connect_timeout": "2s",
+        },
+    }
+    for section, values in (raw or {}).items():
+        base.setdefault(section, {}).update(values)
+    return build_config(base, {}, "test")
+
+
+DaemonFactory = Callable[..., Awaitable[TestClient]]
+
+
+@pytest.fixture
+def daemon(
+    aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_path: Path, origin: Origin
+) -> DaemonFactory:
+    """Start an in-process daemon against `origin`; extra config sections as keywords."""
+
+    async def start(**sections: dict[str, Any]) -> TestClient:
+        raw: dict[str, dict[str, Any]] = {"origin": {"kind": "http", "url": origin.url}}
+        for section, values in sections.items():
+            raw.setdefault(section, {}).update(values)
+        return await aiohttp_client(build_app(make_config(tmp_path, raw)))
+
+    return start
+
+
+def free_port() -> int:
+    """An ephemeral port on loopback that was free a moment ago."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sha256(data: bytes) -> str:
+    """Hex sha256."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CLI uses urllib, which honours proxy variables; tests talk to loopback only.
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "*")
+    os.environ.pop("SWARMCACHE_CONFIG", None)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus text exposition (0.0 if absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
+    return 0.0

@@ -1,0 +1,449 @@
+"""The daemon's HTTP API against a real origin server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from conftest import CHUNK, DaemonFactory, ImageDir, Origin, metric, sha256
+
+SIZE = 17 * CHUNK + 123  # 18 chunks, the last one short
+
+
+async def status(client: TestClient, image_id: str) -> dict:
+    resp = await client.get(f"/v1/images/{image_id}/status")
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+async def wait_state(client: TestClient, image_id: str, *states: str) -> dict:
+    for _ in range(500):
+        st = await status(client, image_id)
+        if st["state"] in states:
+            return st
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{image_id} never reached {states}: {st}")
+
+
+async def test_cold_fetch_then_warm_hit(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin
+) -> None:
+    data = images.add("img", SIZE)
+    client = await daemon()
+    resp = await client.get("/v1/images/img")
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(SIZE)
+    assert resp.headers["Accept-Ranges"] == "bytes"
+    etag = resp.headers["ETag"]
+    assert await resp.read() == data
+    st = await wait_state(client, "img", "complete")
+    assert st["sha256"] == sha256(data) == st["origin_sha256"]
+    assert st["chunks_present"] == st["chunks_total"] == 18
+    assert origin.stats.bytes_by_path["img"] == SIZE
+    before = origin.stats.total_bytes
+
+    resp = await client.get("/v1/images/img")
+    assert resp.status == 200
+    assert resp.headers["ETag"] == etag
+    assert await resp.read() == data
+    assert origin.stats.total_bytes == before  # warm hit: the origin sends nothing
+    st = await status(client, "img")
+    assert st["hits"] == 2
+    metrics = await (await client.get("/metrics")).text()
+    assert metric(metrics, "swarmcache_cache_hits_total") == 1
+    assert metric(metrics, "swarmcache_cache_misses_total") == 1
+    assert metric(metrics, "swarmcache_fetched_bytes_total", source="origin") == SIZE
+    assert metric(metrics, "swarmcache_served_bytes_total") == 2 * SIZE
+    assert metric(metrics, "swarmcache_images", state="complete") == 1
+    assert metric(metrics, "swarmcache_fetch_duration_seconds_count") == 1
+
+
+async def test_directory_origin(aiohttp_client, tmp_path: Path, images: ImageDir) -> None:
+    from conftest import make_config
+    from swarmcache.daemon import build_app
+
+    data = images.add("disk.img", SIZE)
+    cfg = make_config(tmp_path, {"origin": {"kind": "directory", "path": str(images.root)}})
+    client = await aiohttp_client(build_app(cfg))
+    resp = await client.get("/v1/images/disk.img")
+    assert await resp.read() == data
+    st = await wait_state(client, "disk.img", "complete")
+    assert st["sha256"] == sha256(data)
+    resp = await client.get("/v1/images/missing")
+    assert resp.status == 404
+    body = await resp.json()
+    assert body["error"] == "image not found at origin"
+    assert "missing" in body["detail"]
+
+
+@pytest.mark.parametrize(
+    ("header", "start", "end"),
+    [
+        ("bytes=0-0", 0, 0),
+        ("bytes=100-70000", 100, 70000),
+        (f"bytes={SIZE - 10}-", SIZE - 10, SIZE - 1),
+        ("bytes=-5", SIZE - 5, SIZE - 1),
+        ("bytes=0-", 0, SIZE - 1),
+    ],
+)
+async def test_range_on_complete_image(
+    daemon: DaemonFactory, images: ImageDir, header: str, start: int, end: int
+) -> None:
+    data = images.add("img", SIZE)
+    client = await daemon()
+    assert await (await client.get("/v1/images/img")).read() == data
+    resp = await client.get("/v1/images/img", headers={"Range": header})
+    assert resp.status == 206
+    assert resp.headers["Content-Range"] == f"bytes {start}-{end}/{SIZE}"
+    assert resp.headers["Content-Length"] == str(end - start + 1)
+    assert await resp.read() == data[start : end + 1]
+
+
+async def test_range_on_uncached_image_fetches_needed_chunks_first(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin
+) -> None:
+    data = images.add("img", SIZE)
+    client = await daemon(origin={"concurrency": 1})
+    start, end = 10 * CHUNK + 5, 11 * CHUNK + 5
+    resp = await client.get("/v1/images/img", headers={"Range": f"bytes={start}-{end}"})
+    assert resp.status == 206
+    assert await resp.read() == data[start : end + 1]
+    offsets = origin.chunk_requests("img")
+    # chunk 0 may already be in flight when the reader asks; 10 and 11 come right after
+    assert offsets[:2] == [10 * CHUNK, 11 * CHUNK] or offsets[:3] == [0, 10 * CHUNK, 11 * CHUNK]
+    await wait_state(client, "img", "complete")
+
+
+async def test_range_on_partial_image(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin, tmp_path: Path
+) -> None:
+    data = images.add("img", SIZE)
+    client = await daemon()
+    origin.faults.status = 503  # every chunk read fails: the fetch ends partial
+    resp = await client.post("/v1/images/img/fetch")
+    assert resp.status == 502  # the stat fails too
+    origin.faults.status = None
+    await (await client.get("/v1/images/img", headers={"Range": "bytes=0-99"})).read()
+    st = await wait_state(client, "img", "complete")
+    assert st["chunks_present"] == 18
+    resp = await client.get("/v1/images/img", headers={"Range": f"bytes={CHUNK}-{CHUNK + 9}"})
+    assert await resp.read() == data[CHUNK : CHUNK + 10]
+
+
+async def test_head_and_416(daemon: DaemonFactory, images: ImageDir, origin: Origin) -> None:
+    images.add("img", SIZE)
+    client = await daemon()
+    resp = await client.head("/v1/images/img")
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == str(SIZE)
+    assert resp.headers["Accept-Ranges"] == "bytes"
+    etag = resp.headers["ETag"]
+    assert origin.stats.bytes_by_path["img"] == 0  # HEAD on an uncached image does not fetch
+    assert (await client.get("/v1/images/img/status")).status == 404
+    resp = await client.get("/v1/images/img", headers={"Range": f"bytes={SIZE}-"})
+    assert resp.status == 416
+    assert resp.headers["Content-Range"] == f"bytes */{SIZE}"
+    assert (await resp.json())["error"] == "range not satisfiable"
+    await wait_state(client, "img", "complete")
+    resp = await client.head("/v1/images/img", headers={"Range": "bytes=0-9"})
+    assert resp.status == 206
+    assert resp.headers["Content-Length"] == "10"
+    assert resp.headers["ETag"] == etag
+    resp = await client.get("/v1/images/img", headers={"If-None-Match": etag})
+    assert resp.status == 304
+    resp = await client.get("/v1/images/img", headers={"Range": "bytes=0-9", "If-Range": '"old"'})
+    assert resp.status == 200  # a changed validator: the whole image
+
+
+async def test_single_flight(daemon: DaemonFactory, images: ImageDir, origin: Origin) -> None:
+    data = images.add("img", SIZE)
+    client = await daemon()
+    origin.faults.delay = 0.02  # keep the fetch going while the readers pile up
+    bodies = await asyncio.gather(*(_read(client, "/v1/images/img") for _ in range(10)))
+    assert all(b == data for b in bodies)
+    per_chunk = Counter(origin.chunk_requests("img"))
+    assert sorted(per_chunk) == [i * CHUNK for i in range(18)]
+    assert set(per_chunk.values()) == {1}, per_chunk
+    assert origin.stats.bytes_by_path["img"] == SIZE
+
+
+async def _read(client: TestClient, path: str) -> bytes:
+    async with client.get(path) as resp:
+        assert resp.status == 200
+        return await resp.read()
+
+
+async def test_checksum_mismatch_is_never_served_complete(
+    daemon: DaemonFactory, images: ImageDir
+) -> None:
+    images.add("bad", SIZE, wrong_sidecar=True)
+    client = await daemon()
+    async with client.get("/v1/images/bad") as resp:
+        assert resp.status == 200  # headers went out before the end was known
+        body = b""
+        with pytest.raises(Exception):  # noqa: B017,PT011 - aiohttp's payload error class varies
+            body = await resp.read()
+        assert len(body) < SIZE
+    st = await wait_state(client, "bad", "failed")
+    assert st["error"]["error"] == "verification failed"
+    assert "does not match" in st["error"]["detail"]
+    assert st["bytes"] == 0  # the bytes were discarded
+    metrics = await (await client.get("/metrics")).text()
+    assert metric(metrics, "swarmcache_verification_failures_total", kind="image") == 1
+    listing = await (await client.get("/v1/images")).json()
+    assert [i["state"] for i in listing["images"]] == ["failed"]
+
+
+async def test_streaming_read_holds_back_last_chunk_until_verified(
+    daemon: DaemonFactory, images: ImageDir
+) -> None:
+    """A Range that ends at the image's end is answered only after the whole check."""
+    images.add("bad", SIZE, wrong_sidecar=True)
+    client = await daemon()
+    resp = await client.get("/v1/images/bad", headers={"Range": f"bytes={SIZE - 100}-"})
+    assert resp.status == 206
+    with pytest.raises(Exception):  # noqa: B017,PT011
+        await resp.read()
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/v1/images/..%2Fetc%2Fpasswd", 400),
+        ("/v1/images/", 400),
+        ("/v1/images/" + "a" * 200, 400),
+        ("/v1/images/.hidden", 400),
+        ("/v1/images/a%20b/status", 400),
+        ("/v1/images/..%2F..%2Fx/fetch", 400),
+    ],
+)
+async def test_bad_ids_are_rejected(
+    daemon: DaemonFactory, origin: Origin, path: str, status: int
+) -> None:
+    client = await daemon()
+    method = "POST" if path.endswith("/fetch") else "GET"
+    resp = await client.request(method, path)
+    assert resp.status == status
+    body = await resp.json()
+    assert body["error"] == "invalid image id"
+    assert origin.stats.requests == []
+
+
+async def test_origin_404(daemon: DaemonFactory, origin: Origin) -> None:
+    client = await daemon()
+    resp = await client.get("/v1/images/nothere")
+    assert resp.status == 404
+    body = await resp.json()
+    assert body["error"] == "image not found at origin"
+    assert "nothere" in body["detail"]
+    assert (await client.get("/v1/images")).status == 200
+
+
+async def test_origin_down_is_502(aiohttp_client, tmp_path: Path) -> None:
+    from conftest import free_port, make_config
+    from swarmcache.daemon import build_app
+
+    url = f"http://127.0.0.1:{free_port()}/images/{{image_id}}"
+    client = await aiohttp_client(build_app(make_config(tmp_path, {"origin": {"url": url}})))
+    resp = await client.get("/v1/images/img")
+    assert resp.status == 502
+    body = await resp.json()
+    assert body["error"] == "origin unavailable"
+    assert "127.0.0.1" in body["detail"]
+
+
+async def test_origin_5xx_is_502_after_retries(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin
+) -> None:
+    images.add("img", SIZE)
+    client = await daemon()
+    origin.faults.status = 500
+    resp = await client.get("/v1/images/img")
+    assert resp.status == 502
+    assert "500" in (await resp.json())["detail"]
+
+
+async def test_origin_timeout_is_504(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin
+) -> None:
+    images.add("img", SIZE)
+    client = await daemon(origin={"read_timeout": "100ms", "retries": 1})
+    origin.faults.delay = 1.0
+    resp = await client.get("/v1/images/img")
+    assert resp.status == 504
+    assert (await resp.json())["error"] == "origin timeout"
+
+
+async def test_origin_dies_mid_fetch(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin
+) -> None:
+    images.add("img", SIZE)
+    client = await daemon(origin={"retries": 0})
+    resp = await client.post("/v1/images/img/fetch")
+    assert resp.status == 202
+    origin.faults.status = 503
+    st = await wait_state(client, "img", "failed", "complete")
+    if st["state"] == "failed":  # nothing unverified counts; a retry completes it
+        assert st["chunks_present"] < 18
+        origin.faults.status = None
+        assert (await client.post("/v1/images/img/fetch")).status == 202
+        st = await wait_state(client, "img", "complete")
+    assert st["chunks_present"] == 18
+
+
+async def test_fetch_is_idempotent_and_lists(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin
+) -> None:
+    images.add("img", SIZE)
+    client = await daemon()
+    first = await client.post("/v1/images/img/fetch")
+    second = await client.post("/v1/images/img/fetch")
+    assert first.status == second.status == 202
+    assert (await first.json())["state"] in ("fetching", "complete")
+    st = await wait_state(client, "img", "complete")
+    assert (await client.post("/v1/images/img/fetch")).status == 202
+    assert origin.stats.bytes_by_path["img"] == SIZE
+    listing = (await (await client.get("/v1/images")).json())["images"]
+    assert listing == [{k: v for k, v in st.items() if k != "fetch"}]
+    for key in (
+        "id",
+        "size",
+        "state",
+        "chunks_present",
+        "chunks_total",
+        "bytes",
+        "last_access",
+        "hits",
+        "pinned",
+    ):
+        assert key in listing[0]
+
+
+async def test_status_shows_progress_of_running_fetch(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin
+) -> None:
+    images.add("img", SIZE)
+    client = await daemon(origin={"concurrency": 1})
+    origin.faults.delay = 0.05
+    await client.post("/v1/images/img/fetch")
+    st = await status(client, "img")
+    for _ in range(100):
+        st = await status(client, "img")
+        if st.get("fetch", {}).get("bytes_done"):
+            break
+        await asyncio.sleep(0.02)
+    assert st["state"] == "fetching"
+    assert st["fetch"]["sources"]["origin"] == st["fetch"]["bytes_done"] > 0
+    assert st["fetch"]["rate_bytes_per_s"] > 0
+    origin.faults.delay = 0
+
+
+async def test_delete_and_pin(daemon: DaemonFactory, images: ImageDir, origin: Origin) -> None:
+    data = images.add("img", SIZE)
+    client = await daemon()
+    assert (await client.put("/v1/images/img/pin")).status == 404
+    assert await (await client.get("/v1/images/img")).read() == data
+    await wait_state(client, "img", "complete")
+    resp = await client.put("/v1/images/img/pin")
+    assert (await resp.json())["pinned"] is True
+    resp = await client.delete("/v1/images/img/pin")
+    assert (await resp.json())["pinned"] is False
+
+    resp = await client.delete("/v1/images/img")
+    assert resp.status == 200
+    assert (await client.get("/v1/images/img/status")).status == 404
+    assert (await client.delete("/v1/images/img")).status == 404
+
+    images.add("slow", SIZE)
+    origin.faults.delay = 0.05
+    async with client.get("/v1/images/slow") as reading:  # a reader waiting for chunks
+        assert reading.status == 200
+        busy = await client.delete("/v1/images/slow")
+        assert busy.status == 409
+        assert (await busy.json())["error"] == "image busy"
+        origin.faults.delay = 0
+        assert len(await reading.read()) == SIZE
+
+
+async def test_eviction_keeps_pinned_and_lru(daemon: DaemonFactory, images: ImageDir) -> None:
+    size = 4 * CHUNK
+    for name in ("a", "b", "c", "d"):
+        images.add(name, size)
+    client = await daemon(cache={"max_size": 3 * size})
+    for name in ("a", "b", "c"):
+        await (await client.get(f"/v1/images/{name}")).read()
+        await wait_state(client, name, "complete")
+    await client.put("/v1/images/a/pin")  # a is oldest but pinned
+    await (await client.get("/v1/images/c")).read()  # c most recent
+    await (await client.get("/v1/images/d")).read()
+    await wait_state(client, "d", "complete")
+    listing = (await (await client.get("/v1/images")).json())["images"]
+    assert [i["id"] for i in listing] == ["a", "c", "d"]  # b was least recently used
+    metrics = await (await client.get("/metrics")).text()
+    assert metric(metrics, "swarmcache_evictions_total") == 1
+    assert metric(metrics, "swarmcache_cache_bytes") == 3 * size
+
+
+async def test_image_larger_than_cache_is_refused(daemon: DaemonFactory, images: ImageDir) -> None:
+    images.add("huge", 5 * CHUNK)
+    client = await daemon(cache={"max_size": 4 * CHUNK})
+    resp = await client.get("/v1/images/huge")
+    assert resp.status == 507
+    assert "max_size" in (await resp.json())["detail"]
+
+
+async def test_unknown_route_and_method_are_json(daemon: DaemonFactory) -> None:
+    client = await daemon()
+    resp = await client.get("/nope")
+    assert resp.status == 404
+    assert (await resp.json())["error"] == "not found"
+    resp = await client.post("/v1/images/x")
+    assert resp.status == 405
+    assert "error" in await resp.json()
+
+
+async def test_healthz(daemon: DaemonFactory) -> None:
+    client = await daemon()
+    resp = await client.get("/healthz")
+    assert resp.status == 200
+    assert (await resp.json())["status"] == "ok"
+
+
+async def test_empty_image(daemon: DaemonFactory, images: ImageDir) -> None:
+    images.add("empty", 0)
+    client = await daemon()
+    resp = await client.get("/v1/images/empty")
+    assert resp.status == 200
+    assert await resp.read() == b""
+    st = await wait_state(client, "empty", "complete")
+    assert st["sha256"] == hashlib.sha256(b"").hexdigest()
+
+
+async def test_origin_without_range_support_is_a_clear_error(
+    aiohttp_client, aiohttp_server, tmp_path: Path
+) -> None:
+    from conftest import make_config
+    from swarmcache.daemon import build_app
+
+    async def whole(request: web.Request) -> web.Response:
+        if request.match_info["name"].endswith(".sha256"):
+            raise web.HTTPNotFound()
+        return web.Response(body=b"x" * 1000)
+
+    app = web.Application()
+    app.router.add_get("/images/{name}", whole)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("/images/")) + "{image_id}"
+    client = await aiohttp_client(build_app(make_config(tmp_path, {"origin": {"url": url}})))
+    resp = await client.get("/v1/images/img")
+    assert resp.status == 200
+    with pytest.raises(Exception):  # noqa: B017,PT011
+        await resp.read()
+    st = await wait_state(client, "img", "failed")
+    assert "Range" in st["error"]["detail"]

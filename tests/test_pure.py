@@ -1,0 +1,301 @@
+"""Table-driven tests of the pure modules: sizes, config, manifest, ranges, eviction, plan."""
+
+from __future__ import annotations
+
+import pytest
+
+from swarmcache.config import build_config, parse_duration, parse_size
+from swarmcache.errors import ConfigError, IntegrityError, InvalidImageId, RangeNotSatisfiable
+from swarmcache.eviction import Candidate, plan_eviction
+from swarmcache.manifest import (
+    LOG_RECORD_SIZE,
+    Manifest,
+    bitmap_count,
+    bitmap_get,
+    bitmap_new,
+    bitmap_set,
+    chunk_count,
+    chunk_digest,
+    chunk_span,
+    chunks_for_range,
+    decode_log,
+    encode_log_record,
+    validate_image_id,
+)
+from swarmcache.origin import backoff_delay, parse_sha256_sidecar
+from swarmcache.planner import ChunkPlan
+from swarmcache.ranges import parse_range
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("4MiB", 4 * 1024**2),
+        ("50GiB", 50 * 1024**3),
+        ("1TiB", 1024**4),
+        ("512K", 512 * 1024),
+        ("10 GB", 10 * 1024**3),
+        ("1.5GiB", int(1.5 * 1024**3)),
+        ("123", 123),
+        (4096, 4096),
+    ],
+)
+def test_parse_size(text: object, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "4 XB", "-1", "4MiBs", True, 1.5, None])
+def test_parse_size_rejects(text: object) -> None:
+    with pytest.raises(ValueError, match="size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("500ms", 0.5), ("30s", 30.0), ("2m", 120.0), ("1h", 3600.0), (3, 3.0), ("1.5", 1.5)],
+)
+def test_parse_duration(text: object, expected: float) -> None:
+    assert parse_duration(text) == expected
+
+
+def test_config_defaults_are_the_documented_ones() -> None:
+    cfg = build_config({}, {}, "x")
+    assert cfg.daemon.listen == "127.0.0.1:7480"
+    assert str(cfg.cache.dir) == "/var/lib/swarmcache"
+    assert cfg.cache.max_size == 50 * 1024**3
+    assert cfg.cache.chunk_size == 4 * 1024**2
+    assert cfg.origin.kind == "http"
+    assert (cfg.daemon.host, cfg.daemon.port) == ("127.0.0.1", 7480)
+
+
+def test_config_env_overrides_file() -> None:
+    raw = {"cache": {"dir": "/a", "max_size": "1GiB"}}
+    env = {
+        "SWARMCACHE_CACHE_DIR": "/b",
+        "SWARMCACHE_ORIGIN_KIND": "directory",
+        "SWARMCACHE_ORIGIN_RETRIES": "7",
+        "SWARMCACHE_ORIGIN_CHECKSUM_SIDECAR": "false",
+        "SWARMCACHE_CONFIG": "/ignored",
+        "OTHER": "x",
+    }
+    cfg = build_config(raw, env, "f.toml")
+    assert str(cfg.cache.dir) == "/b"
+    assert cfg.cache.max_size == 1024**3
+    assert cfg.origin.kind == "directory"
+    assert cfg.origin.retries == 7
+    assert cfg.origin.checksum_sidecar is False
+
+
+@pytest.mark.parametrize(
+    ("raw", "env", "message"),
+    [
+        ({"cache": {"colour": 1}}, {}, "f.toml: cache.colour: unknown key"),
+        ({"nope": {}}, {}, "f.toml: nope: unknown section [nope]"),
+        ({"cache": {"max_size": "lots"}}, {}, "f.toml: cache.max_size: cannot parse size 'lots'"),
+        ({"cache": {"dir": 5}}, {}, "f.toml: cache.dir: expected a string, got 5"),
+        ({"origin": {"kind": "ftp"}}, {}, "f.toml: origin.kind: expected one of http, directory"),
+        ({"daemon": {"listen": "nohost"}}, {}, "f.toml: daemon.listen: expected host:port"),
+        ({"origin": {"url": "http://x/"}}, {}, "f.toml: origin.url: must contain {image_id}"),
+        ({"cache": {"chunk_size": "1KiB"}}, {}, "cache.chunk_size: must be between"),
+        ({}, {"SWARMCACHE_CACHE_MAXSIZE": "1"}, "environment SWARMCACHE_CACHE_MAXSIZE: no such"),
+        ({}, {"SWARMCACHE_ORIGIN_RETRIES": "many"}, "origin.retries: expected an integer"),
+    ],
+)
+def test_config_errors_name_source_key_and_problem(raw: dict, env: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        build_config(raw, env, "f.toml")
+    assert message in exc.value.detail
+
+
+@pytest.mark.parametrize(
+    "good", ["a", "cirros-0.6.2", "A.b_c-d", "9" * 128, "3f1c2a4e-1b2c-4d5e-8f90-123456789abc"]
+)
+def test_valid_image_ids(good: str) -> None:
+    assert validate_image_id(good) == good
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "../etc/passwd", ".hidden", "-x", "a/b", "a b", "x" * 129, "é", "a\x00"]
+)
+def test_invalid_image_ids(bad: str) -> None:
+    with pytest.raises(InvalidImageId):
+        validate_image_id(bad)
+
+
+@pytest.mark.parametrize(
+    ("size", "chunk", "count", "last"),
+    [(0, 4, 0, None), (1, 4, 1, (0, 1)), (4, 4, 1, (0, 4)), (9, 4, 3, (8, 1)), (12, 4, 3, (8, 4))],
+)
+def test_chunk_geometry(size: int, chunk: int, count: int, last: tuple | None) -> None:
+    assert chunk_count(size, chunk) == count
+    if last is not None:
+        assert chunk_span(count - 1, size, chunk) == last
+    with pytest.raises(IndexError):
+        chunk_span(count, size, chunk)
+
+
+def test_chunks_for_range() -> None:
+    assert list(chunks_for_range(0, 0, 4)) == [0]
+    assert list(chunks_for_range(3, 4, 4)) == [0, 1]
+    assert list(chunks_for_range(5, 11, 4)) == [1, 2]
+
+
+def test_manifest_roundtrip_and_etag() -> None:
+    m = Manifest("img", size=10, chunk_size=4, origin_sha256="a" * 64, origin_validator="v1")
+    assert m.digest(1) is None
+    m.set_digest(1, chunk_digest(b"abcd"))
+    back = Manifest.decode(m.encode())
+    assert back == m
+    assert back.digest(1) == chunk_digest(b"abcd")
+    assert m.etag == back.etag
+    assert m.same_source(back)
+    other = Manifest("img", size=10, chunk_size=4, origin_sha256="b" * 64, origin_validator="v1")
+    assert m.etag != other.etag
+    assert not m.same_source(other)
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"",
+        b"\xc1",
+        b"\x93\x01\x02\x03",
+        Manifest("img", 10, 4).encode()[:-3],
+        Manifest("img", 10, 4).encode() + b"x",
+    ],
+)
+def test_manifest_decode_rejects_garbage(blob: bytes) -> None:
+    with pytest.raises(IntegrityError):
+        Manifest.decode(blob)
+
+
+def test_manifest_decode_rejects_wrong_digest_count_and_bad_id() -> None:
+    import msgpack
+
+    good = msgpack.unpackb(Manifest("img", 10, 4).encode())
+    for change in (
+        {"digests": b"\0" * 16},
+        {"id": "../x"},
+        {"v": 99},
+        {"size": -1},
+        {"sha256": "zz"},
+    ):
+        with pytest.raises(IntegrityError):
+            Manifest.decode(msgpack.packb({**good, **change}))
+
+
+def test_chunk_log_stops_at_torn_or_corrupt_record() -> None:
+    records = b"".join(encode_log_record(i, chunk_digest(bytes([i]))) for i in range(3))
+    assert [i for i, _ in decode_log(records, 3)] == [0, 1, 2]
+    assert [i for i, _ in decode_log(records[:-5], 3)] == [0, 1]
+    corrupt = bytearray(records)
+    corrupt[LOG_RECORD_SIZE + 2] ^= 0xFF
+    assert [i for i, _ in decode_log(bytes(corrupt), 3)] == [0]
+    assert [i for i, _ in decode_log(records, 2)] == [0, 1]  # index out of range
+
+
+def test_bitmap() -> None:
+    bm = bitmap_new(20)
+    assert len(bm) == 3
+    for i in (0, 7, 8, 19):
+        bitmap_set(bm, i)
+    assert [i for i in range(20) if bitmap_get(bm, i)] == [0, 7, 8, 19]
+    assert bitmap_count(bm) == 4
+
+
+@pytest.mark.parametrize(
+    ("header", "size", "expected"),
+    [
+        (None, 100, None),
+        ("bytes=0-9", 100, (0, 9)),
+        ("bytes=90-", 100, (90, 99)),
+        ("bytes=90-500", 100, (90, 99)),
+        ("bytes=-10", 100, (90, 99)),
+        ("bytes=-1000", 100, (0, 99)),
+        ("bytes = 5 - 6", 100, (5, 6)),
+        ("items=0-9", 100, None),
+        ("bytes=0-1,5-6", 100, None),
+        ("bytes=9-0", 100, None),
+        ("bytes=x-y", 100, None),
+        ("bytes=-", 100, None),
+        ("garbage", 100, None),
+    ],
+)
+def test_parse_range(header: str | None, size: int, expected: tuple | None) -> None:
+    assert parse_range(header, size) == expected
+
+
+@pytest.mark.parametrize(
+    ("header", "size"),
+    [("bytes=100-", 100), ("bytes=500-600", 100), ("bytes=-0", 100), ("bytes=-5", 0)],
+)
+def test_parse_range_unsatisfiable(header: str, size: int) -> None:
+    with pytest.raises(RangeNotSatisfiable):
+        parse_range(header, size)
+
+
+def C(i: str, b: int, t: float, complete: bool = True, **kw: bool) -> Candidate:  # noqa: N802
+    return Candidate(image_id=i, bytes=b, last_access=t, complete=complete, **kw)
+
+
+@pytest.mark.parametrize(
+    ("entries", "max_size", "incoming", "expected"),
+    [
+        ([C("a", 10, 1), C("b", 10, 2)], 20, 0, []),
+        ([C("a", 10, 1), C("b", 10, 2)], 15, 0, ["a"]),
+        ([C("a", 10, 3), C("b", 10, 2)], 15, 0, ["b"]),
+        ([C("a", 10, 1), C("b", 10, 2)], 20, 5, ["a"]),
+        ([C("a", 10, 1, pinned=True), C("b", 10, 2)], 15, 0, ["b"]),
+        ([C("a", 10, 1, in_use=True), C("b", 10, 2)], 15, 0, ["b"]),
+        ([C("p", 10, 0, complete=False), C("a", 10, 5)], 15, 0, ["a"]),
+        ([C("p", 10, 0, complete=False), C("a", 10, 5)], 5, 0, ["a", "p"]),
+        ([C("a", 10, 1, pinned=True), C("b", 10, 2, in_use=True)], 5, 0, []),
+        ([C("a", 1, 1), C("b", 1, 2), C("c", 30, 3)], 20, 0, ["a", "b", "c"]),
+    ],
+)
+def test_plan_eviction(entries: list, max_size: int, incoming: int, expected: list) -> None:
+    assert plan_eviction(entries, max_size, incoming) == expected
+
+
+def test_plan_sequential_then_wanted_first_then_retry() -> None:
+    plan = ChunkPlan(6, present=[1])
+    assert plan.remaining == 5
+    assert plan.next() == 0
+    plan.want([4, 1, 4])  # 1 is present, 4 asked twice
+    assert plan.next() == 4
+    assert plan.next() == 2
+    plan.failed(0)
+    assert plan.next() == 0
+    plan.done(0)
+    plan.done(2)
+    plan.done(4)
+    assert plan.next() == 3
+    assert plan.next() == 5
+    assert plan.next() is None
+    assert not plan.finished
+    plan.done(3)
+    plan.done(5)
+    plan.done(5)
+    assert plan.finished and plan.remaining == 0
+
+
+def test_empty_plan_is_finished() -> None:
+    assert ChunkPlan(0).finished
+
+
+def test_backoff_is_bounded_and_jittered() -> None:
+    import random
+
+    rng = random.Random(1)
+    delays = [backoff_delay(a, 0.5, 4.0, rng) for a in range(8)]
+    assert all(0 <= d <= min(4.0, 0.5 * 2**a) for a, d in enumerate(delays))
+    assert len(set(delays)) == len(delays)
+
+
+def test_sha256_sidecar_formats() -> None:
+    h = "AB" * 32
+    assert parse_sha256_sidecar(f"{h}  img.raw\n".encode()) == h.lower()
+    assert parse_sha256_sidecar(f"{h}\n".encode()) == h.lower()
+    for bad in (b"", b"xyz  img", b"ab" * 31 + b"  img", b"ab" * 33):
+        with pytest.raises(ValueError):
+            parse_sha256_sidecar(bad)
