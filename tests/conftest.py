@@ -160,3 +160,85 @@ def metric(text: str, name: str, **labels: str) -> float:
             if sample.name == name and sample.labels == labels:
                 return float(sample.value)
     return 0.0
+
+
+@dataclass
+class DaemonProcess:
+    """A real `swarmcache serve` subprocess."""
+
+    proc: Any
+    url: str
+    config_path: Path
+    cache_dir: Path
+
+    async def kill9(self) -> None:
+        """SIGKILL, as a crash would."""
+        import signal
+
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+
+async def start_daemon_process(
+    tmp_path: Path, origin_url: str, *, name: str = "d", extra: str = ""
+) -> DaemonProcess:
+    """Write a config file and start `python -m swarmcache serve`; wait for /healthz."""
+    import asyncio
+    import sys
+
+    import aiohttp
+
+    port = free_port()
+    cache_dir = tmp_path / f"{name}-cache"
+    config_path = tmp_path / f"{name}.toml"
+    config_path.write_text(
+        f'[daemon]\nlisten = "127.0.0.1:{port}"\n'
+        f'[cache]\ndir = "{cache_dir}"\nchunk_size = "{CHUNK}"\nmax_size = "1GiB"\n'
+        f'[origin]\nkind = "http"\nurl = "{origin_url}"\nretries = 2\nretry_backoff = "10ms"\n'
+        + extra
+    )
+    log = open(tmp_path / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "swarmcache",
+        "--config",
+        str(config_path),
+        "serve",
+        stdout=log,
+        stderr=log,
+    )
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            try:
+                async with session.get(url + "/healthz") as resp:
+                    if resp.status == 200:
+                        return DaemonProcess(proc, url, config_path, cache_dir)
+            except aiohttp.ClientError:
+                pass
+            if proc.returncode is not None:
+                break
+            await asyncio.sleep(0.05)
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+    raise AssertionError(f"daemon did not start: {(tmp_path / f'{name}.log').read_text()}")
+
+
+@pytest.fixture
+async def daemon_processes() -> Any:
+    """Collects started daemon processes and stops every one still running (by its PID)."""
+    procs: list[DaemonProcess] = []
+    yield procs
+    for d in procs:
+        if d.proc.returncode is None:
+            d.proc.terminate()
+            try:
+                import asyncio
+
+                await asyncio.wait_for(d.proc.wait(), 10)
+            except TimeoutError:
+                d.proc.kill()
+                await d.proc.wait()

@@ -234,7 +234,7 @@ def test_parse_range_unsatisfiable(header: str, size: int) -> None:
         parse_range(header, size)
 
 
-def C(i: str, b: int, t: float, complete: bool = True, **kw: bool) -> Candidate:  # noqa: N802
+def C(i: str, b: int, t: float, complete: bool = True, **kw: bool) -> Candidate:
     return Candidate(image_id=i, bytes=b, last_access=t, complete=complete, **kw)
 
 
@@ -276,7 +276,8 @@ def test_plan_sequential_then_wanted_first_then_retry() -> None:
     plan.done(3)
     plan.done(5)
     plan.done(5)
-    assert plan.finished and plan.remaining == 0
+    assert plan.finished
+    assert plan.remaining == 0
 
 
 def test_empty_plan_is_finished() -> None:
@@ -297,5 +298,5 @@ def test_sha256_sidecar_formats() -> None:
     assert parse_sha256_sidecar(f"{h}  img.raw\n".encode()) == h.lower()
     assert parse_sha256_sidecar(f"{h}\n".encode()) == h.lower()
     for bad in (b"", b"xyz  img", b"ab" * 31 + b"  img", b"ab" * 33):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="sha256sum"):
             parse_sha256_sidecar(bad)

@@ -17,8 +17,8 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .errors import FetchFailed, ImageNotFound, IntegrityError, StorageError, SwarmcacheError

@@ -1,0 +1,5 @@
+"""`python -m swarmcache` is the `swarmcache` command."""
+
+from .cli import main
+
+main()

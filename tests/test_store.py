@@ -1,0 +1,109 @@
+"""The on-disk store with real files: reload, torn log, full disk."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from swarmcache.errors import StorageError
+from swarmcache.manifest import LOG_RECORD_SIZE, Manifest, chunk_digest
+from swarmcache.store import Store
+
+CHUNK = 64 * 1024
+
+
+def _chunk(i: int) -> bytes:
+    return bytes([i % 251]) * CHUNK
+
+
+def test_reload_keeps_logged_chunks_and_cuts_torn_tail(tmp_path: Path) -> None:
+    store = Store(tmp_path, 1 << 30)
+    store.open()
+    image = store.create(Manifest("img", size=4 * CHUNK, chunk_size=CHUNK))
+    for i in (0, 2):
+        image.write_chunk(i, _chunk(i), chunk_digest(_chunk(i)))
+    store.close()
+    log = tmp_path / "images" / "img" / "chunks.log"
+    with open(log, "ab") as f:
+        f.write(b"\x01\x02\x03")  # a record torn by a crash
+    assert log.stat().st_size == 2 * LOG_RECORD_SIZE + 3
+
+    store = Store(tmp_path, 1 << 30)
+    store.open()
+    image = store.images["img"]
+    assert [i for i in range(4) if image.has(i)] == [0, 2]
+    assert image.present_bytes == 2 * CHUNK
+    assert image.manifest.digest(2) == chunk_digest(_chunk(2))
+    assert log.stat().st_size == 2 * LOG_RECORD_SIZE
+    assert image.read_chunk(2) == _chunk(2)
+    for i in (1, 3):
+        image.write_chunk(i, _chunk(i), chunk_digest(_chunk(i)))
+    sha = image.verify()
+    image.mark_complete(sha)
+    assert not log.exists()
+    store.close()
+
+    store = Store(tmp_path, 1 << 30)
+    store.open()
+    assert store.images["img"].complete
+    assert store.images["img"].manifest.sha256 == sha
+    store.close()
+
+
+def test_verify_catches_bytes_changed_on_disk(tmp_path: Path) -> None:
+    store = Store(tmp_path, 1 << 30)
+    store.open()
+    image = store.create(Manifest("img", size=2 * CHUNK, chunk_size=CHUNK))
+    for i in range(2):
+        image.write_chunk(i, _chunk(i), chunk_digest(_chunk(i)))
+    with open(image.data_path, "r+b") as f:
+        f.seek(CHUNK + 7)
+        f.write(b"!")
+    with pytest.raises(Exception, match="chunk 1 on disk does not match"):
+        image.verify()
+    store.close()
+
+
+def test_second_daemon_on_same_dir_is_refused(tmp_path: Path) -> None:
+    first = Store(tmp_path, 1 << 30)
+    first.open()
+    with pytest.raises(StorageError, match="in use by another swarmcache"):
+        Store(tmp_path, 1 << 30).open()
+    first.close()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path):
+    """A 512 KiB tmpfs (root only): a disk that fills up."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root: the full-disk test must run there")
+        pytest.skip("needs root to mount a small tmpfs")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_disk_is_a_clear_error_and_keeps_what_was_written(tiny_fs: Path) -> None:
+    store = Store(tiny_fs, 1 << 30)
+    store.open()
+    image = store.create(Manifest("big", size=16 * CHUNK, chunk_size=CHUNK))
+    written = 0
+    with pytest.raises(StorageError, match="disk full"):
+        for i in range(16):
+            image.write_chunk(i, _chunk(i), chunk_digest(_chunk(i)))
+            written += 1
+    assert 0 < written < 16
+    store.close()
+    store = Store(tiny_fs, 1 << 30)
+    store.open()
+    assert store.images["big"].present_chunks == written
+    store.close()
