@@ -197,7 +197,7 @@ async def start_daemon_process(
         f'[origin]\nkind = "http"\nurl = "{origin_url}"\nretries = 2\nretry_backoff = "10ms"\n'
         + extra
     )
-    log = open(tmp_path / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
+    log = open(tmp_path / f"{name}.log", "ab")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

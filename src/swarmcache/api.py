@@ -271,7 +271,7 @@ async def _send_image(
             if job is not None and not image.has(index):
                 await job.wait_chunk(index)
             if job is not None and index == last_chunk and not image.complete:
-                await job.wait_complete()
+                await job.wait_verified()
             # Send the whole run of chunks already present in one sendfile call.
             run_end = min(end, (index + 1) * manifest.chunk_size - 1)
             while run_end < end and (

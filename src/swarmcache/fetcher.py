@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -65,7 +67,15 @@ class Failure:
 
 
 class FetchJob:
-    """Fetches the missing chunks of one image, then verifies it."""
+    """Fetches the missing chunks of one image, verifies it, makes it durable.
+
+    Three things run at once: workers fetch chunks and write them (a written chunk
+    can be read at once), a flusher makes written chunks durable in group commits
+    (fdatasync of the data, then their log records), and the sha256 of the image
+    advances over the written prefix as chunks land, so the whole-image check needs
+    no second read of the file. `verified` resolves when the checksum passed,
+    `result` when the image is also durable and marked complete.
+    """
 
     def __init__(
         self, image: CachedImage, sources: list[ChunkSource], metrics: Metrics, concurrency: int
@@ -79,9 +89,17 @@ class FetchJob:
         )
         self.started = time.monotonic()
         self.bytes_by_source: Counter[str] = Counter()
-        self.result: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.verified: asyncio.Future[None] = loop.create_future()
+        self.result: asyncio.Future[None] = loop.create_future()
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._changed = asyncio.Event()
+        self._unsynced: list[int] = []
+        self._dirty = asyncio.Event()
+        self._closing = False
+        self._sha = hashlib.sha256()
+        self._hashed = 0  # chunks 0.._hashed-1 are in _sha
+        self._hash_lock = threading.Lock()
 
     @property
     def image_id(self) -> str:
@@ -108,7 +126,7 @@ class FetchJob:
         self._changed.set()
 
     async def wait_chunk(self, index: int) -> None:
-        """Return once chunk `index` is durable and verified; raise if the fetch fails."""
+        """Return once chunk `index` can be read; raise if the fetch fails."""
         if self.image.has(index):
             return
         if self.result.done():
@@ -120,24 +138,38 @@ class FetchJob:
         self._changed.set()
         await fut
 
-    async def wait_complete(self) -> None:
-        """Return once the image is complete and verified; raise if the fetch fails."""
-        await asyncio.shield(self.result)
+    async def wait_verified(self) -> None:
+        """Return once the whole image passed its checksum; raise if the fetch fails."""
+        await asyncio.shield(self.verified)
 
     async def run(self) -> None:
-        """The job's body: fetch, verify, mark complete. Sets `result`."""
+        """The job's body: fetch, verify, make durable, mark complete. Sets `result`."""
+        tasks: list[asyncio.Task[None]] = []
         try:
-            workers = [
+            if self.image.present_chunks:
+                for index in await asyncio.to_thread(self.image.drop_corrupt):
+                    log.warning(
+                        "%s: chunk %d on disk is corrupt; fetching it again", self.image_id, index
+                    )
+                    self.metrics.verification_failures.labels("chunk").inc()
+                    self.plan.lost(index)
+            flusher = asyncio.create_task(self._flusher(), name=f"flush-{self.image_id}")
+            tasks = [
                 asyncio.create_task(self._worker(), name=f"fetch-{self.image_id}-{n}")
                 for n in range(self.concurrency)
             ]
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for w in workers:
-                    w.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
-            await self._finish()
+            tasks.append(flusher)
+            workers: asyncio.Future[Any] = asyncio.gather(*tasks[:-1])
+            waiting: list[asyncio.Future[Any]] = [workers, flusher]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if flusher.done():
+                flusher.result()  # raises the storage error that stopped it
+            workers.result()
+            await self._verify()
+            self._closing = True
+            self._dirty.set()
+            await flusher
+            await asyncio.to_thread(self.image.mark_complete, self._sha.hexdigest())
         except SwarmcacheError as err:
             self._fail(err)
         except asyncio.CancelledError:
@@ -148,6 +180,10 @@ class FetchJob:
             self._fail(FetchFailed(f"fetch of {self.image_id} crashed: {err!r}"))
         else:
             self.result.set_result(None)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _worker(self) -> None:
         while not self.plan.finished:
@@ -162,10 +198,23 @@ class FetchJob:
                 self.plan.failed(index)
                 raise
             self.plan.done(index)
+            self._unsynced.append(index)
+            self._dirty.set()
             self._changed.set()
             for fut in self._waiters.pop(index, ()):
                 if not fut.done():
                     fut.set_result(None)
+
+    async def _flusher(self) -> None:
+        while True:
+            if not self._unsynced and not self._closing:
+                self._dirty.clear()
+                await self._dirty.wait()
+            batch, self._unsynced = self._unsynced, []
+            if batch:
+                await asyncio.to_thread(self.image.sync_chunks, batch)
+            elif self._closing:
+                return
 
     async def _fetch_chunk(self, index: int) -> None:
         manifest = self.image.manifest
@@ -182,27 +231,44 @@ class FetchJob:
         self.bytes_by_source[source.name] += len(data)
 
     def _commit(self, index: int, data: bytes, expected: bytes | None) -> None:
+        """Check, write and hash one chunk (runs in a thread)."""
         digest = chunk_digest(data)
         if expected is not None and digest != expected:
             self.metrics.verification_failures.labels("chunk").inc()
             raise IntegrityError(f"chunk {index} of {self.image_id} does not match its digest")
         self.image.write_chunk(index, data, digest)
+        self._advance_hash(index, data)
 
-    async def _finish(self) -> None:
+    def _advance_hash(self, index: int, data: bytes) -> None:
+        """Feed the sha256 every chunk of the written prefix it has not seen (in a thread)."""
+        with self._hash_lock:
+            chunks = self.image.manifest.chunks
+            while self._hashed < chunks and self.image.has(self._hashed):
+                i = self._hashed
+                self._sha.update(data if i == index else self.image.read_chunk(i))
+                self._hashed += 1
+
+    async def _verify(self) -> None:
+        await asyncio.to_thread(self._advance_hash, -1, b"")
         manifest = self.image.manifest
-        sha256 = await asyncio.to_thread(self.image.verify)
+        if self._hashed != manifest.chunks:
+            raise FetchFailed(
+                f"{self.image_id}: only {self._hashed} of {manifest.chunks} chunks were hashed"
+            )
+        sha256 = self._sha.hexdigest()
         if manifest.origin_sha256 is not None and sha256 != manifest.origin_sha256:
             self.metrics.verification_failures.labels("image").inc()
             raise IntegrityError(
                 f"{self.image_id}: sha256 {sha256} does not match the origin's "
                 f"{manifest.origin_sha256}; image discarded"
             )
-        await asyncio.to_thread(self.image.mark_complete, sha256)
+        self.verified.set_result(None)
 
     def _fail(self, err: SwarmcacheError) -> None:
-        if not self.result.done():
-            self.result.set_exception(err)
-            self.result.exception()  # retrieved: a failure nobody awaits is not an error
+        for fut in (self.verified, self.result):
+            if not fut.done():
+                fut.set_exception(err)
+                fut.exception()  # retrieved: a failure nobody awaits is not an error
         for futs in self._waiters.values():
             for fut in futs:
                 if not fut.done():

@@ -24,14 +24,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import logging
 import os
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,8 +52,6 @@ from .manifest import (
 )
 
 log = logging.getLogger(__name__)
-
-_READ_BLOCK = 8 * 1024 * 1024
 
 
 def _fsync_dir(path: Path) -> None:
@@ -100,9 +96,15 @@ class CachedImage:
     hits: int = 0
     last_access: float = field(default_factory=time.time)
     readers: int = 0
-    _log_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    readable: bytearray = field(default_factory=bytearray)
+    _bits_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _fd: int | None = field(default=None, repr=False)
     _log_fd: int | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # Chunks written and checked but maybe not yet durable can already be read.
+        if not self.readable:
+            self.readable = bytearray(self.bitmap)
 
     @property
     def image_id(self) -> str:
@@ -121,7 +123,7 @@ class CachedImage:
 
     @property
     def present_chunks(self) -> int:
-        """How many chunks are durable and verified."""
+        """How many chunks are durable and checked (survive a crash)."""
         return bitmap_count(self.bitmap)
 
     @property
@@ -136,21 +138,13 @@ class CachedImage:
         return n * m.chunk_size
 
     def has(self, index: int) -> bool:
-        """Is chunk `index` durable and verified."""
-        return self.manifest.complete or bitmap_get(self.bitmap, index)
-
-    def missing(self) -> Iterator[int]:
-        """Indices of chunks not yet present, ascending."""
-        if self.manifest.complete:
-            return
-        for i in range(self.manifest.chunks):
-            if not bitmap_get(self.bitmap, i):
-                yield i
+        """Can chunk `index` be read: written and checked (durable or about to be)."""
+        return self.manifest.complete or bitmap_get(self.readable, index)
 
     # -- blocking I/O: call through asyncio.to_thread --------------------------------
 
     def write_chunk(self, index: int, data: bytes | bytearray | memoryview, digest: bytes) -> None:
-        """Make chunk `index` durable, then log it as present. Blocking."""
+        """Write a checked chunk: readable now, durable after sync_chunks. Blocking."""
         offset, length = self.manifest.span(index)
         if len(data) != length:
             raise IntegrityError(
@@ -162,47 +156,56 @@ class CachedImage:
             done = 0
             while done < length:
                 done += os.pwrite(fd, view[done:], offset + done)
-            os.fdatasync(fd)
-            with self._log_lock:
-                if self._log_fd is None:
-                    self._log_fd = os.open(
-                        self.path / "chunks.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
-                    )
-                os.write(self._log_fd, encode_log_record(index, digest))
-                os.fdatasync(self._log_fd)
         except OSError as err:
             raise _storage_error(f"cannot store chunk {index} of {self.image_id}", err) from err
-        self.manifest.set_digest(index, digest)
-        bitmap_set(self.bitmap, index)
+        with self._bits_lock:
+            self.manifest.set_digest(index, digest)
+            bitmap_set(self.readable, index)
+
+    def sync_chunks(self, indices: list[int]) -> None:
+        """Make written chunks durable, then log them as present (one group commit). Blocking."""
+        if not indices:
+            return
+        try:
+            os.fdatasync(self._data_fd())
+            records = b"".join(
+                encode_log_record(i, bytes(self.manifest.digests[i * 16 : (i + 1) * 16]))
+                for i in indices
+            )
+            if self._log_fd is None:
+                self._log_fd = os.open(
+                    self.path / "chunks.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+                )
+            os.write(self._log_fd, records)
+            os.fdatasync(self._log_fd)
+        except OSError as err:
+            raise _storage_error(f"cannot make chunks of {self.image_id} durable", err) from err
+        with self._bits_lock:
+            for i in indices:
+                bitmap_set(self.bitmap, i)
 
     def read_chunk(self, index: int) -> bytes:
         """Read chunk `index` back from disk. Blocking."""
         offset, length = self.manifest.span(index)
         return os.pread(self._data_fd(), length, offset)
 
-    def verify(self) -> str:
-        """Read the whole file back, check every chunk digest, return its sha256. Blocking."""
-        m = self.manifest
-        sha = hashlib.sha256()
-        with open(self.data_path, "rb", buffering=0) as f:
-            for index in range(m.chunks):
-                offset, length = m.span(index)
-                buf = bytearray(length)
-                view = memoryview(buf)
-                got = 0
-                while got < length:
-                    n = f.readinto(view[got : min(length, got + _READ_BLOCK)])
-                    if not n:
-                        raise IntegrityError(
-                            f"{self.image_id}: data file is short at {offset + got}"
-                        )
-                    got += n
-                if chunk_digest(buf) != m.digest(index):
-                    raise IntegrityError(
-                        f"{self.image_id}: chunk {index} on disk does not match its digest"
-                    )
-                sha.update(buf)
-        return sha.hexdigest()
+    def drop_corrupt(self) -> list[int]:
+        """Check every present chunk on disk against its digest; forget the bad ones. Blocking.
+
+        Used when a fetch resumes after a restart: a chunk logged before a crash must
+        still hold the bytes its digest promises before it counts.
+        """
+        bad = []
+        for index in range(self.manifest.chunks):
+            if bitmap_get(self.bitmap, index) and chunk_digest(
+                self.read_chunk(index)
+            ) != self.manifest.digest(index):
+                bad.append(index)
+        with self._bits_lock:
+            for index in bad:
+                self.bitmap[index >> 3] &= ~(1 << (index & 7))
+                self.readable[index >> 3] &= ~(1 << (index & 7))
+        return bad
 
     def mark_complete(self, sha256: str) -> None:
         """Persist the verified manifest and drop the chunk log. Blocking."""
