@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
+import subprocess
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,3 +244,19 @@ async def daemon_processes() -> Any:
             except TimeoutError:
                 d.proc.kill()
                 await d.proc.wait()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Any:
+    """A 512 KiB tmpfs (root only): a disk that fills up."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root: the full-disk test must run there")
+        pytest.skip("needs root to mount a small tmpfs")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -448,3 +448,30 @@ async def test_origin_without_range_support_is_a_clear_error(
         await resp.read()
     st = await wait_state(client, "img", "failed")
     assert "Range" in st["error"]["detail"]
+
+
+async def test_full_disk_fails_clearly_and_keeps_durable_chunks(
+    aiohttp_client, tiny_fs: Path, images: ImageDir, origin: Origin
+) -> None:
+    import subprocess
+
+    from conftest import make_config
+    from swarmcache.daemon import build_app
+
+    data = images.add("img", 16 * CHUNK)  # 1 MiB on a 512 KiB filesystem
+    cfg = make_config(tiny_fs, {"origin": {"url": origin.url}})
+    client = await aiohttp_client(build_app(cfg))
+    assert (await client.post("/v1/images/img/fetch")).status == 202
+    st = await wait_state(client, "img", "failed")
+    assert st["error"]["error"] == "cache storage error"
+    assert "disk full" in st["error"]["detail"]
+    kept = st["chunks_present"]
+    assert 0 < kept < 16
+    assert (await client.get("/healthz")).status == 200
+
+    subprocess.run(["mount", "-o", "remount,size=4m", str(tiny_fs)], check=True)
+    origin.stats.requests.clear()
+    resp = await client.get("/v1/images/img")
+    assert await resp.read() == data
+    st = await wait_state(client, "img", "complete")
+    assert len(origin.chunk_requests("img")) <= 16 - kept  # durable chunks were not refetched

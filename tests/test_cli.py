@@ -142,3 +142,37 @@ async def test_help_is_complete() -> None:
         sub_code, sub_out, _ = await swarmcache(command, "--help")
         assert sub_code == 0
         assert "usage: swarmcache" in sub_out
+
+
+class _Tty:
+    def __init__(self) -> None:
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_bar_shows_percent_rate_and_eta() -> None:
+    from swarmcache.cli import Progress
+
+    tty = _Tty()
+    bar = Progress("img", tty, enabled=True)  # type: ignore[arg-type]
+    bar.start -= 2.0  # two seconds in
+    bar.update(50 * 1024**2, 200 * 1024**2, force=True)
+    line = tty.text.split("\r")[-1]
+    assert "img" in line
+    assert "25.0%" in line
+    assert "50.0 MiB/200.0 MiB" in line
+    assert "MiB/s" in line
+    assert "ETA 5s" in line or "ETA 6s" in line
+    bar.finish()
+    assert tty.text.endswith("\n")
+    quiet = _Tty()
+    Progress("img", quiet, enabled=False).update(1, 2, force=True)  # type: ignore[arg-type]
+    assert quiet.text == ""

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -83,22 +80,6 @@ def test_second_daemon_on_same_dir_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StorageError, match="in use by another swarmcache"):
         Store(tmp_path, 1 << 30).open()
     first.close()
-
-
-@pytest.fixture
-def tiny_fs(tmp_path: Path):
-    """A 512 KiB tmpfs (root only): a disk that fills up."""
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        if os.environ.get("CI"):
-            pytest.fail("CI runs as root: the full-disk test must run there")
-        pytest.skip("needs root to mount a small tmpfs")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], check=True)
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_disk_is_a_clear_error_and_keeps_what_was_written(tiny_fs: Path) -> None:

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import IO, Any
+from typing import Any
 
 from aiohttp import web
 
 from .errors import ImageNotFound, RangeNotSatisfiable, SwarmcacheError
 from .fetcher import Fetcher, FetchJob
+from .httpfile import sendfile
 from .manifest import Manifest, chunks_for_range, validate_image_id
 from .metrics import CONTENT_TYPE, Metrics
 from .ranges import parse_range
@@ -281,7 +281,7 @@ async def _send_image(
                 if job is not None and nxt == last_chunk and not image.complete:
                     break
                 run_end = min(end, (nxt + 1) * manifest.chunk_size - 1)
-            await _sendfile(request, resp, f, pos, run_end - pos + 1)
+            await sendfile(request, resp, f, pos, run_end - pos + 1)
             sent += run_end - pos + 1
             pos = run_end + 1
         await resp.write_eof()
@@ -293,27 +293,6 @@ async def _send_image(
             request.transport.abort()
     finally:
         f.close()
-
-
-async def _sendfile(
-    request: web.Request, resp: web.StreamResponse, f: IO[bytes], offset: int, count: int
-) -> None:
-    transport = request.transport
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError("client went away")
-    loop = asyncio.get_running_loop()
-    try:
-        await loop.sendfile(transport, f, offset, count)
-    except NotImplementedError:  # e.g. TLS transports: fall back to reads
-        done = 0
-        while done < count:
-            data = await asyncio.to_thread(
-                os.pread, f.fileno(), min(1 << 20, count - done), offset + done
-            )
-            if not data:
-                raise ConnectionResetError("cache file is short") from None
-            await resp.write(data)
-            done += len(data)
 
 
 def add_routes(app: web.Application) -> None:

@@ -385,4 +385,7 @@ class Store:
                 self.images[image_id].present_bytes,
             )
             self.remove(image_id)
+        over = self.used_bytes() + incoming - self.max_size
+        if over > 0:
+            log.warning("cache over max_size by %d bytes: the rest is pinned or in use", over)
         return victims

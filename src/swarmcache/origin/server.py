@@ -1,9 +1,8 @@
 """A plain HTTP origin: serves a directory's files with Range support and counts bytes.
 
 Used by the demo, the tests and the benchmarks as "the origin": GET/HEAD
-/images/<name> with sendfile (aiohttp's FileResponse handles Range, HEAD and
-416). It counts what it sends per path and per range at GET /_stats, and has
-fault switches for tests (POST /_faults with JSON): `status` (answer every image
+/images/<name> with sendfile, one Range per request (206), 416 past the end. It
+counts what it sends per path and per range at GET /_stats, and has fault switches for tests (POST /_faults with JSON): `status` (answer every image
 request with this status), `delay` (seconds before each answer), `truncate`
 (close after this many bytes of a body).
 
@@ -15,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +22,10 @@ from typing import Any
 
 from aiohttp import web
 
+from ..errors import RangeNotSatisfiable
+from ..httpfile import sendfile
 from ..manifest import IMAGE_ID_RE
+from ..ranges import parse_range
 
 
 @dataclass
@@ -89,7 +92,32 @@ async def _serve(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound()
     if faults.truncate is not None and request.method == "GET" and name == base:
         return await _truncated(request, path, faults.truncate)
-    return web.FileResponse(path)
+    return await _send(request, path)
+
+
+async def _send(request: web.Request, path: Path) -> web.StreamResponse:
+    """200 or 206 (one range) with sendfile; 416 past the end. HEAD sends headers only."""
+    with open(path, "rb") as f:  # noqa: ASYNC230 - local file, closed on every path
+        size = os.fstat(f.fileno()).st_size
+        try:
+            byte_range = parse_range(request.headers.get("Range"), size)
+        except RangeNotSatisfiable:
+            raise web.HTTPRequestRangeNotSatisfiable(
+                headers={"Content-Range": f"bytes */{size}"}
+            ) from None
+        start, end = byte_range if byte_range is not None else (0, size - 1)
+        resp = web.StreamResponse(status=200 if byte_range is None else 206)
+        resp.content_type = "application/octet-stream"
+        resp.content_length = end - start + 1 if size else 0
+        resp.headers["Accept-Ranges"] = "bytes"
+        resp.headers["ETag"] = f'"{os.fstat(f.fileno()).st_mtime_ns:x}-{size:x}"'
+        if byte_range is not None:
+            resp.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        await resp.prepare(request)
+        if request.method == "GET" and size:
+            await sendfile(request, resp, f, start, end - start + 1)
+        await resp.write_eof()
+        return resp
 
 
 async def _count(request: web.Request, resp: web.StreamResponse) -> None:
