@@ -2,9 +2,10 @@
 
 Used by the demo, the tests and the benchmarks as "the origin": GET/HEAD
 /images/<name> with sendfile, one Range per request (206), 416 past the end. It
-counts what it sends per path and per range at GET /_stats, and has fault switches for tests (POST /_faults with JSON): `status` (answer every image
-request with this status), `delay` (seconds before each answer), `truncate`
-(close after this many bytes of a body).
+counts what it sends per path and per range at GET /_stats. Fault switches for
+tests (POST /_faults with JSON): `status` (answer every image request with this
+status), `delay` (seconds before each answer), `truncate` (close after this many
+bytes of a body).
 
     python -m swarmcache.origin.server DIR [--listen 127.0.0.1:7481]
 """
