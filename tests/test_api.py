@@ -475,3 +475,108 @@ async def test_full_disk_fails_clearly_and_keeps_durable_chunks(
     assert await resp.read() == data
     st = await wait_state(client, "img", "complete")
     assert len(origin.chunk_requests("img")) <= 16 - kept  # durable chunks were not refetched
+
+
+async def test_corrupt_chunk_on_disk_after_restart_is_never_served(
+    aiohttp_client, tmp_path: Path, images: ImageDir, origin: Origin
+) -> None:
+    from conftest import make_config
+    from swarmcache.daemon import build_app
+
+    data = images.add("img", SIZE)
+    cfg = make_config(tmp_path, {"origin": {"url": origin.url, "concurrency": 1}})
+    first = await aiohttp_client(build_app(cfg))
+    origin.faults.delay = 0.03
+    await first.post("/v1/images/img/fetch")
+    for _ in range(300):
+        if (await status(first, "img"))["chunks_present"] >= 4:
+            break
+        await asyncio.sleep(0.01)
+    await first.close()  # shutdown cancels the fetch; durable chunks stay
+    origin.faults.delay = 0
+    with open(tmp_path / "cache" / "images" / "img" / "data", "r+b") as f:
+        f.write(b"\xff" * 16)  # chunk 0, logged as good, now rotten
+
+    second = await aiohttp_client(build_app(cfg))
+    origin.stats.requests.clear()
+    resp = await second.get("/v1/images/img")
+    assert resp.status == 200
+    assert await resp.read() == data
+    assert 0 in origin.chunk_requests("img")  # refetched, not served from disk
+    metrics = await (await second.get("/metrics")).text()
+    assert metric(metrics, "swarmcache_verification_failures_total", kind="chunk") == 1
+
+
+async def test_delete_during_fetch_cancels_it(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin
+) -> None:
+    data = images.add("img", SIZE)
+    client = await daemon(origin={"concurrency": 1})
+    origin.faults.delay = 0.05
+    assert (await client.post("/v1/images/img/fetch")).status == 202
+    resp = await client.delete("/v1/images/img")
+    assert resp.status == 200
+    assert (await client.get("/v1/images/img/status")).status == 404
+    sent = len(origin.chunk_requests("img"))
+    await asyncio.sleep(0.2)
+    assert len(origin.chunk_requests("img")) <= sent + 1  # the fetch stopped
+    origin.faults.delay = 0
+    assert await (await client.get("/v1/images/img")).read() == data
+
+
+async def test_image_replaced_at_origin_mid_fetch(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin
+) -> None:
+    images.add("img", SIZE, sidecar=False)
+    client = await daemon(origin={"concurrency": 1, "retries": 0})
+    origin.faults.delay = 0.03
+    await client.post("/v1/images/img/fetch")
+    for _ in range(300):
+        if (await status(client, "img"))["chunks_present"] >= 2:
+            break
+        await asyncio.sleep(0.01)
+    new = images.add("img", SIZE, sidecar=False, seed=1)  # a new version, new mtime
+    st = await wait_state(client, "img", "failed", "complete")
+    assert st["state"] == "failed"
+    assert "changed at the origin" in st["error"]["detail"]
+    origin.faults.delay = 0
+    assert await (await client.get("/v1/images/img")).read() == new  # starts over
+
+
+async def test_empty_image_with_wrong_checksum_is_not_served(
+    daemon: DaemonFactory, images: ImageDir
+) -> None:
+    images.add("empty", 0, wrong_sidecar=True)
+    client = await daemon()
+    resp = await client.get("/v1/images/empty")
+    assert resp.status == 502
+    assert (await resp.json())["error"] == "verification failed"
+
+
+async def test_sidecar_sent_in_pieces_is_read_whole(
+    aiohttp_client, aiohttp_server, tmp_path: Path
+) -> None:
+    from conftest import make_config
+    from swarmcache.daemon import build_app
+
+    body = b"x" * 1000
+    line = hashlib.sha256(body).hexdigest().encode() + b"  img\n"
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if request.match_info["name"].endswith(".sha256"):
+            resp = web.StreamResponse()
+            await resp.prepare(request)
+            for i in range(0, len(line), 7):  # trickle it
+                await resp.write(line[i : i + 7])
+                await asyncio.sleep(0.001)
+            return resp
+        return web.Response(body=body)
+
+    app = web.Application()
+    app.router.add_get("/images/{name}", handler)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("/images/")) + "{image_id}"
+    client = await aiohttp_client(build_app(make_config(tmp_path, {"origin": {"url": url}})))
+    resp = await client.head("/v1/images/img")
+    assert resp.status == 200
+    assert resp.headers["Content-Length"] == "1000"

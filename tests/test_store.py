@@ -14,6 +14,12 @@ from swarmcache.store import Store
 CHUNK = 64 * 1024
 
 
+def _new(store: Store, manifest: Manifest):
+    image = store.make_entry(manifest)
+    store.add(image)
+    return image
+
+
 def _chunk(i: int) -> bytes:
     return bytes([i % 251]) * CHUNK
 
@@ -21,7 +27,7 @@ def _chunk(i: int) -> bytes:
 def test_reload_keeps_logged_chunks_and_cuts_torn_tail(tmp_path: Path) -> None:
     store = Store(tmp_path, 1 << 30)
     store.open()
-    image = store.create(Manifest("img", size=4 * CHUNK, chunk_size=CHUNK))
+    image = _new(store, Manifest("img", size=4 * CHUNK, chunk_size=CHUNK))
     for i in (0, 1, 2):
         image.write_chunk(i, _chunk(i), chunk_digest(_chunk(i)))
     assert [image.has(i) for i in range(4)] == [True, True, True, False]
@@ -37,8 +43,10 @@ def test_reload_keeps_logged_chunks_and_cuts_torn_tail(tmp_path: Path) -> None:
     store = Store(tmp_path, 1 << 30)
     store.open()
     image = store.images["img"]
-    assert [i for i in range(4) if image.has(i)] == [0, 2]
     assert image.present_bytes == 2 * CHUNK
+    assert [i for i in range(4) if image.has(i)] == []  # nothing readable before the check
+    assert image.check_present() == []
+    assert [i for i in range(4) if image.has(i)] == [0, 2]
     assert image.manifest.digest(2) == chunk_digest(_chunk(2))
     assert log.stat().st_size == 2 * LOG_RECORD_SIZE
     assert image.read_chunk(2) == _chunk(2)
@@ -58,17 +66,21 @@ def test_reload_keeps_logged_chunks_and_cuts_torn_tail(tmp_path: Path) -> None:
     store.close()
 
 
-def test_drop_corrupt_forgets_chunks_changed_on_disk(tmp_path: Path) -> None:
+def test_check_present_forgets_chunks_changed_on_disk(tmp_path: Path) -> None:
     store = Store(tmp_path, 1 << 30)
     store.open()
-    image = store.create(Manifest("img", size=3 * CHUNK, chunk_size=CHUNK))
+    image = _new(store, Manifest("img", size=3 * CHUNK, chunk_size=CHUNK))
     for i in range(3):
         image.write_chunk(i, _chunk(i), chunk_digest(_chunk(i)))
     image.sync_chunks([0, 1, 2])
+    store.close()
     with open(image.data_path, "r+b") as f:
         f.seek(CHUNK + 7)
         f.write(b"!")
-    assert image.drop_corrupt() == [1]
+    store = Store(tmp_path, 1 << 30)
+    store.open()
+    image = store.images["img"]
+    assert image.check_present() == [1]
     assert [image.has(i) for i in range(3)] == [True, False, True]
     assert image.present_chunks == 2
     store.close()
@@ -85,7 +97,7 @@ def test_second_daemon_on_same_dir_is_refused(tmp_path: Path) -> None:
 def test_full_disk_is_a_clear_error_and_keeps_what_was_written(tiny_fs: Path) -> None:
     store = Store(tiny_fs, 1 << 30)
     store.open()
-    image = store.create(Manifest("big", size=16 * CHUNK, chunk_size=CHUNK))
+    image = _new(store, Manifest("big", size=16 * CHUNK, chunk_size=CHUNK))
     written = 0
     with pytest.raises(StorageError, match="disk full"):
         for i in range(16):

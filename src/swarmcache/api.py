@@ -59,6 +59,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             if name in exc.headers:
                 resp.headers[name] = exc.headers[name]
         return resp
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception as err:  # a bug: still a JSON answer, and a traceback in the log
+        log.exception("%s %s failed", request.method, request.path)
+        return error_body(500, "internal error", f"{err.__class__.__name__}: {err}")
 
 
 def _image_id(request: web.Request) -> str:
@@ -140,18 +145,7 @@ async def start_fetch(request: web.Request) -> web.Response:
 async def delete_image(request: web.Request) -> web.Response:
     """DELETE /v1/images/{id}: drop it from the cache (409 while being read)."""
     image_id = _image_id(request)
-    fetcher = request.app[FETCHER]
-    store = request.app[STORE]
-    image = store.get(image_id)
-    if image is None:
-        if fetcher.failures.pop(image_id, None) is None:
-            raise ImageNotFound(f"image {image_id!r} is not in the cache")
-        return web.json_response({"id": image_id, "deleted": True})
-    if image.readers:
-        store.remove(image_id)  # raises ImageBusy
-    await fetcher.cancel(image_id)
-    await asyncio.to_thread(store.remove, image_id)
-    fetcher.failures.pop(image_id, None)
+    await request.app[FETCHER].remove(image_id)
     log.info("image %s removed by request", image_id)
     return web.json_response({"id": image_id, "deleted": True})
 
@@ -163,7 +157,7 @@ async def set_pin(request: web.Request) -> web.Response:
     if image is None:
         raise ImageNotFound(f"image {image_id!r} is not in the cache; fetch it before pinning")
     image.pinned = request.method == "PUT"
-    await asyncio.to_thread(image.save_meta, durable=True)
+    await asyncio.to_thread(image.save_meta)
     log.info("image %s %s", image_id, "pinned" if image.pinned else "unpinned")
     return web.json_response(describe(request.app[FETCHER], image_id, progress=False))
 
@@ -221,6 +215,8 @@ async def get_image(request: web.Request) -> web.StreamResponse:
     if byte_range is not None:
         resp.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
     if head or image is None or size == 0:
+        if job is not None and not head:
+            await job.wait_verified()  # an empty image is checked like any other
         await resp.prepare(request)
         await resp.write_eof()
         return resp
@@ -229,9 +225,7 @@ async def get_image(request: web.Request) -> web.StreamResponse:
         await _send_image(request, resp, image, job, manifest, start, end)
     finally:
         image.readers -= 1
-        image.hits += 1
-        image.last_access = time.time()
-        if image_id in store.images:
+        if image.touch(time.time()) and store.get(image_id) is image:
             await asyncio.to_thread(_save_meta_quietly, image)
     return resp
 

@@ -3,8 +3,8 @@
 A FetchJob fills one CachedImage. Its workers take chunk indices from a pure
 ChunkPlan, read each chunk from a ChunkSource (the origin today; peers are a second
 kind of source), hash and write it in a thread, and wake the readers waiting for
-that chunk. When every chunk is in, the whole file is read back and checked
-against the chunk digests and the origin's sha256 before the image is complete.
+that chunk. The image's sha256 advances as chunks land; it must match the origin's
+before the image is complete.
 
 The Fetcher keeps at most one job per image, so any number of concurrent readers
 of an uncached image cause exactly one read of each chunk.
@@ -13,17 +13,28 @@ of an uncached image cause exactly one read of each chunk.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
 import threading
 import time
+import weakref
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
-from .errors import FetchFailed, ImageNotFound, IntegrityError, StorageError, SwarmcacheError
+from .errors import (
+    FetchFailed,
+    ImageBusy,
+    ImageNotFound,
+    IntegrityError,
+    StorageError,
+    SwarmcacheError,
+)
 from .manifest import Manifest, chunk_digest
 from .metrics import Metrics
 from .origin import Origin
@@ -31,6 +42,8 @@ from .planner import ChunkPlan
 from .store import CachedImage, Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_FAILURES = 1000  # failure records kept for the API; the oldest go first
 
 
 class ChunkSource(Protocol):
@@ -54,7 +67,7 @@ class OriginSource:
     async def read_chunk(self, manifest: Manifest, index: int) -> bytes:
         """Read the chunk's byte range from the origin (retries inside)."""
         offset, length = manifest.span(index)
-        return await self.origin.read(manifest.image_id, offset, length)
+        return await self.origin.read(manifest.image_id, offset, length, manifest.origin_validator)
 
 
 @dataclass
@@ -78,9 +91,16 @@ class FetchJob:
     """
 
     def __init__(
-        self, image: CachedImage, sources: list[ChunkSource], metrics: Metrics, concurrency: int
+        self,
+        image: CachedImage,
+        sources: list[ChunkSource],
+        metrics: Metrics,
+        concurrency: int,
+        executor: ThreadPoolExecutor,
     ) -> None:
         self.image = image
+        self.executor = executor
+        self._threads: set[concurrent.futures.Future[Any]] = set()
         self.sources = sources
         self.metrics = metrics
         self.concurrency = concurrency
@@ -147,12 +167,7 @@ class FetchJob:
         tasks: list[asyncio.Task[None]] = []
         try:
             if self.image.present_chunks:
-                for index in await asyncio.to_thread(self.image.drop_corrupt):
-                    log.warning(
-                        "%s: chunk %d on disk is corrupt; fetching it again", self.image_id, index
-                    )
-                    self.metrics.verification_failures.labels("chunk").inc()
-                    self.plan.lost(index)
+                await self._resume_checked()
             flusher = asyncio.create_task(self._flusher(), name=f"flush-{self.image_id}")
             tasks = [
                 asyncio.create_task(self._worker(), name=f"fetch-{self.image_id}-{n}")
@@ -169,7 +184,7 @@ class FetchJob:
             self._closing = True
             self._dirty.set()
             await flusher
-            await asyncio.to_thread(self.image.mark_complete, self._sha.hexdigest())
+            await self._thread(self.image.mark_complete, self._sha.hexdigest())
         except SwarmcacheError as err:
             self._fail(err)
         except asyncio.CancelledError:
@@ -184,6 +199,28 @@ class FetchJob:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # Threads cannot be cancelled: wait for the ones still writing to this
+            # image's files, so nobody closes or deletes them underneath.
+            await asyncio.gather(
+                *(asyncio.wrap_future(f) for f in list(self._threads)), return_exceptions=True
+            )
+
+    async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking `fn` in the fetcher's pool, tracked until it really ends."""
+        cf = self.executor.submit(fn, *args)
+        self._threads.add(cf)
+        cf.add_done_callback(self._threads.discard)
+        return await asyncio.wrap_future(cf)
+
+    async def _resume_checked(self) -> None:
+        """Re-check the chunks logged before a restart; the good ones count as done."""
+        for index in await self._thread(self.image.check_present):
+            log.warning("%s: chunk %d on disk is corrupt; fetching it again", self.image_id, index)
+            self.metrics.verification_failures.labels("chunk").inc()
+        for index in range(self.image.manifest.chunks):
+            if self.image.has(index):
+                self.plan.done(index)
+                self._wake(index)
 
     async def _worker(self) -> None:
         while not self.plan.finished:
@@ -201,9 +238,12 @@ class FetchJob:
             self._unsynced.append(index)
             self._dirty.set()
             self._changed.set()
-            for fut in self._waiters.pop(index, ()):
-                if not fut.done():
-                    fut.set_result(None)
+            self._wake(index)
+
+    def _wake(self, index: int) -> None:
+        for fut in self._waiters.pop(index, ()):
+            if not fut.done():
+                fut.set_result(None)
 
     async def _flusher(self) -> None:
         while True:
@@ -212,7 +252,7 @@ class FetchJob:
                 await self._dirty.wait()
             batch, self._unsynced = self._unsynced, []
             if batch:
-                await asyncio.to_thread(self.image.sync_chunks, batch)
+                await self._thread(self.image.sync_chunks, batch)
             elif self._closing:
                 return
 
@@ -225,7 +265,7 @@ class FetchJob:
         except SwarmcacheError:
             self.metrics.source_errors.labels(source.name).inc()
             raise
-        await asyncio.to_thread(self._commit, index, data, manifest.digest(index))
+        await self._thread(self._commit, index, data, manifest.digest(index))
         self.metrics.chunk_latency.labels(source.name).observe(time.monotonic() - t0)
         self.metrics.bytes_fetched.labels(source.name).inc(len(data))
         self.bytes_by_source[source.name] += len(data)
@@ -249,7 +289,7 @@ class FetchJob:
                 self._hashed += 1
 
     async def _verify(self) -> None:
-        await asyncio.to_thread(self._advance_hash, -1, b"")
+        await self._thread(self._advance_hash, -1, b"")
         manifest = self.image.manifest
         if self._hashed != manifest.chunks:
             raise FetchFailed(
@@ -277,7 +317,7 @@ class FetchJob:
 
 
 class Fetcher:
-    """Owns every running FetchJob: at most one per image."""
+    """Owns every running FetchJob (at most one per image) and the I/O thread pool."""
 
     def __init__(
         self, store: Store, origin: Origin, metrics: Metrics, concurrency: int, chunk_size: int
@@ -290,14 +330,29 @@ class Fetcher:
         self.chunk_size = chunk_size
         self.jobs: dict[str, FetchJob] = {}
         self.failures: dict[str, Failure] = {}
+        self.executor = ThreadPoolExecutor(
+            max_workers=concurrency + 4, thread_name_prefix="swarmcache-io"
+        )
         self._starting: dict[str, asyncio.Future[FetchJob | None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._purges: set[asyncio.Task[None]] = set()
+
+    def _lock(self, image_id: str) -> asyncio.Lock:
+        """The lock that orders starting and removing one image's cache entry."""
+        lock = self._locks.get(image_id)
+        if lock is None:
+            lock = self._locks[image_id] = asyncio.Lock()
+        return lock
 
     async def manifest_for(self, image_id: str) -> Manifest:
         """The manifest of a cached image, or a fresh one from the origin's stat."""
         image = self.store.get(image_id)
         if image is not None:
             return image.manifest
+        return await self._origin_manifest(image_id)
+
+    async def _origin_manifest(self, image_id: str) -> Manifest:
         stat = await self.origin.stat(image_id)
         return Manifest(
             image_id=image_id,
@@ -315,15 +370,16 @@ class Fetcher:
         if image is not None and image.complete:
             return None
         pending = self._starting.get(image_id)
-        if pending is not None:
+        if pending is not None:  # single-flight: share the start (and its failure)
             return await asyncio.shield(pending)
         fut: asyncio.Future[FetchJob | None] = asyncio.get_running_loop().create_future()
         self._starting[image_id] = fut
         try:
-            job = await self._start(image_id)
+            async with self._lock(image_id):
+                job = await self._start(image_id)
         except BaseException as err:
             if isinstance(err, SwarmcacheError) and not isinstance(err, ImageNotFound):
-                self.failures[image_id] = Failure(err, time.time(), None)
+                self._record_failure(image_id, err, None)
             fut.set_exception(err)
             fut.exception()
             raise
@@ -334,14 +390,9 @@ class Fetcher:
             del self._starting[image_id]
 
     async def _start(self, image_id: str) -> FetchJob | None:
-        stat = await self.origin.stat(image_id)
-        manifest = Manifest(
-            image_id=image_id,
-            size=stat.size,
-            chunk_size=self.chunk_size,
-            origin_sha256=stat.sha256,
-            origin_validator=stat.validator,
-        )
+        if image_id in self.jobs:
+            return self.jobs[image_id]
+        manifest = await self._origin_manifest(image_id)
         image = self.store.get(image_id)
         if image is not None and image.complete:
             return None
@@ -351,28 +402,27 @@ class Fetcher:
                 image_id,
                 image.present_chunks,
             )
+            self._purge(self.store.remove(image_id, force=True))
             image = None
-        incoming = manifest.size - (image.present_bytes if image else 0)
         if manifest.size > self.store.max_size:
             raise StorageError(
                 f"image {image_id} ({manifest.size} bytes) is larger than "
                 f"cache.max_size ({self.store.max_size} bytes)"
             )
-        self._evict(incoming, keep=image_id)
+        self._evict(manifest.size - (image.present_bytes if image else 0), keep=image_id)
         if image is None:
-            image = await asyncio.to_thread(self.store.create, manifest)
-        job = FetchJob(image, self.sources, self.metrics, self.concurrency)
+            image = await asyncio.to_thread(self.store.make_entry, manifest)
+            self.store.add(image)
+        job = FetchJob(image, self.sources, self.metrics, self.concurrency, self.executor)
         self.jobs[image_id] = job
         self.failures.pop(image_id, None)
-        task = asyncio.create_task(self._run(job), name=f"fetch-{image_id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[image_id] = asyncio.create_task(self._run(job), name=f"fetch-{image_id}")
         log.info(
-            "fetch %s started: %d bytes, %d of %d chunks missing",
+            "fetch %s started: %d bytes, %d chunks, %d durable",
             image_id,
             manifest.size,
-            job.plan.remaining,
             manifest.chunks,
+            image.present_chunks,
         )
         return job
 
@@ -382,6 +432,7 @@ class Fetcher:
             await job.run()
         finally:
             self.jobs.pop(image_id, None)
+            self._tasks.pop(image_id, None)
         elapsed = time.monotonic() - job.started
         err = job.result.exception() if job.result.done() else None
         if err is None:
@@ -398,28 +449,52 @@ class Fetcher:
             return
         self.metrics.fetches.labels("failed").inc()
         assert isinstance(err, SwarmcacheError)
-        self.failures[image_id] = Failure(err, time.time(), job.image.manifest.size)
+        self._record_failure(image_id, err, job.image.manifest.size)
         log.error("fetch %s failed after %.2fs: %s", image_id, elapsed, err.detail)
-        if isinstance(err, IntegrityError):
+        if isinstance(err, IntegrityError) and self.store.get(image_id) is job.image:
             # Never keep bytes that failed the whole-image check.
-            with contextlib.suppress(ImageNotFound):
-                self.store.remove(image_id, force=True)
+            self._purge(self.store.remove(image_id, force=True))
+
+    def _record_failure(self, image_id: str, err: SwarmcacheError, size: int | None) -> None:
+        self.failures.pop(image_id, None)
+        self.failures[image_id] = Failure(err, time.time(), size)
+        while len(self.failures) > MAX_FAILURES:
+            del self.failures[next(iter(self.failures))]
 
     def _evict(self, incoming: int, keep: str | None = None) -> None:
+        """Evict for `incoming` bytes plus what every running fetch still has to write."""
+        reserved = sum(
+            j.image.manifest.size - j.image.present_bytes for i, j in self.jobs.items() if i != keep
+        )
         in_use = set(self.jobs) | ({keep} if keep else set())
-        evicted = self.store.evict(in_use, incoming)
-        self.metrics.evictions.inc(len(evicted))
+        trash = self.store.evict(in_use, incoming + reserved)
+        self.metrics.evictions.inc(len(trash))
+        for path in trash:
+            self._purge(path)
 
-    async def cancel(self, image_id: str) -> None:
-        """Stop the running fetch of an image, if any."""
-        job = self.jobs.get(image_id)
-        if job is None:
-            return
-        for task in list(self._tasks):
-            if task.get_name() == f"fetch-{image_id}":
+    def _purge(self, path: Path) -> None:
+        """Delete a removed entry's files in a thread, tracked until done."""
+        task = asyncio.create_task(asyncio.to_thread(self.store.purge, path))
+        self._purges.add(task)
+        task.add_done_callback(self._purges.discard)
+
+    async def remove(self, image_id: str) -> None:
+        """Cancel the image's fetch, if any, and drop it (ImageBusy while it is read)."""
+        async with self._lock(image_id):
+            image = self.store.get(image_id)
+            if image is None:
+                if self.failures.pop(image_id, None) is None:
+                    raise ImageNotFound(f"image {image_id!r} is not in the cache")
+                return
+            if image.readers:
+                raise ImageBusy(f"image {image_id!r} is being read by {image.readers} client(s)")
+            task = self._tasks.get(image_id)
+            if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            self._purge(self.store.remove(image_id))
+            self.failures.pop(image_id, None)
 
     async def resume_partial(self) -> None:
         """Restart the fetch of every partial image (after a restart or crash)."""
@@ -432,7 +507,8 @@ class Fetcher:
                 log.warning("cannot resume %s: %s", image_id, err.detail)
 
     async def close(self) -> None:
-        """Cancel every running fetch and wait for it to stop."""
-        for task in list(self._tasks):
+        """Cancel every running fetch, wait for it and for pending deletes, stop the pool."""
+        for task in list(self._tasks.values()):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks.values(), *self._purges, return_exceptions=True)
+        self.executor.shutdown(wait=True)

@@ -22,6 +22,7 @@ thread (asyncio.to_thread), so this module stays free of event-loop concerns.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import logging
@@ -52,6 +53,7 @@ from .manifest import (
 )
 
 log = logging.getLogger(__name__)
+META_SAVE_INTERVAL = 30.0  # seconds between saves of access stats
 
 
 def _fsync_dir(path: Path) -> None:
@@ -101,10 +103,15 @@ class CachedImage:
     _fd: int | None = field(default=None, repr=False)
     _log_fd: int | None = field(default=None, repr=False)
 
+    meta_dirty: bool = field(default=False, repr=False)
+    _meta_saved: float = field(default=0.0, repr=False)
+
     def __post_init__(self) -> None:
-        # Chunks written and checked but maybe not yet durable can already be read.
+        # A chunk is readable once written and checked in this run, or once a chunk
+        # logged before a restart was checked again on disk (check_present): never
+        # straight from the log, which a crash or a bad disk may have outlived.
         if not self.readable:
-            self.readable = bytearray(self.bitmap)
+            self.readable = bitmap_new(self.manifest.chunks)
 
     @property
     def image_id(self) -> str:
@@ -176,7 +183,10 @@ class CachedImage:
                 self._log_fd = os.open(
                     self.path / "chunks.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
                 )
-            os.write(self._log_fd, records)
+                _fsync_dir(self.path)
+            view = memoryview(records)
+            while view:
+                view = view[os.write(self._log_fd, view) :]
             os.fdatasync(self._log_fd)
         except OSError as err:
             raise _storage_error(f"cannot make chunks of {self.image_id} durable", err) from err
@@ -189,39 +199,55 @@ class CachedImage:
         offset, length = self.manifest.span(index)
         return os.pread(self._data_fd(), length, offset)
 
-    def drop_corrupt(self) -> list[int]:
-        """Check every present chunk on disk against its digest; forget the bad ones. Blocking.
+    def check_present(self) -> list[int]:
+        """Re-check every logged chunk on disk; good ones become readable. Blocking.
 
-        Used when a fetch resumes after a restart: a chunk logged before a crash must
-        still hold the bytes its digest promises before it counts.
+        Used when a fetch resumes after a restart: a chunk logged before a crash
+        must still hold the bytes its digest promises before it is served. Returns
+        the bad chunks, which are forgotten (and fetched again).
         """
         bad = []
         for index in range(self.manifest.chunks):
-            if bitmap_get(self.bitmap, index) and chunk_digest(
-                self.read_chunk(index)
-            ) != self.manifest.digest(index):
-                bad.append(index)
-        with self._bits_lock:
-            for index in bad:
-                self.bitmap[index >> 3] &= ~(1 << (index & 7))
-                self.readable[index >> 3] &= ~(1 << (index & 7))
+            if not bitmap_get(self.bitmap, index) or bitmap_get(self.readable, index):
+                continue
+            ok = chunk_digest(self.read_chunk(index)) == self.manifest.digest(index)
+            with self._bits_lock:
+                if ok:
+                    bitmap_set(self.readable, index)
+                else:
+                    self.bitmap[index >> 3] &= ~(1 << (index & 7))
+                    bad.append(index)
         return bad
 
     def mark_complete(self, sha256: str) -> None:
-        """Persist the verified manifest and drop the chunk log. Blocking."""
+        """Make every byte durable, persist the verified manifest, drop the log. Blocking."""
+        try:
+            os.fdatasync(self._data_fd())
+        except OSError as err:
+            raise _storage_error(f"cannot make {self.image_id} durable", err) from err
+        done = dataclasses.replace(self.manifest, sha256=sha256, complete=True)
+        write_atomic(self.path / "manifest", done.encode())
         self.manifest.sha256 = sha256
         self.manifest.complete = True
-        write_atomic(self.path / "manifest", self.manifest.encode())
         self.close()
         with contextlib.suppress(FileNotFoundError):
             (self.path / "chunks.log").unlink()
 
-    def save_meta(self, *, durable: bool = False) -> None:
-        """Persist pinned/hits/last access (durable only when the pin changes). Blocking."""
+    def save_meta(self) -> None:
+        """Persist pinned/hits/last access, durably (a torn meta must not lose a pin). Blocking."""
         data = msgpack.packb(
             {"pinned": self.pinned, "hits": self.hits, "last_access": self.last_access}
         )
-        write_atomic(self.path / "meta", data, durable=durable)
+        write_atomic(self.path / "meta", data)
+        self._meta_saved = time.monotonic()
+        self.meta_dirty = False
+
+    def touch(self, now: float) -> bool:
+        """Count a read; True when the access stats are due to be saved (every 30 s at most)."""
+        self.hits += 1
+        self.last_access = now
+        self.meta_dirty = True
+        return time.monotonic() - self._meta_saved >= META_SAVE_INTERVAL
 
     def close(self) -> None:
         """Close open file descriptors."""
@@ -275,8 +301,11 @@ class Store:
         log.info("cache %s: %d images, %d bytes", self.root, len(self.images), self.used_bytes())
 
     def close(self) -> None:
-        """Close every image's files and release the lock."""
+        """Save unsaved access stats, close every image's files, release the lock. Blocking."""
         for image in self.images.values():
+            if image.meta_dirty:
+                with contextlib.suppress(StorageError):
+                    image.save_meta()
             image.close()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -289,6 +318,8 @@ class Store:
             raise IntegrityError("manifest names another image")
         if not (path / "data").exists():
             raise IntegrityError("data file missing")
+        for leftover in path.glob(".*.tmp"):  # an atomic write cut short by a crash
+            leftover.unlink()
         bitmap = bitmap_new(manifest.chunks)
         if not manifest.complete:
             log_path = path / "chunks.log"
@@ -319,11 +350,10 @@ class Store:
         """The cached image, or None."""
         return self.images.get(image_id)
 
-    def create(self, manifest: Manifest) -> CachedImage:
-        """Start a new, empty cache entry (replacing a stale one). Blocking."""
-        old = self.images.get(manifest.image_id)
-        if old is not None:
-            self.remove(manifest.image_id, force=True)
+    def make_entry(self, manifest: Manifest) -> CachedImage:
+        """Create a new, empty cache entry on disk (not yet in `images`: see add). Blocking."""
+        if manifest.image_id in self.images:
+            raise StorageError(f"cache entry {manifest.image_id} exists")
         staging = self.root / "tmp" / uuid.uuid4().hex
         final = self.root / "images" / manifest.image_id
         try:
@@ -336,12 +366,18 @@ class Store:
         except OSError as err:
             shutil.rmtree(staging, ignore_errors=True)
             raise _storage_error(f"cannot create cache entry for {manifest.image_id}", err) from err
-        image = CachedImage(path=final, manifest=manifest, bitmap=bitmap_new(manifest.chunks))
-        self.images[manifest.image_id] = image
-        return image
+        return CachedImage(path=final, manifest=manifest, bitmap=bitmap_new(manifest.chunks))
 
-    def remove(self, image_id: str, *, force: bool = False) -> None:
-        """Drop an image from the cache (ImageBusy while it is being read). Blocking."""
+    def add(self, image: CachedImage) -> None:
+        """Publish an entry made by make_entry (on the event loop)."""
+        self.images[image.image_id] = image
+
+    def remove(self, image_id: str, *, force: bool = False) -> Path:
+        """Take an image out of the cache at once (ImageBusy while it is being read).
+
+        Only renames its directory into tmp/ (one fast syscall, safe on the event loop);
+        the caller deletes the returned path with purge(), in a thread.
+        """
         image = self.images.get(image_id)
         if image is None:
             raise ImageNotFound(f"image {image_id!r} is not in the cache")
@@ -349,23 +385,30 @@ class Store:
             raise ImageBusy(f"image {image_id!r} is being read by {image.readers} client(s)")
         del self.images[image_id]
         image.close()
-        self._trash(image.path)
+        return self._to_trash(image.path)
 
-    def _trash(self, path: Path) -> None:
-        # Rename first so the entry vanishes atomically, then delete at leisure.
+    def _to_trash(self, path: Path) -> Path:
         target = self.root / "tmp" / uuid.uuid4().hex
         try:
             os.rename(path, target)
         except OSError:
-            target = path
-        shutil.rmtree(target, ignore_errors=True)
+            return path
+        return target
+
+    def _trash(self, path: Path) -> None:
+        self.purge(self._to_trash(path))
+
+    @staticmethod
+    def purge(path: Path) -> None:
+        """Delete what remove() put aside. Blocking."""
+        shutil.rmtree(path, ignore_errors=True)
 
     def used_bytes(self) -> int:
         """Bytes held by all images."""
         return sum(i.present_bytes for i in self.images.values())
 
-    def evict(self, in_use: set[str], incoming: int = 0) -> list[str]:
-        """Evict LRU images until used + incoming <= max_size; returns evicted ids. Blocking."""
+    def evict(self, in_use: set[str], incoming: int = 0) -> list[Path]:
+        """Evict LRU images until used + incoming <= max_size; returns paths to purge."""
         candidates = [
             Candidate(
                 image_id=i.image_id,
@@ -378,14 +421,15 @@ class Store:
             for i in self.images.values()
         ]
         victims = plan_eviction(candidates, self.max_size, incoming)
+        trash = []
         for image_id in victims:
             log.info(
                 "evicting %s (%d bytes) to stay under max_size",
                 image_id,
                 self.images[image_id].present_bytes,
             )
-            self.remove(image_id)
+            trash.append(self.remove(image_id))
         over = self.used_bytes() + incoming - self.max_size
         if over > 0:
             log.warning("cache over max_size by %d bytes: the rest is pinned or in use", over)
-        return victims
+        return trash

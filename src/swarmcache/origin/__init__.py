@@ -75,17 +75,17 @@ class Origin(ABC):
     async def _stat(self, image_id: str) -> OriginImage: ...
 
     @abstractmethod
-    async def _read(self, image_id: str, offset: int, length: int) -> bytes: ...
+    async def _read(self, image_id: str, offset: int, length: int, validator: str) -> bytes: ...
 
     async def stat(self, image_id: str) -> OriginImage:
         """Size, version validator and published checksum of an image (with retries)."""
         return await self._retry(f"stat {image_id}", lambda: self._stat(image_id))
 
-    async def read(self, image_id: str, offset: int, length: int) -> bytes:
-        """Exactly `length` bytes at `offset` (with retries)."""
+    async def read(self, image_id: str, offset: int, length: int, validator: str = "") -> bytes:
+        """Exactly `length` bytes at `offset` of the version `validator` names (with retries)."""
 
         async def attempt() -> bytes:
-            data = await self._read(image_id, offset, length)
+            data = await self._read(image_id, offset, length, validator)
             if len(data) != length:
                 raise OriginError(
                     f"{self.describe(image_id)}: got {len(data)} bytes at {offset}, want {length}"

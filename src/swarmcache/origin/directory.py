@@ -41,14 +41,12 @@ class DirectoryOrigin(Origin):
                 sha256 = parse_sha256_sidecar(sidecar.read_bytes())
             except (OSError, ValueError) as err:
                 raise OriginError(f"checksum sidecar {sidecar} is unusable: {err}") from err
-        return OriginImage(
-            size=st.st_size, validator=f"{st.st_mtime_ns:x}-{st.st_size:x}", sha256=sha256
-        )
+        return OriginImage(size=st.st_size, validator=_validator(st), sha256=sha256)
 
-    async def _read(self, image_id: str, offset: int, length: int) -> bytes:
-        return await asyncio.to_thread(self._read_sync, image_id, offset, length)
+    async def _read(self, image_id: str, offset: int, length: int, validator: str) -> bytes:
+        return await asyncio.to_thread(self._read_sync, image_id, offset, length, validator)
 
-    def _read_sync(self, image_id: str, offset: int, length: int) -> bytes:
+    def _read_sync(self, image_id: str, offset: int, length: int, validator: str) -> bytes:
         path = self._file(image_id)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -57,6 +55,10 @@ class DirectoryOrigin(Origin):
         except OSError as err:
             raise OriginError(f"cannot open {path}: {err.strerror}") from err
         try:
+            if validator and validator != _validator(os.fstat(fd)):
+                raise OriginError(
+                    f"{path}: the image changed at the origin during the fetch", retryable=False
+                )
             parts = []
             got = 0
             while got < length:
@@ -70,3 +72,8 @@ class DirectoryOrigin(Origin):
             raise OriginError(f"cannot read {path}: {err.strerror}") from err
         finally:
             os.close(fd)
+
+
+def _validator(st: os.stat_result) -> str:
+    """What identifies one version of a file: mtime and size."""
+    return f"{st.st_mtime_ns:x}-{st.st_size:x}"

@@ -83,7 +83,7 @@ class HttpOrigin(Origin):
             if resp.status == 404:
                 return None
             self._check(resp, sidecar, (200,))
-            body = await resp.content.read(MAX_SIDECAR_BYTES)
+            body = await self._body(resp, sidecar, MAX_SIDECAR_BYTES)
         try:
             return parse_sha256_sidecar(body)
         except ValueError as err:
@@ -91,10 +91,21 @@ class HttpOrigin(Origin):
                 f"checksum sidecar {sidecar} is unusable: {err}", retryable=False
             ) from err
 
-    async def _read(self, image_id: str, offset: int, length: int) -> bytes:
+    async def _read(self, image_id: str, offset: int, length: int, validator: str) -> bytes:
         url = self.describe(image_id)
         end = offset + length - 1
-        async with self._request("GET", url, headers={"Range": f"bytes={offset}-{end}"}) as resp:
+        headers = {"Range": f"bytes={offset}-{end}"}
+        # Bind every chunk to the version the fetch started with: a replaced image
+        # answers 412 instead of mixing bytes of two versions.
+        if validator.startswith('"'):
+            headers["If-Match"] = validator
+        elif validator and not validator.startswith("W/"):
+            headers["If-Unmodified-Since"] = validator
+        async with self._request("GET", url, headers=headers) as resp:
+            if resp.status == 412:
+                raise OriginError(
+                    f"{url}: the image changed at the origin during the fetch", retryable=False
+                )
             self._check(resp, url, (200, 206))
             if resp.status == 200:
                 raise OriginError(
@@ -106,16 +117,33 @@ class HttpOrigin(Origin):
                     f"{url}: origin answered a different range "
                     f"({resp.headers.get('Content-Range')!r}) for {offset}-{end}"
                 )
-            try:
-                return await resp.content.readexactly(length)
-            except asyncio.IncompleteReadError as err:
-                raise OriginError(
-                    f"{url}: connection closed after {len(err.partial)} of {length} bytes"
-                ) from err
-            except aiohttp.ClientError as err:
-                raise OriginError(f"{url}: {err.__class__.__name__}: {err}") from err
-            except TimeoutError as err:
-                raise OriginTimeout(f"{url}: read timed out") from err
+            return await self._body(resp, url, length, exact=True)
+
+    @staticmethod
+    async def _body(
+        resp: aiohttp.ClientResponse, url: str, limit: int, *, exact: bool = False
+    ) -> bytes:
+        """Read a body of `limit` bytes (exact) or at most `limit` bytes, as OriginErrors."""
+        try:
+            if exact:
+                return await resp.content.readexactly(limit)
+            parts: list[bytes] = []
+            got = 0
+            while got <= limit:
+                part = await resp.content.read(limit + 1 - got)
+                if not part:
+                    return b"".join(parts)
+                parts.append(part)
+                got += len(part)
+            raise OriginError(f"{url}: body larger than {limit} bytes", retryable=False)
+        except asyncio.IncompleteReadError as err:
+            raise OriginError(
+                f"{url}: connection closed after {len(err.partial)} of {limit} bytes"
+            ) from err
+        except TimeoutError as err:  # before ClientError: ServerTimeoutError is both
+            raise OriginTimeout(f"{url}: read timed out") from err
+        except aiohttp.ClientError as err:
+            raise OriginError(f"{url}: {err.__class__.__name__}: {err}") from err
 
     def _request(self, method: str, url: str, headers: dict[str, str] | None = None) -> _Guarded:
         return _Guarded(self.session, method, url, headers)
@@ -144,7 +172,7 @@ class _Guarded:
     async def __aenter__(self) -> aiohttp.ClientResponse:
         try:
             return await self._cm.__aenter__()
-        except TimeoutError as err:
+        except TimeoutError as err:  # before ClientError: ServerTimeoutError is both
             raise OriginTimeout(f"{self._url}: origin did not answer in time") from err
         except aiohttp.ClientError as err:
             raise OriginError(f"{self._url}: {err.__class__.__name__}: {err}") from err

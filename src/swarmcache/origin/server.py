@@ -106,12 +106,16 @@ async def _send(request: web.Request, path: Path) -> web.StreamResponse:
             raise web.HTTPRequestRangeNotSatisfiable(
                 headers={"Content-Range": f"bytes */{size}"}
             ) from None
+        etag = f'"{os.fstat(f.fileno()).st_mtime_ns:x}-{size:x}"'
+        if_match = request.headers.get("If-Match")
+        if if_match is not None and if_match not in ("*", etag):
+            raise web.HTTPPreconditionFailed()
         start, end = byte_range if byte_range is not None else (0, size - 1)
         resp = web.StreamResponse(status=200 if byte_range is None else 206)
         resp.content_type = "application/octet-stream"
         resp.content_length = end - start + 1 if size else 0
         resp.headers["Accept-Ranges"] = "bytes"
-        resp.headers["ETag"] = f'"{os.fstat(f.fileno()).st_mtime_ns:x}-{size:x}"'
+        resp.headers["ETag"] = etag
         if byte_range is not None:
             resp.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         await resp.prepare(request)
