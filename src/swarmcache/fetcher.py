@@ -17,7 +17,6 @@ import concurrent.futures
 import contextlib
 import hashlib
 import logging
-import threading
 import time
 import weakref
 from collections import Counter
@@ -119,7 +118,8 @@ class FetchJob:
         self._closing = False
         self._sha = hashlib.sha256()
         self._hashed = 0  # chunks 0.._hashed-1 are in _sha
-        self._hash_lock = threading.Lock()
+        self._hash_wake = asyncio.Event()
+        self._unhashed: dict[int, bytes] = {}  # written chunks the hasher has not seen yet
 
     @property
     def image_id(self) -> str:
@@ -168,19 +168,21 @@ class FetchJob:
         try:
             if self.image.present_chunks:
                 await self._resume_checked()
-            flusher = asyncio.create_task(self._flusher(), name=f"flush-{self.image_id}")
             tasks = [
                 asyncio.create_task(self._worker(), name=f"fetch-{self.image_id}-{n}")
                 for n in range(self.concurrency)
             ]
-            tasks.append(flusher)
-            workers: asyncio.Future[Any] = asyncio.gather(*tasks[:-1])
-            waiting: list[asyncio.Future[Any]] = [workers, flusher]
-            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-            if flusher.done():
-                flusher.result()  # raises the storage error that stopped it
-            workers.result()
-            await self._verify()
+            workers: asyncio.Future[Any] = asyncio.gather(*tasks)
+            hasher = asyncio.create_task(self._hasher(), name=f"hash-{self.image_id}")
+            flusher = asyncio.create_task(self._flusher(), name=f"flush-{self.image_id}")
+            tasks += [hasher, flusher]
+            # Until every chunk is in and hashed, the first failure of any part ends it.
+            pending: set[asyncio.Future[Any]] = {workers, hasher, flusher}
+            while not (workers.done() and hasher.done()):
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for part in done:
+                    part.result()
+            self._verify()
             self._closing = True
             self._dirty.set()
             await flusher
@@ -265,36 +267,47 @@ class FetchJob:
         except SwarmcacheError:
             self.metrics.source_errors.labels(source.name).inc()
             raise
-        await self._thread(self._commit, index, data, manifest.digest(index))
+        if len(self._unhashed) < 2 * self.concurrency:  # else the hasher reads the page cache
+            self._unhashed[index] = data
+        try:
+            await self._thread(self._commit, index, data, manifest.digest(index))
+        except BaseException:
+            self._unhashed.pop(index, None)
+            raise
+        self._hash_wake.set()
         self.metrics.chunk_latency.labels(source.name).observe(time.monotonic() - t0)
         self.metrics.bytes_fetched.labels(source.name).inc(len(data))
         self.bytes_by_source[source.name] += len(data)
 
     def _commit(self, index: int, data: bytes, expected: bytes | None) -> None:
-        """Check, write and hash one chunk (runs in a thread)."""
+        """Check and write one chunk (runs in a thread)."""
         digest = chunk_digest(data)
         if expected is not None and digest != expected:
             self.metrics.verification_failures.labels("chunk").inc()
             raise IntegrityError(f"chunk {index} of {self.image_id} does not match its digest")
         self.image.write_chunk(index, data, digest)
-        self._advance_hash(index, data)
 
-    def _advance_hash(self, index: int, data: bytes) -> None:
-        """Feed the sha256 every chunk of the written prefix it has not seen (in a thread)."""
-        with self._hash_lock:
-            chunks = self.image.manifest.chunks
-            while self._hashed < chunks and self.image.has(self._hashed):
-                i = self._hashed
-                self._sha.update(data if i == index else self.image.read_chunk(i))
-                self._hashed += 1
+    async def _hasher(self) -> None:
+        """Advance the image's sha256 over the readable prefix, as chunks land."""
+        chunks = self.image.manifest.chunks
+        while self._hashed < chunks:
+            if not self.image.has(self._hashed):
+                self._hash_wake.clear()
+                await self._hash_wake.wait()
+                continue
+            await self._thread(self._hash_prefix)
 
-    async def _verify(self) -> None:
-        await self._thread(self._advance_hash, -1, b"")
+    def _hash_prefix(self) -> None:
+        """Hash every readable chunk from `_hashed` on (in a thread)."""
+        chunks = self.image.manifest.chunks
+        while self._hashed < chunks and self.image.has(self._hashed):
+            i = self._hashed
+            data = self._unhashed.pop(i, None)
+            self._sha.update(data if data is not None else self.image.read_chunk(i))
+            self._hashed += 1
+
+    def _verify(self) -> None:
         manifest = self.image.manifest
-        if self._hashed != manifest.chunks:
-            raise FetchFailed(
-                f"{self.image_id}: only {self._hashed} of {manifest.chunks} chunks were hashed"
-            )
         sha256 = self._sha.hexdigest()
         if manifest.origin_sha256 is not None and sha256 != manifest.origin_sha256:
             self.metrics.verification_failures.labels("image").inc()
