@@ -206,6 +206,10 @@ class FetchJob:
             await asyncio.gather(
                 *(asyncio.wrap_future(f) for f in list(self._threads)), return_exceptions=True
             )
+            if self._unsynced:  # a failed or cancelled fetch keeps what it got
+                batch, self._unsynced = self._unsynced, []
+                with contextlib.suppress(SwarmcacheError):
+                    await self._thread(self.image.sync_chunks, batch)
 
     async def _thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking `fn` in the fetcher's pool, tracked until it really ends."""
