@@ -20,7 +20,7 @@ from aiohttp import web
 from .errors import ImageNotFound, RangeNotSatisfiable, SwarmcacheError
 from .fetcher import Fetcher, FetchJob
 from .httpfile import sendfile
-from .manifest import Manifest, chunks_for_range, validate_image_id
+from .manifest import Manifest, validate_image_id
 from .metrics import CONTENT_TYPE, Metrics
 from .ranges import parse_range
 from .store import CachedImage, Store
@@ -255,7 +255,7 @@ async def _send_image(
         raise ImageNotFound(f"image {image.image_id!r} is no longer in the cache") from err
     try:
         if job is not None:
-            job.want(chunks_for_range(start, end, manifest.chunk_size))
+            job.want(start // manifest.chunk_size, end // manifest.chunk_size)
         await resp.prepare(request)
         sent = 0
         pos = start
@@ -263,7 +263,7 @@ async def _send_image(
         while pos <= end:
             index = pos // manifest.chunk_size
             if job is not None and not image.has(index):
-                await job.wait_chunk(index)
+                await job.wait_chunk(index, end // manifest.chunk_size)
             if job is not None and index == last_chunk and not image.complete:
                 await job.wait_verified()
             # Send the whole run of chunks already present in one sendfile call.

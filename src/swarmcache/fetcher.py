@@ -20,7 +20,7 @@ import logging
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,13 +140,22 @@ class FetchJob:
             "sources": dict(self.bytes_by_source),
         }
 
-    def want(self, indices: Iterable[int]) -> None:
-        """A reader will need these chunks soon: fetch them ahead of the rest."""
-        self.plan.want(i for i in indices if not self.image.has(i))
+    def want(self, first: int, last: int) -> None:
+        """A reader needs chunks first..last next: put a window of them ahead of the rest.
+
+        The window (twice the worker count) keeps every worker busy on what the reader
+        needs without queueing the chunk list of a whole 100 GiB image; the reader's
+        wait_chunk() moves the window along.
+        """
+        stop = min(last + 1, first + 2 * self.concurrency, self.image.manifest.chunks)
+        self.plan.want(i for i in range(first, stop) if not self.image.has(i))
         self._changed.set()
 
-    async def wait_chunk(self, index: int) -> None:
-        """Return once chunk `index` can be read; raise if the fetch fails."""
+    async def wait_chunk(self, index: int, last: int | None = None) -> None:
+        """Return once chunk `index` can be read; raise if the fetch fails.
+
+        `last` is the last chunk the reader will want after this one (for read-ahead).
+        """
         if self.image.has(index):
             return
         if self.result.done():
@@ -154,8 +163,7 @@ class FetchJob:
             raise FetchFailed(f"fetch of {self.image_id} ended without chunk {index}")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(index, []).append(fut)
-        self.plan.want([index])
-        self._changed.set()
+        self.want(index, index if last is None else last)
         await fut
 
     async def wait_verified(self) -> None:
