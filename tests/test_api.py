@@ -23,6 +23,16 @@ async def status(client: TestClient, image_id: str) -> dict:
     return await resp.json()
 
 
+async def wait_chunks(client: TestClient, image_id: str, n: int) -> dict:
+    """Wait until at least n chunks of a running fetch are durable."""
+    for _ in range(500):
+        st = await status(client, image_id)
+        if st["chunks_present"] >= n:
+            return st
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{image_id} never had {n} chunks: {st}")
+
+
 async def wait_state(client: TestClient, image_id: str, *states: str) -> dict:
     for _ in range(500):
         st = await status(client, image_id)
@@ -128,10 +138,7 @@ async def test_range_on_partial_image(
     client = await daemon(origin={"concurrency": 1, "retries": 0})
     origin.faults.delay = 0.02
     await client.post("/v1/images/img/fetch")
-    for _ in range(300):
-        if (await status(client, "img"))["chunks_present"] >= 3:
-            break
-        await asyncio.sleep(0.01)
+    await wait_chunks(client, "img", 3)
     origin.faults.status = 503  # the origin dies: the fetch stops with a partial image
     st = await wait_state(client, "img", "failed")
     present = st["chunks_present"]
@@ -502,10 +509,7 @@ async def test_corrupt_chunk_on_disk_after_restart_is_never_served(
     first = await aiohttp_client(build_app(cfg))
     origin.faults.delay = 0.03
     await first.post("/v1/images/img/fetch")
-    for _ in range(300):
-        if (await status(first, "img"))["chunks_present"] >= 4:
-            break
-        await asyncio.sleep(0.01)
+    await wait_chunks(first, "img", 4)
     await first.close()  # shutdown cancels the fetch; durable chunks stay
     origin.faults.delay = 0
     with open(tmp_path / "cache" / "images" / "img" / "data", "r+b") as f:
@@ -545,10 +549,7 @@ async def test_image_replaced_at_origin_mid_fetch(
     client = await daemon(origin={"concurrency": 1, "retries": 0})
     origin.faults.delay = 0.03
     await client.post("/v1/images/img/fetch")
-    for _ in range(300):
-        if (await status(client, "img"))["chunks_present"] >= 2:
-            break
-        await asyncio.sleep(0.01)
+    await wait_chunks(client, "img", 2)
     new = images.add("img", SIZE, sidecar=False, seed=1)  # a new version, new mtime
     st = await wait_state(client, "img", "failed", "complete")
     assert st["state"] == "failed"
