@@ -300,3 +300,18 @@ def test_sha256_sidecar_formats() -> None:
     for bad in (b"", b"xyz  img", b"ab" * 31 + b"  img", b"ab" * 33):
         with pytest.raises(ValueError, match="sha256sum"):
             parse_sha256_sidecar(bad)
+
+
+def test_shipped_config_documents_every_key_with_its_default() -> None:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from swarmcache.config import SCHEMA, load_config
+
+    path = Path(__file__).parent.parent / "config" / "swarmcache.toml"
+    shipped = load_config(path, env={})
+    assert replace(shipped, source="x") == replace(build_config({}, {}, "x"), source="x")
+    import tomllib
+
+    raw = tomllib.loads(path.read_text())
+    assert {s: set(keys) for s, keys in raw.items()} == {s: set(k) for s, k in SCHEMA.items()}
