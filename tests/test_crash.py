@@ -89,3 +89,34 @@ async def test_restart_discards_unreadable_entries(
         assert not (images_dir / "junk").exists()
         async with session.get(d2.url + "/v1/images/img") as resp:
             assert await resp.read() == data
+
+
+async def test_sigterm_mid_fetch_stops_cleanly_and_keeps_chunks(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list
+) -> None:
+    data = images.add("img", SIZE)
+    origin.faults.delay = 0.02
+    d = await start_daemon_process(tmp_path, origin.url, extra="concurrency = 2\n")
+    daemon_processes.append(d)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(d.url + "/v1/images/img/fetch") as resp:
+            assert resp.status == 202
+        for _ in range(500):
+            st = await _status(session, d.url + "/v1/images/img/status")
+            if st["chunks_present"] >= 8:
+                break
+            await asyncio.sleep(0.01)
+        d.proc.terminate()
+        assert await asyncio.wait_for(d.proc.wait(), 15) == 0
+        log = (d.cache_dir / "images" / "img" / "chunks.log").read_bytes()
+        durable = {i for i, _ in decode_log(log, CHUNKS)}
+        assert len(durable) >= 8
+        assert "swarmcache stopping" in (tmp_path / "d.log").read_text()
+
+        origin.faults.delay = 0
+        origin.stats.requests.clear()
+        d2 = await start_daemon_process(tmp_path, origin.url, name="d")
+        daemon_processes.append(d2)
+        async with session.get(d2.url + "/v1/images/img") as resp:
+            assert await resp.read() == data
+        assert not durable & {o // CHUNK for o in origin.chunk_requests("img")}

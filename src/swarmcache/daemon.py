@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator, Iterable
 
 from aiohttp import web
@@ -76,17 +77,27 @@ def run(config: Config) -> None:
         level=config.daemon.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    log.info(
-        "swarmcache listening on http://%s (cache %s, origin %s)",
-        config.daemon.listen,
-        config.cache.dir,
-        config.origin.kind,
-    )
-    web.run_app(
-        build_app(config),
-        host=config.daemon.host,
-        port=config.daemon.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=5,
-    )
+    asyncio.run(serve(config))
+
+
+async def serve(config: Config) -> None:
+    """Start every part, listen, wait for SIGINT/SIGTERM, then stop in reverse order."""
+    runner = web.AppRunner(build_app(config), access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.daemon.host, config.daemon.port)
+        await site.start()
+        log.info(
+            "swarmcache listening on http://%s (cache %s, origin %s)",
+            config.daemon.listen,
+            config.cache.dir,
+            config.origin.kind,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("swarmcache stopping")
+    finally:
+        await runner.cleanup()
