@@ -187,18 +187,10 @@ async def get_image(request: web.Request) -> web.StreamResponse:
     image = store.get(image_id)
     head = request.method == "HEAD"
     job: FetchJob | None = None
-    if head and (image is None or not image.complete):
-        manifest = await fetcher.manifest_for(image_id)  # HEAD never starts a fetch
-    else:
-        if image is None or not image.complete:
-            m.cache_misses.inc()
-            job = await fetcher.start(image_id)
-            image = job.image if job is not None else store.get(image_id)
-            if image is None:
-                raise ImageNotFound(f"image {image_id!r} vanished from the cache")
-        else:
-            m.cache_hits.inc()
-        manifest = image.manifest
+    cached = image is not None and image.complete
+    # A cached manifest, or one from the origin's stat: enough to answer 304, 416 and
+    # HEAD without starting a fetch.
+    manifest = image.manifest if image is not None else await fetcher.manifest_for(image_id)
     size = manifest.size
     byte_range = parse_range(request.headers.get("Range"), size)
     if_range = request.headers.get("If-Range")
@@ -206,6 +198,16 @@ async def get_image(request: web.Request) -> web.StreamResponse:
         byte_range = None
     if request.headers.get("If-None-Match") == manifest.etag:
         return web.Response(status=304, headers={"ETag": manifest.etag})
+    if not head:
+        if cached:
+            m.cache_hits.inc()
+        else:
+            m.cache_misses.inc()
+            job = await fetcher.start(image_id, fresh=manifest if image is None else None)
+            image = job.image if job is not None else store.get(image_id)
+            if image is None:
+                raise ImageNotFound(f"image {image_id!r} vanished from the cache")
+            manifest = image.manifest
     start, end = byte_range if byte_range is not None else (0, size - 1)
     resp = web.StreamResponse(status=206 if byte_range is not None else 200)
     resp.content_type = "application/octet-stream"
@@ -266,6 +268,8 @@ async def _send_image(
                 await job.wait_chunk(index, end // manifest.chunk_size)
             if job is not None and index == last_chunk and not image.complete:
                 await job.wait_verified()
+            if job is not None:
+                job.raise_if_failed()  # a failed check stops every reader, not just the last
             # Send the whole run of chunks already present in one sendfile call.
             run_end = min(end, (index + 1) * manifest.chunk_size - 1)
             while run_end < end and (
@@ -278,11 +282,17 @@ async def _send_image(
             await sendfile(request, resp, f, pos, run_end - pos + 1)
             sent += run_end - pos + 1
             pos = run_end + 1
+        if job is not None:
+            job.raise_if_failed()
         await resp.write_eof()
         request.app[METRICS].bytes_served.inc(sent)
-    except SwarmcacheError as err:
-        # Headers are out: the only honest signal left is to cut the connection short.
-        log.error("read of %s aborted after headers: %s", image.image_id, err.detail)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception as err:
+        # Headers are out: the only honest signal left is to cut the connection short
+        # (never an error body inside the image bytes).
+        detail = err.detail if isinstance(err, SwarmcacheError) else repr(err)
+        log.error("read of %s aborted after headers: %s", image.image_id, detail)
         if request.transport is not None:
             request.transport.abort()
     finally:

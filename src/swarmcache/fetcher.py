@@ -43,6 +43,8 @@ from .store import CachedImage, Store
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_FAILURES = 1000  # failure records kept for the API; the oldest go first
+UNHASHED_BYTES = 64 * 1024 * 1024  # per job: chunks kept in memory for the hasher
+CHECK_BATCH = 16  # chunks re-checked per thread call when a fetch resumes
 
 
 class ChunkSource(Protocol):
@@ -138,6 +140,7 @@ class FetchJob:
             "rate_bytes_per_s": round(rate),
             "eta_s": round(left / rate, 1) if rate > 0 else None,
             "sources": dict(self.bytes_by_source),
+            "verified": self.verified.done() and self.verified.exception() is None,
         }
 
     def want(self, first: int, last: int) -> None:
@@ -166,6 +169,11 @@ class FetchJob:
         self.want(index, index if last is None else last)
         await fut
 
+    def raise_if_failed(self) -> None:
+        """Raise the fetch's failure, if it has failed (readers check between sends)."""
+        if self.result.done() and self.result.exception() is not None:
+            self.result.result()
+
     async def wait_verified(self) -> None:
         """Return once the whole image passed its checksum; raise if the fetch fails."""
         await asyncio.shield(self.verified)
@@ -174,8 +182,10 @@ class FetchJob:
         """The job's body: fetch, verify, make durable, mark complete. Sets `result`."""
         tasks: list[asyncio.Task[None]] = []
         try:
-            if self.image.present_chunks:
-                await self._resume_checked()
+            # Chunks logged before a restart are re-checked alongside the fetch of the rest.
+            unchecked = self.image.unchecked()
+            for index in unchecked:
+                self.plan.hold(index)
             tasks = [
                 asyncio.create_task(self._worker(), name=f"fetch-{self.image_id}-{n}")
                 for n in range(self.concurrency)
@@ -183,9 +193,10 @@ class FetchJob:
             workers: asyncio.Future[Any] = asyncio.gather(*tasks)
             hasher = asyncio.create_task(self._hasher(), name=f"hash-{self.image_id}")
             flusher = asyncio.create_task(self._flusher(), name=f"flush-{self.image_id}")
-            tasks += [hasher, flusher]
+            checker = asyncio.create_task(self._checker(unchecked), name=f"check-{self.image_id}")
+            tasks += [hasher, flusher, checker]
             # Until every chunk is in and hashed, the first failure of any part ends it.
-            pending: set[asyncio.Future[Any]] = {workers, hasher, flusher}
+            pending: set[asyncio.Future[Any]] = {workers, hasher, flusher, checker}
             while not (workers.done() and hasher.done()):
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for part in done:
@@ -214,8 +225,11 @@ class FetchJob:
             await asyncio.gather(
                 *(asyncio.wrap_future(f) for f in list(self._threads)), return_exceptions=True
             )
-            if self._unsynced:  # a failed or cancelled fetch keeps what it got
-                batch, self._unsynced = self._unsynced, []
+            # A failed or cancelled fetch keeps what it got (not after a failed sync:
+            # then the store forgot every unlogged chunk and has() filters them out).
+            batch = [i for i in self._unsynced if self.image.has(i)]
+            self._unsynced = []
+            if batch:
                 with contextlib.suppress(SwarmcacheError):
                     await self._thread(self.image.sync_chunks, batch)
 
@@ -226,15 +240,23 @@ class FetchJob:
         cf.add_done_callback(self._threads.discard)
         return await asyncio.wrap_future(cf)
 
-    async def _resume_checked(self) -> None:
-        """Re-check the chunks logged before a restart; the good ones count as done."""
-        for index in await self._thread(self.image.check_present):
-            log.warning("%s: chunk %d on disk is corrupt; fetching it again", self.image_id, index)
-            self.metrics.verification_failures.labels("chunk").inc()
-        for index in range(self.image.manifest.chunks):
-            if self.image.has(index):
-                self.plan.done(index)
-                self._wake(index)
+    async def _checker(self, unchecked: list[int]) -> None:
+        """Re-check chunks logged before a restart, in order; good ones become readable."""
+        for start in range(0, len(unchecked), CHECK_BATCH):
+            batch = unchecked[start : start + CHECK_BATCH]
+            bad = set(await self._thread(self.image.check_present, batch))
+            for index in batch:
+                if index in bad:
+                    log.warning(
+                        "%s: chunk %d on disk is corrupt; fetching it again", self.image_id, index
+                    )
+                    self.metrics.verification_failures.labels("chunk").inc()
+                    self.plan.failed(index)
+                else:
+                    self.plan.done(index)
+                    self._wake(index)
+            self._changed.set()
+            self._hash_wake.set()
 
     async def _worker(self) -> None:
         while not self.plan.finished:
@@ -279,7 +301,7 @@ class FetchJob:
         except SwarmcacheError:
             self.metrics.source_errors.labels(source.name).inc()
             raise
-        if len(self._unhashed) < 2 * self.concurrency:  # else the hasher reads the page cache
+        if (len(self._unhashed) + 1) * len(data) <= UNHASHED_BYTES:  # else: from the page cache
             self._unhashed[index] = data
         try:
             await self._thread(self._commit, index, data, manifest.digest(index))
@@ -362,6 +384,7 @@ class Fetcher:
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._purges: set[asyncio.Task[None]] = set()
+        self._reserved: dict[str, int] = {}  # bytes promised to fetches being set up
 
     def _lock(self, image_id: str) -> asyncio.Lock:
         """The lock that orders starting and removing one image's cache entry."""
@@ -387,8 +410,11 @@ class Fetcher:
             origin_validator=stat.validator,
         )
 
-    async def start(self, image_id: str) -> FetchJob | None:
-        """The running job for an image, started if needed; None if already complete."""
+    async def start(self, image_id: str, fresh: Manifest | None = None) -> FetchJob | None:
+        """The running job for an image, started if needed; None if already complete.
+
+        `fresh` is a manifest just built from the origin's stat, to save asking again.
+        """
         if image_id in self.jobs:
             return self.jobs[image_id]
         image = self.store.get(image_id)
@@ -401,7 +427,7 @@ class Fetcher:
         self._starting[image_id] = fut
         try:
             async with self._lock(image_id):
-                job = await self._start(image_id)
+                job = await self._start(image_id, fresh)
         except BaseException as err:
             if isinstance(err, SwarmcacheError) and not isinstance(err, ImageNotFound):
                 self._record_failure(image_id, err, None)
@@ -414,10 +440,10 @@ class Fetcher:
         finally:
             del self._starting[image_id]
 
-    async def _start(self, image_id: str) -> FetchJob | None:
+    async def _start(self, image_id: str, fresh: Manifest | None) -> FetchJob | None:
         if image_id in self.jobs:
             return self.jobs[image_id]
-        manifest = await self._origin_manifest(image_id)
+        manifest = fresh or await self._origin_manifest(image_id)
         image = self.store.get(image_id)
         if image is not None and image.complete:
             return None
@@ -436,7 +462,11 @@ class Fetcher:
             )
         self._evict(manifest.size - (image.present_bytes if image else 0), keep=image_id)
         if image is None:
-            image = await asyncio.to_thread(self.store.make_entry, manifest)
+            self._reserved[image_id] = manifest.size  # counted by _evict while we wait
+            try:
+                image = await asyncio.to_thread(self.store.make_entry, manifest)
+            finally:
+                del self._reserved[image_id]
             self.store.add(image)
         job = FetchJob(image, self.sources, self.metrics, self.concurrency, self.executor)
         self.jobs[image_id] = job
@@ -490,7 +520,7 @@ class Fetcher:
         """Evict for `incoming` bytes plus what every running fetch still has to write."""
         reserved = sum(
             j.image.manifest.size - j.image.present_bytes for i, j in self.jobs.items() if i != keep
-        )
+        ) + sum(n for i, n in self._reserved.items() if i != keep)
         in_use = set(self.jobs) | ({keep} if keep else set())
         trash = self.store.evict(in_use, incoming + reserved)
         self.metrics.evictions.inc(len(trash))

@@ -18,7 +18,9 @@ async def sendfile(
         raise ConnectionResetError("client went away")
     loop = asyncio.get_running_loop()
     try:
-        await loop.sendfile(transport, f, offset, count)
+        sent = await loop.sendfile(transport, f, offset, count)
+        if sent != count:
+            raise ConnectionResetError(f"sent {sent} of {count} bytes: the file is short")
     except NotImplementedError:  # e.g. TLS transports: fall back to reads
         done = 0
         while done < count:

@@ -68,6 +68,11 @@ class ChunkPlan:
             self.state[index] = DONE
             self.remaining -= 1
 
+    def hold(self, index: int) -> None:
+        """Keep workers off a MISSING chunk that something else settles (done or failed)."""
+        if self.state[index] == MISSING:
+            self.state[index] = INFLIGHT
+
     def lost(self, index: int) -> None:
         """A chunk thought DONE turned out bad on disk: it is MISSING again."""
         if self.state[index] == DONE:

@@ -9,11 +9,13 @@ Layout under cache.dir:
     images/<id>/meta          msgpack: pinned, hits, last access
     tmp/                      staging for new image dirs and for deletes (cleared at start)
 
-A chunk is written with pwrite + fdatasync *before* its log record is appended and
-fsynced, so after a crash at any moment every logged chunk is on disk; a chunk
-whose record did not make it is simply fetched again. An image becomes complete
-only when a full read-back matches every chunk digest and the origin's sha256; its
-manifest then carries all digests and the log is removed.
+A chunk is written with pwrite (readable from then on) and made durable by a group
+commit: fdatasync of the data file *before* the chunks' log records are appended
+and fsynced, so after a crash at any moment every logged chunk is on disk; a chunk
+whose record did not make it is simply fetched again. After a restart a logged
+chunk is re-checked against its digest before it is readable. An image becomes
+complete (after the fetcher checked its sha256) with a last fdatasync and an atomic
+manifest that carries all digests; the log is then removed.
 
 Blocking calls here are synchronous on purpose: the async callers run them in a
 thread (asyncio.to_thread), so this module stays free of event-loop concerns.
@@ -100,6 +102,7 @@ class CachedImage:
     readers: int = 0
     readable: bytearray = field(default_factory=bytearray)
     _bits_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _fd_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _fd: int | None = field(default=None, repr=False)
     _log_fd: int | None = field(default=None, repr=False)
 
@@ -189,6 +192,12 @@ class CachedImage:
                 view = view[os.write(self._log_fd, view) :]
             os.fdatasync(self._log_fd)
         except OSError as err:
+            # Linux reports a failed writeback once per file: after this, no later
+            # fdatasync can vouch for what was written before. Forget every chunk not
+            # yet logged (they are fetched again) and start over with a fresh fd.
+            with self._bits_lock:
+                self.readable[:] = self.bitmap
+            self.close()
             raise _storage_error(f"cannot make chunks of {self.image_id} durable", err) from err
         with self._bits_lock:
             for i in indices:
@@ -199,15 +208,23 @@ class CachedImage:
         offset, length = self.manifest.span(index)
         return os.pread(self._data_fd(), length, offset)
 
-    def check_present(self) -> list[int]:
-        """Re-check every logged chunk on disk; good ones become readable. Blocking.
+    def unchecked(self) -> list[int]:
+        """Chunks logged as durable but not yet re-checked in this run (after a restart)."""
+        return [
+            i
+            for i in range(self.manifest.chunks)
+            if bitmap_get(self.bitmap, i) and not bitmap_get(self.readable, i)
+        ]
+
+    def check_present(self, indices: list[int] | None = None) -> list[int]:
+        """Re-check logged chunks on disk; good ones become readable. Blocking.
 
         Used when a fetch resumes after a restart: a chunk logged before a crash
         must still hold the bytes its digest promises before it is served. Returns
         the bad chunks, which are forgotten (and fetched again).
         """
         bad = []
-        for index in range(self.manifest.chunks):
+        for index in self.unchecked() if indices is None else indices:
             if not bitmap_get(self.bitmap, index) or bitmap_get(self.readable, index):
                 continue
             ok = chunk_digest(self.read_chunk(index)) == self.manifest.digest(index)
@@ -251,16 +268,21 @@ class CachedImage:
 
     def close(self) -> None:
         """Close open file descriptors."""
-        for name in ("_fd", "_log_fd"):
-            fd = getattr(self, name)
-            if fd is not None:
-                os.close(fd)
-                setattr(self, name, None)
+        with self._fd_lock:
+            for name in ("_fd", "_log_fd"):
+                fd = getattr(self, name)
+                if fd is not None:
+                    os.close(fd)
+                    setattr(self, name, None)
 
     def _data_fd(self) -> int:
-        if self._fd is None:
-            self._fd = os.open(self.data_path, os.O_RDWR)
-        return self._fd
+        fd = self._fd
+        if fd is None:  # several I/O threads may get here at once: open exactly one
+            with self._fd_lock:
+                if self._fd is None:
+                    self._fd = os.open(self.data_path, os.O_RDWR)
+                fd = self._fd
+        return fd
 
 
 class Store:

@@ -63,7 +63,7 @@ class HttpOrigin(Origin):
             else:
                 self._check(resp, url, (200,))
                 size = resp.content_length
-                validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified") or ""
+                validator = _validator(resp)
         if size is None:
             async with self._request("GET", url, headers={"Range": "bytes=0-0"}) as resp:
                 self._check(resp, url, (206,))
@@ -73,7 +73,7 @@ class HttpOrigin(Origin):
                         f"{url}: no usable size in the origin's answer", retryable=False
                     )
                 size = int(m.group(3))
-                validator = resp.headers.get("ETag") or resp.headers.get("Last-Modified") or ""
+                validator = _validator(resp)
         sha256 = await self._sidecar(url) if self.config.checksum_sidecar else None
         return OriginImage(size=size, validator=validator, sha256=sha256)
 
@@ -181,3 +181,12 @@ class _Guarded:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self._cm.__aexit__(et, e, tb)
+
+
+def _validator(resp: aiohttp.ClientResponse) -> str:
+    """What names this version: a strong ETag (for If-Match), else Last-Modified
+    (for If-Unmodified-Since), else a weak ETag (compared only between fetches)."""
+    etag = resp.headers.get("ETag", "")
+    if etag.startswith('"'):
+        return etag
+    return resp.headers.get("Last-Modified") or etag
