@@ -680,3 +680,17 @@ async def test_concurrent_fetches_evict_for_each_other(
     origin.faults.delay = 0
     for name in ("a", "b"):
         await wait_state(client, name, "complete")
+
+
+async def test_failure_records_are_capped(daemon: DaemonFactory) -> None:
+    from swarmcache.api import FETCHER
+    from swarmcache.errors import OriginError
+    from swarmcache.fetcher import MAX_FAILURES
+
+    client = await daemon()
+    fetcher = client.app[FETCHER]
+    for n in range(MAX_FAILURES + 5):
+        fetcher._record_failure(f"img{n}", OriginError("down"), None)
+    assert len(fetcher.failures) == MAX_FAILURES
+    assert "img0" not in fetcher.failures
+    assert f"img{MAX_FAILURES + 4}" in fetcher.failures

@@ -315,3 +315,15 @@ def test_shipped_config_documents_every_key_with_its_default() -> None:
 
     raw = tomllib.loads(path.read_text())
     assert {s: set(keys) for s, keys in raw.items()} == {s: set(k) for s, k in SCHEMA.items()}
+
+
+def test_plan_hold_keeps_workers_off_until_settled() -> None:
+    plan = ChunkPlan(3)
+    plan.hold(0)
+    plan.hold(1)
+    assert plan.next() == 2
+    plan.failed(1)  # the check failed: fetch it
+    assert plan.next() == 1
+    plan.done(0)
+    assert plan.next() is None
+    assert plan.remaining == 2

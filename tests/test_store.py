@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -109,4 +110,81 @@ def test_full_disk_is_a_clear_error_and_keeps_what_was_written(tiny_fs: Path) ->
     store = Store(tiny_fs, 1 << 30)
     store.open()
     assert store.images["big"].present_chunks == written
+    store.close()
+
+
+def test_durability_order_data_then_log_then_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 cannot show a missing fsync (the page cache survives): record the calls."""
+    store = Store(tmp_path, 1 << 30)
+    store.open()
+    image = _new(store, Manifest("img", size=2 * CHUNK, chunk_size=CHUNK))
+    events: list[tuple[str, str]] = []
+    real_fdatasync, real_write, real_fsync, real_replace = (
+        os.fdatasync,
+        os.write,
+        os.fsync,
+        os.replace,
+    )
+
+    def name(fd: int) -> str:
+        return os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+
+    def fdatasync(fd: int) -> None:
+        events.append(("fdatasync", name(fd)))
+        real_fdatasync(fd)
+
+    def write(fd: int, data: bytes) -> int:
+        events.append(("write", name(fd)))
+        return real_write(fd, data)
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", name(fd)))
+        real_fsync(fd)
+
+    def replace(src: object, dst: object) -> None:
+        events.append(("rename", os.path.basename(str(dst))))
+        real_replace(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    for i in range(2):
+        image.write_chunk(i, _chunk(i), chunk_digest(_chunk(i)))
+    assert events == []  # written, not yet durable, not logged
+    image.sync_chunks([0, 1])
+    assert events[0] == ("fdatasync", "data")
+    assert events.index(("write", "chunks.log")) < events.index(("fdatasync", "chunks.log"))
+    assert image.present_chunks == 2
+    events.clear()
+    image.mark_complete(hashlib.sha256(_chunk(0) + _chunk(1)).hexdigest())
+    assert events[0] == ("fdatasync", "data")
+    assert events.index(("rename", "manifest")) > events.index(("fdatasync", "data"))
+    fsynced_tmp = [e for e in events if e[0] == "fsync" and e[1].startswith(".manifest")]
+    assert fsynced_tmp, events  # the new manifest was fsynced before the rename
+    store.close()
+
+
+def test_failed_sync_forgets_unlogged_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    store = Store(tmp_path, 1 << 30)
+    store.open()
+    image = _new(store, Manifest("img", size=3 * CHUNK, chunk_size=CHUNK))
+    image.write_chunk(0, _chunk(0), chunk_digest(_chunk(0)))
+    image.sync_chunks([0])
+    image.write_chunk(1, _chunk(1), chunk_digest(_chunk(1)))
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", eio)
+    with pytest.raises(StorageError, match="Input/output error"):
+        image.sync_chunks([1])
+    assert [image.has(i) for i in range(3)] == [True, False, False]
+    assert image.present_chunks == 1
     store.close()
