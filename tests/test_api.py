@@ -694,3 +694,68 @@ async def test_failure_records_are_capped(daemon: DaemonFactory) -> None:
     assert len(fetcher.failures) == MAX_FAILURES
     assert "img0" not in fetcher.failures
     assert f"img{MAX_FAILURES + 4}" in fetcher.failures
+
+
+async def test_client_going_away_and_cancelled_fetch_log_no_errors(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin, caplog: pytest.LogCaptureFixture
+) -> None:
+    import gc
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    images.add("big", 256 * CHUNK)
+    images.add("slow", SIZE)
+    client = await daemon()
+    await (await client.get("/v1/images/big")).read()
+    await wait_state(client, "big", "complete")
+    for _ in range(3):  # a reader that hangs up mid-stream
+        resp = await client.get("/v1/images/big")
+        await resp.content.read(CHUNK)
+        resp.close()
+    origin.faults.delay = 0.05
+    assert (await client.post("/v1/images/slow/fetch")).status == 202
+    assert (await client.delete("/v1/images/slow")).status == 200  # cancels the fetch
+    await asyncio.sleep(0.2)
+    gc.collect()  # "exception was never retrieved" is logged when a future is collected
+    await asyncio.sleep(0)
+    assert (await client.get("/healthz")).status == 200
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    assert any("fetch slow cancelled" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("header", ['"nope", {etag}', "W/{etag}", "*", "{etag}"])
+async def test_if_none_match_forms(daemon: DaemonFactory, images: ImageDir, header: str) -> None:
+    images.add("img", SIZE)
+    client = await daemon()
+    await (await client.get("/v1/images/img")).read()
+    etag = (await client.head("/v1/images/img")).headers["ETag"]
+    resp = await client.get("/v1/images/img", headers={"If-None-Match": header.format(etag=etag)})
+    assert resp.status == 304
+
+
+async def test_head_of_image_too_big_for_the_cache_is_507(
+    daemon: DaemonFactory, images: ImageDir
+) -> None:
+    images.add("huge", 5 * CHUNK)
+    client = await daemon(cache={"max_size": 4 * CHUNK})
+    assert (await client.head("/v1/images/huge")).status == 507
+
+
+async def test_origin_failures_are_listed_and_counted_for_get_too(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin
+) -> None:
+    images.add("img", SIZE)
+    (images.root / "img.sha256").write_text("not a checksum\\n")
+    client = await daemon()
+    resp = await client.get("/v1/images/img")
+    assert resp.status == 502
+    body = await resp.json()
+    assert body["error"] == "unusable origin answer"
+    sidecar_gets = [r for r in origin.stats.requests if r[1] == "img.sha256"]
+    assert len(sidecar_gets) == 1  # not retried: it will not get better
+    listing = (await (await client.get("/v1/images")).json())["images"]
+    assert [(i["id"], i["state"]) for i in listing] == [("img", "failed")]
+    assert set(listing[0]) >= {"chunk_size", "chunks_total", "sha256", "readers", "last_access"}
+    metrics = await (await client.get("/metrics")).text()
+    assert metric(metrics, "swarmcache_source_errors_total", source="origin") == 1

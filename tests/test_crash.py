@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from conftest import CHUNK, ImageDir, Origin, sha256, start_daemon_process
 from swarmcache.manifest import decode_log
@@ -106,12 +107,20 @@ async def test_sigterm_mid_fetch_stops_cleanly_and_keeps_chunks(
             if st["chunks_present"] >= 8:
                 break
             await asyncio.sleep(0.01)
+        reader = await session.get(d.url + "/v1/images/img")  # a client mid-stream
+        origin.faults.delay = 0.3  # the rest would take seconds: stopping must not wait
         d.proc.terminate()
         assert await asyncio.wait_for(d.proc.wait(), 15) == 0
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await reader.read()  # cut short, not completed during the stop
+        reader.release()
         log = (d.cache_dir / "images" / "img" / "chunks.log").read_bytes()
         durable = {i for i, _ in decode_log(log, CHUNKS)}
-        assert len(durable) >= 8
-        assert "swarmcache stopping" in (tmp_path / "d.log").read_text()
+        assert 8 <= len(durable) < CHUNKS
+        daemon_log = (tmp_path / "d.log").read_text()
+        assert "swarmcache stopping" in daemon_log
+        assert "fetch img cancelled" in daemon_log
+        assert "Traceback" not in daemon_log
 
         origin.faults.delay = 0
         origin.stats.requests.clear()

@@ -102,9 +102,21 @@ def describe(fetcher: Fetcher, image_id: str, *, progress: bool) -> dict[str, An
             sha256=m.sha256,
             origin_sha256=m.origin_sha256,
         )
-    else:
+    else:  # a failure with nothing cached: the same keys, nothing known
         assert failure is not None
-        out.update(size=failure.size, chunks_present=0, bytes=0, pinned=False)
+        out.update(
+            size=failure.size,
+            chunk_size=None,
+            chunks_present=0,
+            chunks_total=None,
+            bytes=0,
+            last_access=None,
+            hits=0,
+            pinned=False,
+            readers=0,
+            sha256=None,
+            origin_sha256=None,
+        )
     if failure is not None and out["state"] == "failed":
         out["error"] = {
             "error": failure.error.error,
@@ -155,7 +167,7 @@ async def set_pin(request: web.Request) -> web.Response:
     image_id = _image_id(request)
     image = request.app[STORE].get(image_id)
     if image is None:
-        raise ImageNotFound(f"image {image_id!r} is not in the cache; fetch it before pinning")
+        raise ImageNotFound(f"image {image_id!r} is not in the cache (only cached images pin)")
     image.pinned = request.method == "PUT"
     await asyncio.to_thread(image.save_meta)
     log.info("image %s %s", image_id, "pinned" if image.pinned else "unpinned")
@@ -196,8 +208,10 @@ async def get_image(request: web.Request) -> web.StreamResponse:
     if_range = request.headers.get("If-Range")
     if byte_range is not None and if_range is not None and if_range != manifest.etag:
         byte_range = None
-    if request.headers.get("If-None-Match") == manifest.etag:
+    if _etag_listed(request.headers.get("If-None-Match"), manifest.etag):
         return web.Response(status=304, headers={"ETag": manifest.etag})
+    if head and not cached:
+        request.app[FETCHER].check_fits(manifest)  # the same 507 a GET would get
     if not head:
         if cached:
             m.cache_hits.inc()
@@ -232,6 +246,14 @@ async def get_image(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+def _etag_listed(header: str | None, etag: str) -> bool:
+    """If-None-Match: "*" or a list of (possibly weak) entity tags, compared weakly."""
+    if not header:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in header.split(",")]
+    return "*" in tags or etag in tags
+
+
 def _save_meta_quietly(image: CachedImage) -> None:
     try:
         image.save_meta()
@@ -258,8 +280,8 @@ async def _send_image(
     try:
         if job is not None:
             job.want(start // manifest.chunk_size, end // manifest.chunk_size)
-        await resp.prepare(request)
         sent = 0
+        await resp.prepare(request)
         pos = start
         last_chunk = manifest.chunks - 1
         while pos <= end:
@@ -286,8 +308,11 @@ async def _send_image(
             job.raise_if_failed()
         await resp.write_eof()
         request.app[METRICS].bytes_served.inc(sent)
-    except (asyncio.CancelledError, ConnectionError):
-        raise
+    except ConnectionError:
+        # The client went away (a hypervisor dropping a connection is routine).
+        log.debug("client of %s went away after %d bytes", image.image_id, sent)
+        if request.transport is not None:
+            request.transport.abort()
     except Exception as err:
         # Headers are out: the only honest signal left is to cut the connection short
         # (never an error body inside the image bytes).

@@ -28,6 +28,7 @@ def build_app(config: Config) -> web.Application:
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_fetcher_ctx)
+    app.on_shutdown.append(_stop_fetches)
     add_routes(app)
     return app
 
@@ -57,6 +58,12 @@ async def _fetcher_ctx(app: web.Application) -> AsyncIterator[None]:
             resume.cancel()
             await asyncio.gather(resume, return_exceptions=True)
             await fetcher.close()
+
+
+async def _stop_fetches(app: web.Application) -> None:
+    # on_shutdown runs before aiohttp waits for open requests: readers waiting on a
+    # fetch are cut short at once instead of holding the stop for shutdown_timeout.
+    await app[FETCHER].cancel_all()
 
 
 def _state_metrics(fetcher: Fetcher) -> Iterable[Metric]:

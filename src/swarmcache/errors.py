@@ -71,6 +71,13 @@ class RangeNotSatisfiable(SwarmcacheError):
         self.size = size
 
 
+class ShuttingDown(SwarmcacheError):
+    """The daemon is stopping and starts no new fetch."""
+
+    status = 503
+    error = "shutting down"
+
+
 class OriginError(SwarmcacheError):
     """The origin store failed to deliver (after retries)."""
 
@@ -87,6 +94,24 @@ class OriginNotFound(OriginError, ImageNotFound):
 
     status = 404
     error = "image not found at origin"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, retryable=False)
+
+
+class OriginInvalid(OriginError):
+    """The origin answered something unusable (bad sidecar, wrong range, no Range support)."""
+
+    error = "unusable origin answer"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, retryable=False)
+
+
+class OriginChanged(OriginError):
+    """The image changed at the origin while it was being fetched (the next fetch restarts)."""
+
+    error = "image changed at origin"
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail, retryable=False)

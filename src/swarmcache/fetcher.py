@@ -31,6 +31,7 @@ from .errors import (
     ImageBusy,
     ImageNotFound,
     IntegrityError,
+    ShuttingDown,
     StorageError,
     SwarmcacheError,
 )
@@ -181,6 +182,7 @@ class FetchJob:
     async def run(self) -> None:
         """The job's body: fetch, verify, make durable, mark complete. Sets `result`."""
         tasks: list[asyncio.Task[None]] = []
+        workers: asyncio.Future[Any] | None = None
         try:
             # Chunks logged before a restart are re-checked alongside the fetch of the rest.
             unchecked = self.image.unchecked()
@@ -190,7 +192,7 @@ class FetchJob:
                 asyncio.create_task(self._worker(), name=f"fetch-{self.image_id}-{n}")
                 for n in range(self.concurrency)
             ]
-            workers: asyncio.Future[Any] = asyncio.gather(*tasks)
+            workers = asyncio.gather(*tasks)
             hasher = asyncio.create_task(self._hasher(), name=f"hash-{self.image_id}")
             flusher = asyncio.create_task(self._flusher(), name=f"flush-{self.image_id}")
             checker = asyncio.create_task(self._checker(unchecked), name=f"check-{self.image_id}")
@@ -220,6 +222,8 @@ class FetchJob:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if workers is not None and workers.done() and not workers.cancelled():
+                workers.exception()  # retrieved: the failure was handled above
             # Threads cannot be cancelled: wait for the ones still writing to this
             # image's files, so nobody closes or deletes them underneath.
             await asyncio.gather(
@@ -385,6 +389,7 @@ class Fetcher:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._purges: set[asyncio.Task[None]] = set()
         self._reserved: dict[str, int] = {}  # bytes promised to fetches being set up
+        self.stopping = False
 
     def _lock(self, image_id: str) -> asyncio.Lock:
         """The lock that orders starting and removing one image's cache entry."""
@@ -401,7 +406,14 @@ class Fetcher:
         return await self._origin_manifest(image_id)
 
     async def _origin_manifest(self, image_id: str) -> Manifest:
-        stat = await self.origin.stat(image_id)
+        try:
+            stat = await self.origin.stat(image_id)
+        except ImageNotFound:
+            raise
+        except SwarmcacheError as err:
+            self.metrics.source_errors.labels(self.origin.name).inc()
+            self._record_failure(image_id, err, None)
+            raise
         return Manifest(
             image_id=image_id,
             size=stat.size,
@@ -420,6 +432,8 @@ class Fetcher:
         image = self.store.get(image_id)
         if image is not None and image.complete:
             return None
+        if self.stopping:
+            raise ShuttingDown(f"the daemon is stopping; not starting a fetch of {image_id}")
         pending = self._starting.get(image_id)
         if pending is not None:  # single-flight: share the start (and its failure)
             return await asyncio.shield(pending)
@@ -455,11 +469,7 @@ class Fetcher:
             )
             self._purge(self.store.remove(image_id, force=True))
             image = None
-        if manifest.size > self.store.max_size:
-            raise StorageError(
-                f"image {image_id} ({manifest.size} bytes) is larger than "
-                f"cache.max_size ({self.store.max_size} bytes)"
-            )
+        self.check_fits(manifest)
         self._evict(manifest.size - (image.present_bytes if image else 0), keep=image_id)
         if image is None:
             self._reserved[image_id] = manifest.size  # counted by _evict while we wait
@@ -481,10 +491,26 @@ class Fetcher:
         )
         return job
 
+    def check_fits(self, manifest: Manifest) -> None:
+        """Raise StorageError (507) for an image that can never fit in cache.max_size."""
+        if manifest.size > self.store.max_size:
+            raise StorageError(
+                f"image {manifest.image_id} ({manifest.size} bytes) is larger than "
+                f"cache.max_size ({self.store.max_size} bytes)"
+            )
+
     async def _run(self, job: FetchJob) -> None:
         image_id = job.image_id
         try:
             await job.run()
+        except asyncio.CancelledError:
+            log.info(
+                "fetch %s cancelled after %.2fs: %d durable chunks kept",
+                image_id,
+                time.monotonic() - job.started,
+                job.image.present_chunks,
+            )
+            raise
         finally:
             self.jobs.pop(image_id, None)
             self._tasks.pop(image_id, None)
@@ -561,9 +587,16 @@ class Fetcher:
             except SwarmcacheError as err:
                 log.warning("cannot resume %s: %s", image_id, err.detail)
 
+    async def cancel_all(self) -> None:
+        """Start no more fetches; cancel every running one and wait until each stopped."""
+        self.stopping = True
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def close(self) -> None:
         """Cancel every running fetch, wait for it and for pending deletes, stop the pool."""
-        for task in list(self._tasks.values()):
-            task.cancel()
-        await asyncio.gather(*self._tasks.values(), *self._purges, return_exceptions=True)
+        await self.cancel_all()
+        await asyncio.gather(*self._purges, return_exceptions=True)
         self.executor.shutdown(wait=True)

@@ -52,7 +52,10 @@ class Metrics:
             registry=r,
         )
         self.source_errors = Counter(
-            "swarmcache_source_errors", "Failed chunk reads, by source", ["source"], registry=r
+            "swarmcache_source_errors",
+            "Failed reads from a source (after its retries), by source",
+            ["source"],
+            registry=r,
         )
         self.evictions = Counter(
             "swarmcache_evictions", "Images evicted to stay under max_size", registry=r

@@ -6,7 +6,7 @@ import asyncio
 import os
 from pathlib import Path
 
-from ..errors import OriginError, OriginNotFound
+from ..errors import OriginChanged, OriginError, OriginInvalid, OriginNotFound
 from ..manifest import validate_image_id
 from . import Origin, OriginImage, parse_sha256_sidecar
 
@@ -40,7 +40,7 @@ class DirectoryOrigin(Origin):
             try:
                 sha256 = parse_sha256_sidecar(sidecar.read_bytes())
             except (OSError, ValueError) as err:
-                raise OriginError(f"checksum sidecar {sidecar} is unusable: {err}") from err
+                raise OriginInvalid(f"checksum sidecar {sidecar} is unusable: {err}") from err
         return OriginImage(size=st.st_size, validator=_validator(st), sha256=sha256)
 
     async def _read(self, image_id: str, offset: int, length: int, validator: str) -> bytes:
@@ -56,9 +56,7 @@ class DirectoryOrigin(Origin):
             raise OriginError(f"cannot open {path}: {err.strerror}") from err
         try:
             if validator and validator != _validator(os.fstat(fd)):
-                raise OriginError(
-                    f"{path}: the image changed at the origin during the fetch", retryable=False
-                )
+                raise OriginChanged(f"{path}: the image changed at the origin during the fetch")
             parts = []
             got = 0
             while got < length:

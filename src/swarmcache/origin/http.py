@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from ..errors import OriginError, OriginNotFound, OriginTimeout
+from ..errors import OriginChanged, OriginError, OriginInvalid, OriginNotFound, OriginTimeout
 from ..manifest import validate_image_id
 from . import MAX_SIDECAR_BYTES, Origin, OriginImage, parse_sha256_sidecar
 
@@ -87,9 +87,7 @@ class HttpOrigin(Origin):
         try:
             return parse_sha256_sidecar(body)
         except ValueError as err:
-            raise OriginError(
-                f"checksum sidecar {sidecar} is unusable: {err}", retryable=False
-            ) from err
+            raise OriginInvalid(f"checksum sidecar {sidecar} is unusable: {err}") from err
 
     async def _read(self, image_id: str, offset: int, length: int, validator: str) -> bytes:
         url = self.describe(image_id)
@@ -103,17 +101,13 @@ class HttpOrigin(Origin):
             headers["If-Unmodified-Since"] = validator
         async with self._request("GET", url, headers=headers) as resp:
             if resp.status == 412:
-                raise OriginError(
-                    f"{url}: the image changed at the origin during the fetch", retryable=False
-                )
+                raise OriginChanged(f"{url}: the image changed at the origin during the fetch")
             self._check(resp, url, (200, 206))
             if resp.status == 200:
-                raise OriginError(
-                    f"{url}: origin ignores Range requests; swarmcache needs them", retryable=False
-                )
+                raise OriginInvalid(f"{url}: origin ignores Range requests; swarmcache needs them")
             m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
             if not m or int(m.group(1)) != offset or int(m.group(2)) != end:
-                raise OriginError(
+                raise OriginInvalid(
                     f"{url}: origin answered a different range "
                     f"({resp.headers.get('Content-Range')!r}) for {offset}-{end}"
                 )
@@ -135,7 +129,7 @@ class HttpOrigin(Origin):
                     return b"".join(parts)
                 parts.append(part)
                 got += len(part)
-            raise OriginError(f"{url}: body larger than {limit} bytes", retryable=False)
+            raise OriginInvalid(f"{url}: body larger than {limit} bytes")
         except asyncio.IncompleteReadError as err:
             raise OriginError(
                 f"{url}: connection closed after {len(err.partial)} of {limit} bytes"
