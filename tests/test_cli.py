@@ -176,3 +176,62 @@ def test_progress_bar_shows_percent_rate_and_eta() -> None:
     quiet = _Tty()
     Progress("img", quiet, enabled=False).update(1, 2, force=True)  # type: ignore[arg-type]
     assert quiet.text == ""
+
+
+@pytest.mark.parametrize("url", ["notaurl", "http://[::1", "127.0.0.1:7480", "http://x:99999"])
+async def test_bad_daemon_url_is_usage_error(url: str) -> None:
+    code, _, err = await swarmcache("--daemon", url, "ls")
+    assert code == 2
+    assert err.startswith("swarmcache: --daemon ")
+    assert "Traceback" not in err
+
+
+async def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
+    import os
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {
+            **os.environ,
+            "SWARMCACHE_DAEMON_LISTEN": f"127.0.0.1:{port}",
+            "SWARMCACHE_CACHE_DIR": str(tmp_path / "cache"),
+        }
+        code, _, err = await swarmcache("serve", env=env)
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{port} (daemon.listen)" in err
+    assert "Traceback" not in err
+
+
+async def test_sigterm_during_download_removes_the_part_file(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list
+) -> None:
+    images.add("slow", 2_000_000)
+    d = await start_daemon_process(tmp_path, origin.url)
+    daemon_processes.append(d)
+    origin.faults.delay = 0.05
+    out = tmp_path / "slow.img"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "swarmcache",
+        "--daemon",
+        d.url,
+        "fetch",
+        "slow",
+        "-o",
+        str(out),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    part = Path(str(out) + ".part")
+    for _ in range(500):
+        if part.exists():
+            break
+        await asyncio.sleep(0.01)
+    assert part.exists()
+    proc.terminate()
+    assert await asyncio.wait_for(proc.wait(), 30) == 130
+    assert not part.exists()
+    assert not out.exists()

@@ -327,3 +327,8 @@ def test_plan_hold_keeps_workers_off_until_settled() -> None:
     plan.done(0)
     assert plan.next() is None
     assert plan.remaining == 2
+
+
+def test_origin_url_must_be_http() -> None:
+    with pytest.raises(ConfigError, match="must start with http:// or https://"):
+        build_config({"origin": {"url": "ftp://x/{image_id}"}}, {}, "f.toml")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 import urllib.error
@@ -113,7 +114,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
             run(config)
             sys.exit(EXIT_OK)
-        client = Client(args.daemon or f"http://{config.daemon.listen}")
+        client = Client(_daemon_url(args.daemon, config.daemon.listen))
+        # SIGTERM like Ctrl-C: a download in progress removes its FILE.part
+        signal.signal(signal.SIGTERM, _interrupt)
         sys.exit(COMMANDS[args.command](client, args))
     except ConfigError as err:
         print(f"swarmcache: config error: {err.detail}", file=sys.stderr)
@@ -129,6 +132,29 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         sys.exit(EXIT_FAILED)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader of our stdout left (`ls | head`): no message, nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_FAILED if args.command == "fetch" else EXIT_OK)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _daemon_url(arg: str | None, listen: str) -> str:
+    """The daemon's base URL: --daemon, else http://<daemon.listen>; CliError if malformed."""
+    url = arg or f"http://{listen}"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as err:
+        raise CliError(f"--daemon {url!r} is not a URL: {err}", EXIT_USAGE) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CliError(
+            f"--daemon {url!r} is not an http:// URL (e.g. http://127.0.0.1:7480)", EXIT_USAGE
+        )
+    return url
 
 
 class Client:
@@ -300,23 +326,35 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         "id",
         "state",
         "size",
+        "chunk_size",
         "chunks_present",
         "chunks_total",
         "bytes",
         "hits",
+        "last_access",
         "pinned",
         "readers",
         "sha256",
         "origin_sha256",
     ):
         if key in data:
-            print(f"{key:15} {data[key]}")
+            print(f"{key:15} {_show(key, data[key])}")
     if "fetch" in data:
         for key, value in data["fetch"].items():
             print(f"{'fetch.' + key:15} {value}")
     if "error" in data:
         print(f"{'error':15} {data['error']['error']}: {data['error']['detail']}")
     return EXIT_FAILED if data["state"] == "failed" else EXIT_OK
+
+
+def _show(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key == "last_access":
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    return str(value)
 
 
 def cmd_evict(client: Client, args: argparse.Namespace) -> int:

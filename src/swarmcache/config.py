@@ -265,6 +265,8 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str], source: str) ->
     origin = values["origin"]
     if origin["kind"] == "http" and "{image_id}" not in origin["url"]:
         raise ConfigError(source, "origin.url", "must contain {image_id}")
+    if origin["kind"] == "http" and not origin["url"].startswith(("http://", "https://")):
+        raise ConfigError(source, "origin.url", "must start with http:// or https://")
     if origin["retries"] < 0:
         raise ConfigError(source, "origin.retries", "must not be negative")
     return Config(

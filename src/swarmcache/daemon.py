@@ -12,6 +12,7 @@ from prometheus_client.core import Metric
 
 from .api import FETCHER, METRICS, STORE, add_routes, error_middleware, image_state
 from .config import Config
+from .errors import StartupError
 from .fetcher import Fetcher
 from .metrics import Metrics, gauge
 from .origin import make_origin
@@ -93,7 +94,13 @@ async def serve(config: Config) -> None:
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.daemon.host, config.daemon.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as err:
+            reason = err.strerror or str(err)
+            raise StartupError(
+                f"cannot listen on {config.daemon.listen} (daemon.listen): {reason}"
+            ) from None
         log.info(
             "swarmcache listening on http://%s (cache %s, origin %s)",
             config.daemon.listen,

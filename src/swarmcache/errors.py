@@ -33,6 +33,12 @@ class ConfigError(SwarmcacheError, ValueError):
         self.problem = problem
 
 
+class StartupError(SwarmcacheError):
+    """The daemon cannot start (its address is taken or cannot be resolved)."""
+
+    error = "cannot start"
+
+
 class BadRequest(SwarmcacheError, ValueError):
     """A request is malformed (bad image id, bad parameter)."""
 
