@@ -759,3 +759,23 @@ async def test_origin_failures_are_listed_and_counted_for_get_too(
     assert set(listing[0]) >= {"chunk_size", "chunks_total", "sha256", "readers", "last_access"}
     metrics = await (await client.get("/metrics")).text()
     assert metric(metrics, "swarmcache_source_errors_total", source="origin") == 1
+
+
+async def test_restart_with_smaller_max_size_evicts(
+    aiohttp_client, tmp_path: Path, images: ImageDir, origin: Origin
+) -> None:
+    from conftest import make_config
+    from swarmcache.daemon import build_app
+
+    for name in ("a", "b"):
+        images.add(name, 4 * CHUNK)
+    big = make_config(tmp_path, {"origin": {"url": origin.url}})
+    first = await aiohttp_client(build_app(big))
+    for name in ("a", "b"):
+        await (await first.get(f"/v1/images/{name}")).read()
+        await wait_state(first, name, "complete")
+    await first.close()
+    small = make_config(tmp_path, {"origin": {"url": origin.url}, "cache": {"max_size": 5 * CHUNK}})
+    second = await aiohttp_client(build_app(small))
+    listing = (await (await second.get("/v1/images")).json())["images"]
+    assert [i["id"] for i in listing] == ["b"]  # a was read least recently

@@ -40,7 +40,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(store.open)
     app[STORE] = store
     yield
-    store.close()
+    await asyncio.to_thread(store.close)
 
 
 async def _fetcher_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -52,6 +52,7 @@ async def _fetcher_ctx(app: web.Application) -> AsyncIterator[None]:
         )
         app[FETCHER] = fetcher
         metrics.add_state_collector(lambda: _state_metrics(fetcher))
+        fetcher.evict_now()  # max_size may have shrunk since the last run
         resume = asyncio.create_task(fetcher.resume_partial(), name="resume-partial")
         try:
             yield

@@ -553,6 +553,10 @@ class Fetcher:
         for path in trash:
             self._purge(path)
 
+    def evict_now(self) -> None:
+        """Bring the cache under max_size now (at start-up)."""
+        self._evict(0)
+
     def _purge(self, path: Path) -> None:
         """Delete a removed entry's files in a thread, tracked until done."""
         task = asyncio.create_task(asyncio.to_thread(self.store.purge, path))
