@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -15,6 +16,20 @@ from aiohttp.test_utils import TestClient
 from conftest import CHUNK, DaemonFactory, ImageDir, Origin, metric, sha256
 
 SIZE = 17 * CHUNK + 123  # 18 chunks, the last one short
+
+
+async def daemon_for_origin(
+    aiohttp_client, aiohttp_server, tmp_path: Path, handler: Callable[..., Awaitable[object]]
+) -> TestClient:
+    """An in-process daemon whose origin is `handler` at /images/{name}."""
+    from conftest import make_config
+    from swarmcache.daemon import build_app
+
+    app = web.Application()
+    app.router.add_get("/images/{name}", handler)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("/images/")) + "{image_id}"
+    return await aiohttp_client(build_app(make_config(tmp_path, {"origin": {"url": url}})))
 
 
 async def status(client: TestClient, image_id: str) -> dict:
@@ -439,19 +454,13 @@ async def test_empty_image(daemon: DaemonFactory, images: ImageDir) -> None:
 async def test_origin_without_range_support_is_a_clear_error(
     aiohttp_client, aiohttp_server, tmp_path: Path
 ) -> None:
-    from conftest import make_config
-    from swarmcache.daemon import build_app
 
     async def whole(request: web.Request) -> web.Response:
         if request.match_info["name"].endswith(".sha256"):
             raise web.HTTPNotFound()
         return web.Response(body=b"x" * 1000)
 
-    app = web.Application()
-    app.router.add_get("/images/{name}", whole)
-    server = await aiohttp_server(app)
-    url = str(server.make_url("/images/")) + "{image_id}"
-    client = await aiohttp_client(build_app(make_config(tmp_path, {"origin": {"url": url}})))
+    client = await daemon_for_origin(aiohttp_client, aiohttp_server, tmp_path, whole)
     resp = await client.get("/v1/images/img")
     assert resp.status == 200
     with pytest.raises(aiohttp.ClientPayloadError):
@@ -560,8 +569,6 @@ async def test_empty_image_with_wrong_checksum_is_not_served(
 async def test_sidecar_sent_in_pieces_is_read_whole(
     aiohttp_client, aiohttp_server, tmp_path: Path
 ) -> None:
-    from conftest import make_config
-    from swarmcache.daemon import build_app
 
     body = b"x" * 1000
     line = hashlib.sha256(body).hexdigest().encode() + b"  img\n"
@@ -576,11 +583,7 @@ async def test_sidecar_sent_in_pieces_is_read_whole(
             return resp
         return web.Response(body=body)
 
-    app = web.Application()
-    app.router.add_get("/images/{name}", handler)
-    server = await aiohttp_server(app)
-    url = str(server.make_url("/images/")) + "{image_id}"
-    client = await aiohttp_client(build_app(make_config(tmp_path, {"origin": {"url": url}})))
+    client = await daemon_for_origin(aiohttp_client, aiohttp_server, tmp_path, handler)
     resp = await client.head("/v1/images/img")
     assert resp.status == 200
     assert resp.headers["Content-Length"] == "1000"
