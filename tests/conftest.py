@@ -115,6 +115,13 @@ def make_config(tmp_path: Path, raw: dict[str, Any] | None = None) -> Config:
 DaemonFactory = Callable[..., Awaitable[TestClient]]
 
 
+async def serve_app(
+    aiohttp_client: Callable[..., Awaitable[TestClient]], config: Config
+) -> TestClient:
+    """An in-process daemon served as `swarmcache serve` does (handlers end when clients go)."""
+    return await aiohttp_client(build_app(config), server_kwargs={"handler_cancellation": True})
+
+
 @pytest.fixture
 def daemon(
     aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_path: Path, origin: Origin
@@ -125,7 +132,7 @@ def daemon(
         raw: dict[str, dict[str, Any]] = {"origin": {"kind": "http", "url": origin.url}}
         for section, values in sections.items():
             raw.setdefault(section, {}).update(values)
-        return await aiohttp_client(build_app(make_config(tmp_path, raw)))
+        return await serve_app(aiohttp_client, make_config(tmp_path, raw))
 
     return start
 

@@ -22,14 +22,13 @@ async def daemon_for_origin(
     aiohttp_client, aiohttp_server, tmp_path: Path, handler: Callable[..., Awaitable[object]]
 ) -> TestClient:
     """An in-process daemon whose origin is `handler` at /images/{name}."""
-    from conftest import make_config
-    from swarmcache.daemon import build_app
+    from conftest import make_config, serve_app
 
     app = web.Application()
     app.router.add_get("/images/{name}", handler)
     server = await aiohttp_server(app)
     url = str(server.make_url("/images/")) + "{image_id}"
-    return await aiohttp_client(build_app(make_config(tmp_path, {"origin": {"url": url}})))
+    return await serve_app(aiohttp_client, make_config(tmp_path, {"origin": {"url": url}}))
 
 
 async def status(client: TestClient, image_id: str) -> dict:
@@ -91,12 +90,11 @@ async def test_cold_fetch_then_warm_hit(
 
 
 async def test_directory_origin(aiohttp_client, tmp_path: Path, images: ImageDir) -> None:
-    from conftest import make_config
-    from swarmcache.daemon import build_app
+    from conftest import make_config, serve_app
 
     data = images.add("disk.img", SIZE)
     cfg = make_config(tmp_path, {"origin": {"kind": "directory", "path": str(images.root)}})
-    client = await aiohttp_client(build_app(cfg))
+    client = await serve_app(aiohttp_client, cfg)
     resp = await client.get("/v1/images/disk.img")
     assert await resp.read() == data
     st = await wait_state(client, "disk.img", "complete")
@@ -289,11 +287,10 @@ async def test_origin_404(daemon: DaemonFactory, origin: Origin) -> None:
 
 
 async def test_origin_down_is_502(aiohttp_client, tmp_path: Path) -> None:
-    from conftest import free_port, make_config
-    from swarmcache.daemon import build_app
+    from conftest import free_port, make_config, serve_app
 
     url = f"http://127.0.0.1:{free_port()}/images/{{image_id}}"
-    client = await aiohttp_client(build_app(make_config(tmp_path, {"origin": {"url": url}})))
+    client = await serve_app(aiohttp_client, make_config(tmp_path, {"origin": {"url": url}}))
     resp = await client.get("/v1/images/img")
     assert resp.status == 502
     body = await resp.json()
@@ -474,12 +471,11 @@ async def test_full_disk_fails_clearly_and_keeps_durable_chunks(
 ) -> None:
     import subprocess
 
-    from conftest import make_config
-    from swarmcache.daemon import build_app
+    from conftest import make_config, serve_app
 
     data = images.add("img", 16 * CHUNK)  # 1 MiB on a 512 KiB filesystem
     cfg = make_config(tiny_fs, {"origin": {"url": origin.url}})
-    client = await aiohttp_client(build_app(cfg))
+    client = await serve_app(aiohttp_client, cfg)
     assert (await client.post("/v1/images/img/fetch")).status == 202
     st = await wait_state(client, "img", "failed")
     assert st["error"]["error"] == "cache storage error"
@@ -499,12 +495,11 @@ async def test_full_disk_fails_clearly_and_keeps_durable_chunks(
 async def test_corrupt_chunk_on_disk_after_restart_is_never_served(
     aiohttp_client, tmp_path: Path, images: ImageDir, origin: Origin
 ) -> None:
-    from conftest import make_config
-    from swarmcache.daemon import build_app
+    from conftest import make_config, serve_app
 
     data = images.add("img", SIZE)
     cfg = make_config(tmp_path, {"origin": {"url": origin.url, "concurrency": 1}})
-    first = await aiohttp_client(build_app(cfg))
+    first = await serve_app(aiohttp_client, cfg)
     origin.faults.delay = 0.03
     await first.post("/v1/images/img/fetch")
     await wait_chunks(first, "img", 4)
@@ -513,7 +508,7 @@ async def test_corrupt_chunk_on_disk_after_restart_is_never_served(
     with open(tmp_path / "cache" / "images" / "img" / "data", "r+b") as f:
         f.write(b"\xff" * 16)  # chunk 0, logged as good, now rotten
 
-    second = await aiohttp_client(build_app(cfg))
+    second = await serve_app(aiohttp_client, cfg)
     origin.stats.requests.clear()
     resp = await second.get("/v1/images/img")
     assert resp.status == 200
@@ -767,18 +762,186 @@ async def test_origin_failures_are_listed_and_counted_for_get_too(
 async def test_restart_with_smaller_max_size_evicts(
     aiohttp_client, tmp_path: Path, images: ImageDir, origin: Origin
 ) -> None:
-    from conftest import make_config
-    from swarmcache.daemon import build_app
+    from conftest import make_config, serve_app
 
     for name in ("a", "b"):
         images.add(name, 4 * CHUNK)
     big = make_config(tmp_path, {"origin": {"url": origin.url}})
-    first = await aiohttp_client(build_app(big))
+    first = await serve_app(aiohttp_client, big)
     for name in ("a", "b"):
         await (await first.get(f"/v1/images/{name}")).read()
         await wait_state(first, name, "complete")
     await first.close()
     small = make_config(tmp_path, {"origin": {"url": origin.url}, "cache": {"max_size": 5 * CHUNK}})
-    second = await aiohttp_client(build_app(small))
+    second = await serve_app(aiohttp_client, small)
     listing = (await (await second.get("/v1/images")).json())["images"]
     assert [i["id"] for i in listing] == ["b"]  # a was read least recently
+
+
+async def test_image_replaced_by_another_size_while_partial(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin
+) -> None:
+    images.add("img", SIZE, sidecar=False)
+    client = await daemon(origin={"concurrency": 1, "retries": 0})
+    origin.faults.delay = 0.02
+    await client.post("/v1/images/img/fetch")
+    await wait_chunks(client, "img", 3)
+    origin.faults.status = 503
+    await wait_state(client, "img", "failed")
+    origin.faults.status = None
+    origin.faults.delay = 0
+    for new_size in (SIZE + 100, SIZE - CHUNK - 5):
+        new = images.add("img", new_size, sidecar=False, seed=new_size)
+        resp = await client.get("/v1/images/img")
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == str(new_size)
+        assert await resp.read() == new
+        await wait_state(client, "img", "complete")
+        assert (await client.delete("/v1/images/img")).status == 200
+        await (await client.get("/v1/images/img", headers={"Range": "bytes=0-0"})).read()
+        origin.faults.status = 503  # leave a partial copy of this version for the next round
+        await wait_state(client, "img", "failed", "complete")
+        origin.faults.status = None
+
+
+def _ranged(body: bytes, **extra: str) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """An origin handler that answers HEAD and one Range, with extra headers."""
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.match_info["name"].endswith(".sha256"):
+            raise web.HTTPNotFound()
+        rng = request.headers.get("Range")
+        if request.method == "HEAD" or not rng:
+            return web.Response(body=body, headers={"ETag": '"v1"'})
+        first, last = (int(x) for x in rng.split("=")[1].split("-"))
+        headers = {"Content-Range": f"bytes {first}-{last}/{len(body)}", "ETag": '"v1"'}
+        return web.Response(status=206, body=body[first : last + 1], headers={**headers, **extra})
+
+    return handler
+
+
+async def test_compressed_origin_answer_is_refused(
+    aiohttp_client, aiohttp_server, tmp_path: Path
+) -> None:
+    handler = _ranged(b"x" * 1000, **{"Content-Encoding": "gzip"})
+    client = await daemon_for_origin(aiohttp_client, aiohttp_server, tmp_path, handler)
+    resp = await client.get("/v1/images/img")
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    st = await wait_state(client, "img", "failed")
+    assert st["error"]["error"] == "unusable origin answer"
+    assert "gzip" in st["error"]["detail"]
+
+
+async def test_range_total_disagreeing_with_head_is_a_changed_image(
+    aiohttp_client, aiohttp_server, tmp_path: Path
+) -> None:
+    body = b"y" * 1000
+
+    async def handler(request: web.Request) -> web.Response:
+        if request.match_info["name"].endswith(".sha256"):
+            raise web.HTTPNotFound()
+        if request.method == "HEAD":
+            return web.Response(body=body[:900], headers={"ETag": '"v1"'})  # says 900
+        first, last = (int(x) for x in request.headers["Range"].split("=")[1].split("-"))
+        return web.Response(
+            status=206,
+            body=body[first : last + 1],
+            headers={"Content-Range": f"bytes {first}-{last}/1000", "ETag": '"v1"'},
+        )
+
+    client = await daemon_for_origin(aiohttp_client, aiohttp_server, tmp_path, handler)
+    await client.post("/v1/images/img/fetch")
+    st = await wait_state(client, "img", "failed")
+    assert st["error"]["error"] == "image changed at origin"
+
+
+async def test_trickling_origin_times_out(aiohttp_client, aiohttp_server, tmp_path: Path) -> None:
+    from conftest import make_config, serve_app
+
+    body = b"z" * CHUNK
+
+    async def trickle(request: web.Request) -> web.StreamResponse:
+        if request.match_info["name"].endswith(".sha256"):
+            raise web.HTTPNotFound()
+        if request.method == "HEAD":
+            return web.Response(body=body)
+        resp = web.StreamResponse(status=206)
+        resp.content_length = CHUNK
+        resp.headers["Content-Range"] = f"bytes 0-{CHUNK - 1}/{CHUNK}"
+        await resp.prepare(request)
+        for _ in range(200):  # a byte every 20 ms: never silent long enough for read_timeout
+            await resp.write(b"z")
+            await asyncio.sleep(0.02)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/images/{name}", trickle)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("/images/")) + "{image_id}"
+    origin_cfg = {
+        "url": url,
+        "retries": 0,
+        "connect_timeout": "100ms",
+        "read_timeout": "200ms",
+        "min_rate": "1MiB",
+    }
+    client = await serve_app(aiohttp_client, make_config(tmp_path, {"origin": origin_cfg}))
+    await client.post("/v1/images/img/fetch")
+    st = await wait_state(client, "img", "failed")
+    assert st["error"]["error"] == "origin timeout"
+    assert "origin.min_rate" in st["error"]["detail"]
+
+
+async def test_retry_after_is_honoured(aiohttp_client, aiohttp_server, tmp_path: Path) -> None:
+    import time
+
+    from conftest import make_config, serve_app
+
+    body = b"r" * 1000
+    ranged = _ranged(body)
+    ready_at = time.monotonic() + 0.5
+
+    async def busy_then_fine(request: web.Request) -> web.Response:
+        if time.monotonic() < ready_at:
+            return web.Response(status=503, headers={"Retry-After": "1"})
+        return await ranged(request)
+
+    app = web.Application()
+    app.router.add_get("/images/{name}", busy_then_fine)
+    server = await aiohttp_server(app)
+    url = str(server.make_url("/images/")) + "{image_id}"
+    cfg = make_config(tmp_path, {"origin": {"url": url, "retries": 1, "retry_backoff": "10ms"}})
+    client = await serve_app(aiohttp_client, cfg)
+    resp = await client.get("/v1/images/img")
+    assert resp.status == 200
+    assert await resp.read() == body
+
+
+async def test_client_hanging_up_stops_being_a_reader(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin
+) -> None:
+    images.add("img", SIZE)
+    client = await daemon(origin={"concurrency": 1})
+    origin.faults.delay = 0.1
+    resp = await client.get("/v1/images/img")
+    assert resp.status == 200
+    assert (await status(client, "img"))["readers"] == 1
+    resp.close()  # the hypervisor gives up
+    for _ in range(200):
+        if (await status(client, "img"))["readers"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert (await client.delete("/v1/images/img")).status == 200
+
+
+async def test_concurrent_first_reads_ask_the_origin_once(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin
+) -> None:
+    data = images.add("img", SIZE)
+    client = await daemon()
+    origin.faults.delay = 0.05
+    bodies = await asyncio.gather(*(_read(client, "/v1/images/img") for _ in range(10)))
+    assert all(b == data for b in bodies)
+    sidecar_gets = [r for r in origin.stats.requests if r[1] == "img.sha256"]
+    assert len(sidecar_gets) == 1

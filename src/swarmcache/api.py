@@ -203,11 +203,7 @@ async def get_image(request: web.Request) -> web.StreamResponse:
     # A cached manifest, or one from the origin's stat: enough to answer 304, 416 and
     # HEAD without starting a fetch.
     manifest = image.manifest if image is not None else await fetcher.manifest_for(image_id)
-    size = manifest.size
-    byte_range = parse_range(request.headers.get("Range"), size)
-    if_range = request.headers.get("If-Range")
-    if byte_range is not None and if_range is not None and if_range != manifest.etag:
-        byte_range = None
+    byte_range = _requested_range(request, manifest)
     if _etag_listed(request.headers.get("If-None-Match"), manifest.etag):
         return web.Response(status=304, headers={"ETag": manifest.etag})
     if head and not cached:
@@ -221,7 +217,12 @@ async def get_image(request: web.Request) -> web.StreamResponse:
             image = job.image if job is not None else store.get(image_id)
             if image is None:
                 raise ImageNotFound(f"image {image_id!r} vanished from the cache")
-            manifest = image.manifest
+            if image.manifest is not manifest:
+                # The fetch found a new version at the origin (or another request won
+                # the start): every header comes from the manifest that will be served.
+                manifest = image.manifest
+                byte_range = _requested_range(request, manifest)
+    size = manifest.size
     start, end = byte_range if byte_range is not None else (0, size - 1)
     resp = web.StreamResponse(status=206 if byte_range is not None else 200)
     resp.content_type = "application/octet-stream"
@@ -246,6 +247,15 @@ async def get_image(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+def _requested_range(request: web.Request, manifest: Manifest) -> tuple[int, int] | None:
+    """The byte range to send (None: all); 416 if it selects nothing; If-Range honoured."""
+    byte_range = parse_range(request.headers.get("Range"), manifest.size)
+    if_range = request.headers.get("If-Range")
+    if byte_range is not None and if_range is not None and if_range != manifest.etag:
+        return None
+    return byte_range
+
+
 def _etag_listed(header: str | None, etag: str) -> bool:
     """If-None-Match: "*" or a list of (possibly weak) entity tags, compared weakly."""
     if not header:
@@ -255,6 +265,8 @@ def _etag_listed(header: str | None, etag: str) -> bool:
 
 
 def _save_meta_quietly(image: CachedImage) -> None:
+    if not image.path.exists():  # removed meanwhile (evicted, deleted, failed its check)
+        return
     try:
         image.save_meta()
     except SwarmcacheError as err:  # stats only: never fail a read over them

@@ -157,6 +157,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
         "retry_backoff": (parse_duration, 0.5),
         "connect_timeout": (_positive(parse_duration), 5.0),
         "read_timeout": (_positive(parse_duration), 30.0),
+        "min_rate": (_positive(parse_size), parse_size("1MiB")),
         "checksum_sidecar": (_parse_bool, True),
     },
 }
@@ -204,6 +205,7 @@ class OriginConfig:
     retry_backoff: float = 0.5
     connect_timeout: float = 5.0
     read_timeout: float = 30.0
+    min_rate: int = 1024**2
     checksum_sidecar: bool = True
 
 

@@ -91,7 +91,11 @@ def run(config: Config) -> None:
 
 async def serve(config: Config) -> None:
     """Start every part, listen, wait for SIGINT/SIGTERM, then stop in reverse order."""
-    runner = web.AppRunner(build_app(config), access_log=None, shutdown_timeout=5)
+    # handler_cancellation: a client that hangs up stops its handler, so it no longer
+    # counts as a reader (which would block DELETE and eviction) or waits on a fetch.
+    runner = web.AppRunner(
+        build_app(config), access_log=None, shutdown_timeout=5, handler_cancellation=True
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, config.daemon.host, config.daemon.port)

@@ -90,9 +90,12 @@ class OriginError(SwarmcacheError):
     status = 502
     error = "origin unavailable"
 
-    def __init__(self, detail: str, *, retryable: bool = True) -> None:
+    def __init__(
+        self, detail: str, *, retryable: bool = True, retry_after: float | None = None
+    ) -> None:
         super().__init__(detail)
         self.retryable = retryable
+        self.retry_after = retry_after  # seconds the origin asked us to wait, if it did
 
 
 class OriginNotFound(OriginError, ImageNotFound):

@@ -20,7 +20,7 @@ import logging
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +69,9 @@ class OriginSource:
     async def read_chunk(self, manifest: Manifest, index: int) -> bytes:
         """Read the chunk's byte range from the origin (retries inside)."""
         offset, length = manifest.span(index)
-        return await self.origin.read(manifest.image_id, offset, length, manifest.origin_validator)
+        return await self.origin.read(
+            manifest.image_id, offset, length, manifest.origin_validator, manifest.size
+        )
 
 
 @dataclass
@@ -162,6 +164,8 @@ class FetchJob:
         """
         if self.image.has(index):
             return
+        if not 0 <= index < self.image.manifest.chunks:
+            raise FetchFailed(f"{self.image_id} has no chunk {index}")
         if self.result.done():
             self.result.result()  # raises the failure
             raise FetchFailed(f"fetch of {self.image_id} ended without chunk {index}")
@@ -218,6 +222,7 @@ class FetchJob:
             self._fail(FetchFailed(f"fetch of {self.image_id} crashed: {err!r}"))
         else:
             self.result.set_result(None)
+            self._fail(FetchFailed(f"fetch of {self.image_id} ended"))  # no waiter left behind
         finally:
             for t in tasks:
                 t.cancel()
@@ -384,7 +389,8 @@ class Fetcher:
         self.executor = ThreadPoolExecutor(
             max_workers=concurrency + 4, thread_name_prefix="swarmcache-io"
         )
-        self._starting: dict[str, asyncio.Future[FetchJob | None]] = {}
+        self._starting: dict[str, asyncio.Task[Any]] = {}
+        self._stats: dict[str, asyncio.Task[Any]] = {}
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._purges: set[asyncio.Task[None]] = set()
@@ -403,7 +409,8 @@ class Fetcher:
         image = self.store.get(image_id)
         if image is not None:
             return image.manifest
-        return await self._origin_manifest(image_id)
+        # single-flight: concurrent first readers of an image ask the origin once
+        return await self._shared(self._stats, image_id, lambda: self._origin_manifest(image_id))
 
     async def _origin_manifest(self, image_id: str) -> Manifest:
         try:
@@ -422,6 +429,29 @@ class Fetcher:
             origin_validator=stat.validator,
         )
 
+    async def _shared(
+        self,
+        table: dict[str, asyncio.Task[Any]],
+        image_id: str,
+        make: Callable[[], Coroutine[Any, Any, T]],
+    ) -> T:
+        """Run make() once per image however many callers wait; a caller that goes away
+        (a client hanging up) does not cancel it for the others."""
+        task = table.get(image_id)
+        if task is None:
+            task = asyncio.create_task(make(), name=f"shared-{image_id}")
+            table[image_id] = task
+
+            def done(t: asyncio.Task[Any]) -> None:
+                if table.get(image_id) is t:
+                    del table[image_id]
+                if not t.cancelled():
+                    t.exception()  # retrieved, even if every caller went away
+
+            task.add_done_callback(done)
+        result: T = await asyncio.shield(task)
+        return result
+
     async def start(self, image_id: str, fresh: Manifest | None = None) -> FetchJob | None:
         """The running job for an image, started if needed; None if already complete.
 
@@ -434,25 +464,18 @@ class Fetcher:
             return None
         if self.stopping:
             raise ShuttingDown(f"the daemon is stopping; not starting a fetch of {image_id}")
-        pending = self._starting.get(image_id)
-        if pending is not None:  # single-flight: share the start (and its failure)
-            return await asyncio.shield(pending)
-        fut: asyncio.Future[FetchJob | None] = asyncio.get_running_loop().create_future()
-        self._starting[image_id] = fut
+        return await self._shared(
+            self._starting, image_id, lambda: self._start_locked(image_id, fresh)
+        )
+
+    async def _start_locked(self, image_id: str, fresh: Manifest | None) -> FetchJob | None:
         try:
             async with self._lock(image_id):
-                job = await self._start(image_id, fresh)
-        except BaseException as err:
-            if isinstance(err, SwarmcacheError) and not isinstance(err, ImageNotFound):
+                return await self._start(image_id, fresh)
+        except SwarmcacheError as err:
+            if not isinstance(err, ImageNotFound):
                 self._record_failure(image_id, err, None)
-            fut.set_exception(err)
-            fut.exception()
             raise
-        else:
-            fut.set_result(job)
-            return job
-        finally:
-            del self._starting[image_id]
 
     async def _start(self, image_id: str, fresh: Manifest | None) -> FetchJob | None:
         if image_id in self.jobs:
@@ -478,6 +501,8 @@ class Fetcher:
             finally:
                 del self._reserved[image_id]
             self.store.add(image)
+        if self.stopping:
+            raise ShuttingDown(f"the daemon is stopping; not starting a fetch of {image_id}")
         job = FetchJob(image, self.sources, self.metrics, self.concurrency, self.executor)
         self.jobs[image_id] = job
         self.failures.pop(image_id, None)
@@ -594,7 +619,7 @@ class Fetcher:
     async def cancel_all(self) -> None:
         """Start no more fetches; cancel every running one and wait until each stopped."""
         self.stopping = True
-        tasks = list(self._tasks.values())
+        tasks = [*self._tasks.values(), *self._starting.values(), *self._stats.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -43,7 +43,10 @@ class DirectoryOrigin(Origin):
                 raise OriginInvalid(f"checksum sidecar {sidecar} is unusable: {err}") from err
         return OriginImage(size=st.st_size, validator=_validator(st), sha256=sha256)
 
-    async def _read(self, image_id: str, offset: int, length: int, validator: str) -> bytes:
+    async def _read(
+        self, image_id: str, offset: int, length: int, validator: str, size: int | None
+    ) -> bytes:
+        # validator (mtime and size) already pins the size
         return await asyncio.to_thread(self._read_sync, image_id, offset, length, validator)
 
     def _read_sync(self, image_id: str, offset: int, length: int, validator: str) -> bytes:

@@ -33,7 +33,8 @@ class HttpOrigin(Origin):
                 total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout
             ),
             auto_decompress=False,
-            headers={"User-Agent": "swarmcache"},
+            # identity: compressed bytes would be stored as the image
+            headers={"User-Agent": "swarmcache", "Accept-Encoding": "identity"},
         )
         return self
 
@@ -59,19 +60,22 @@ class HttpOrigin(Origin):
         url = self.describe(image_id)
         async with self._request("HEAD", url) as resp:
             if resp.status in (405, 501):  # no HEAD: ask for one byte instead
-                size, validator = None, ""
+                size: int | None = None
+                validator = ""
             else:
                 self._check(resp, url, (200,))
                 size = resp.content_length
                 validator = _validator(resp)
         if size is None:
             async with self._request("GET", url, headers={"Range": "bytes=0-0"}) as resp:
-                self._check(resp, url, (206,))
+                self._check(resp, url, (200, 206))
+                if resp.status == 200:
+                    raise OriginInvalid(
+                        f"{url}: origin ignores Range requests; swarmcache needs them"
+                    )
                 m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
                 if not m or m.group(3) == "*":
-                    raise OriginError(
-                        f"{url}: no usable size in the origin's answer", retryable=False
-                    )
+                    raise OriginInvalid(f"{url}: no usable size in the origin's answer")
                 size = int(m.group(3))
                 validator = _validator(resp)
         sha256 = await self._sidecar(url) if self.config.checksum_sidecar else None
@@ -89,7 +93,9 @@ class HttpOrigin(Origin):
         except ValueError as err:
             raise OriginInvalid(f"checksum sidecar {sidecar} is unusable: {err}") from err
 
-    async def _read(self, image_id: str, offset: int, length: int, validator: str) -> bytes:
+    async def _read(
+        self, image_id: str, offset: int, length: int, validator: str, size: int | None
+    ) -> bytes:
         url = self.describe(image_id)
         end = offset + length - 1
         headers = {"Range": f"bytes={offset}-{end}"}
@@ -102,6 +108,8 @@ class HttpOrigin(Origin):
         async with self._request("GET", url, headers=headers) as resp:
             if resp.status == 412:
                 raise OriginChanged(f"{url}: the image changed at the origin during the fetch")
+            if resp.status == 416:
+                raise OriginChanged(f"{url}: the origin no longer has bytes {offset}-{end}")
             self._check(resp, url, (200, 206))
             if resp.status == 200:
                 raise OriginInvalid(f"{url}: origin ignores Range requests; swarmcache needs them")
@@ -110,6 +118,10 @@ class HttpOrigin(Origin):
                 raise OriginInvalid(
                     f"{url}: origin answered a different range "
                     f"({resp.headers.get('Content-Range')!r}) for {offset}-{end}"
+                )
+            if size is not None and m.group(3) not in ("*", str(size)):
+                raise OriginChanged(
+                    f"{url}: the image is now {m.group(3)} bytes, not {size}: it changed"
                 )
             return await self._body(resp, url, length, exact=True)
 
@@ -145,12 +157,18 @@ class HttpOrigin(Origin):
     @staticmethod
     def _check(resp: aiohttp.ClientResponse, url: str, ok: tuple[int, ...]) -> None:
         if resp.status in ok:
+            encoding = resp.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding != "identity":
+                raise OriginInvalid(f"{url}: origin sent {encoding}-encoded bytes")
             return
         if resp.status == 404:
             raise OriginNotFound(f"origin has no image at {url} (404)")
         retryable = resp.status >= 500 or resp.status in (408, 429)
+        retry_after = resp.headers.get("Retry-After", "")
         raise OriginError(
-            f"{url}: origin answered {resp.status} {resp.reason}", retryable=retryable
+            f"{url}: origin answered {resp.status} {resp.reason}",
+            retryable=retryable,
+            retry_after=float(retry_after) if retry_after.isdigit() else None,
         )
 
 
@@ -168,6 +186,8 @@ class _Guarded:
             return await self._cm.__aenter__()
         except TimeoutError as err:  # before ClientError: ServerTimeoutError is both
             raise OriginTimeout(f"{self._url}: origin did not answer in time") from err
+        except aiohttp.TooManyRedirects as err:
+            raise OriginInvalid(f"{self._url}: too many redirects") from err
         except aiohttp.ClientError as err:
             raise OriginError(f"{self._url}: {err.__class__.__name__}: {err}") from err
 
