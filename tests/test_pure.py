@@ -17,7 +17,6 @@ from swarmcache.manifest import (
     chunk_count,
     chunk_digest,
     chunk_span,
-    chunks_for_range,
     decode_log,
     encode_log_record,
     validate_image_id,
@@ -132,12 +131,6 @@ def test_chunk_geometry(size: int, chunk: int, count: int, last: tuple | None) -
         assert chunk_span(count - 1, size, chunk) == last
     with pytest.raises(IndexError):
         chunk_span(count, size, chunk)
-
-
-def test_chunks_for_range() -> None:
-    assert list(chunks_for_range(0, 0, 4)) == [0]
-    assert list(chunks_for_range(3, 4, 4)) == [0, 1]
-    assert list(chunks_for_range(5, 11, 4)) == [1, 2]
 
 
 def test_manifest_roundtrip_and_etag() -> None:

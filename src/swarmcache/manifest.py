@@ -59,11 +59,6 @@ def chunk_span(index: int, size: int, chunk_size: int) -> tuple[int, int]:
     return offset, min(chunk_size, size - offset)
 
 
-def chunks_for_range(start: int, end: int, chunk_size: int) -> range:
-    """Indices of the chunks that hold bytes start..end (inclusive)."""
-    return range(start // chunk_size, end // chunk_size + 1)
-
-
 @dataclass
 class Manifest:
     """What is known about one image; `digests` holds 16 bytes per chunk (zeros = unknown)."""

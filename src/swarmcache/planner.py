@@ -73,13 +73,6 @@ class ChunkPlan:
         if self.state[index] == MISSING:
             self.state[index] = INFLIGHT
 
-    def lost(self, index: int) -> None:
-        """A chunk thought DONE turned out bad on disk: it is MISSING again."""
-        if self.state[index] == DONE:
-            self.state[index] = MISSING
-            self.remaining += 1
-            self._cursor = min(self._cursor, index)
-
     def failed(self, index: int) -> None:
         """The fetch of chunk `index` failed: it is MISSING again."""
         if self.state[index] == INFLIGHT:
