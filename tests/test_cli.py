@@ -235,3 +235,41 @@ async def test_sigterm_during_download_removes_the_part_file(
     assert await asyncio.wait_for(proc.wait(), 30) == 130
     assert not part.exists()
     assert not out.exists()
+
+
+async def test_reader_closing_the_pipe_is_quiet(aiohttp_server) -> None:
+    from aiohttp import web
+
+    async def many(request: web.Request) -> web.Response:
+        entry = {
+            "id": "x",
+            "state": "complete",
+            "size": 1,
+            "chunks_present": 1,
+            "chunks_total": 1,
+            "hits": 0,
+            "pinned": False,
+            "last_access": None,
+        }
+        return web.json_response({"images": [{**entry, "id": f"img{i}"} for i in range(20000)]})
+
+    app = web.Application()
+    app.router.add_get("/v1/images", many)
+    server = await aiohttp_server(app)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "swarmcache",
+        "--daemon",
+        str(server.make_url("")),
+        "ls",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    await proc.stdout.readline()  # like `| head -1`
+    proc._transport.get_pipe_transport(1).close()  # type: ignore[attr-defined]
+    err = await asyncio.wait_for(proc.stderr.read(), 60)
+    assert await proc.wait() == 0
+    assert err == b""

@@ -127,15 +127,15 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except SwarmcacheError as err:
         print(f"swarmcache: {err.error}: {err.detail}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
+    except BrokenPipeError:  # before OSError, which it is
+        # The reader of our stdout left (`ls | head`): no message, nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(EXIT_FAILED if args.command == "fetch" else EXIT_OK)
     except OSError as err:
         print(f"swarmcache: {err}", file=sys.stderr)
         sys.exit(EXIT_FAILED)
     except KeyboardInterrupt:
         sys.exit(130)
-    except BrokenPipeError:
-        # The reader of our stdout left (`ls | head`): no message, nothing more to say.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(EXIT_FAILED if args.command == "fetch" else EXIT_OK)
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -449,7 +449,14 @@ class Fetcher:
                     t.exception()  # retrieved, even if every caller went away
 
             task.add_done_callback(done)
-        result: T = await asyncio.shield(task)
+        try:
+            result: T = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                # cancel_all() stopped the shared work, not our caller: say so
+                raise ShuttingDown(f"the daemon is stopping ({image_id})") from None
+            raise
         return result
 
     async def start(self, image_id: str, fresh: Manifest | None = None) -> FetchJob | None:
@@ -473,7 +480,7 @@ class Fetcher:
             async with self._lock(image_id):
                 return await self._start(image_id, fresh)
         except SwarmcacheError as err:
-            if not isinstance(err, ImageNotFound):
+            if not isinstance(err, (ImageNotFound, ShuttingDown)):
                 self._record_failure(image_id, err, None)
             raise
 
@@ -601,8 +608,9 @@ class Fetcher:
             task = self._tasks.get(image_id)
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                # wait() lets our own cancellation through but not the task's: the fetch
+                # must have stopped (threads included) before its files go.
+                await asyncio.wait({task})
             self._purge(self.store.remove(image_id))
             self.failures.pop(image_id, None)
 

@@ -10,18 +10,17 @@ is not OriginNotFound).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeVar
 
 from ..config import OriginConfig
-from ..errors import OriginError, OriginTimeout
+from ..errors import OriginError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -80,33 +79,9 @@ class Origin(ABC):
         self, image_id: str, offset: int, length: int, validator: str, size: int | None
     ) -> bytes: ...
 
-    def _deadline(self, nbytes: int) -> float:
-        """How long one request for `nbytes` may take in all (slower counts as failed)."""
-        cfg = self.config
-        return cfg.connect_timeout + cfg.read_timeout + nbytes / cfg.min_rate
-
     async def stat(self, image_id: str) -> OriginImage:
         """Size, version validator and published checksum of an image (with retries)."""
-
-        async def attempt() -> OriginImage:
-            async with self._time_limit(f"stat {image_id}", MAX_SIDECAR_BYTES):
-                return await self._stat(image_id)
-
-        return await self._retry(f"stat {image_id}", attempt)
-
-    @contextlib.asynccontextmanager
-    async def _time_limit(self, what: str, nbytes: int) -> AsyncIterator[None]:
-        limit = self._deadline(nbytes)
-        try:
-            async with asyncio.timeout(limit):
-                yield
-        except TimeoutError as err:
-            if isinstance(err, OriginError):
-                raise
-            raise OriginTimeout(
-                f"origin {what}: not done in {limit:.0f}s "
-                f"(slower than origin.min_rate, {self.config.min_rate} bytes/s)"
-            ) from None
+        return await self._retry(f"stat {image_id}", lambda: self._stat(image_id))
 
     async def read(
         self,
@@ -119,8 +94,7 @@ class Origin(ABC):
         """Exactly `length` bytes at `offset` of the version `validator` (and `size`) names."""
 
         async def attempt() -> bytes:
-            async with self._time_limit(f"read {image_id}@{offset}+{length}", length):
-                data = await self._read(image_id, offset, length, validator, size)
+            data = await self._read(image_id, offset, length, validator, size)
             if len(data) != length:
                 raise OriginError(
                     f"{self.describe(image_id)}: got {len(data)} bytes at {offset}, want {length}"

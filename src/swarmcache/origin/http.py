@@ -13,6 +13,7 @@ from urllib.parse import quote
 
 import aiohttp
 
+from ..config import OriginConfig
 from ..errors import OriginChanged, OriginError, OriginInvalid, OriginNotFound, OriginTimeout
 from ..manifest import validate_image_id
 from . import MAX_SIDECAR_BYTES, Origin, OriginImage, parse_sha256_sidecar
@@ -87,7 +88,7 @@ class HttpOrigin(Origin):
             if resp.status == 404:
                 return None
             self._check(resp, sidecar, (200,))
-            body = await self._body(resp, sidecar, MAX_SIDECAR_BYTES)
+            body = await self._body(resp, sidecar, MAX_SIDECAR_BYTES, self.config)
         try:
             return parse_sha256_sidecar(body)
         except ValueError as err:
@@ -123,13 +124,37 @@ class HttpOrigin(Origin):
                 raise OriginChanged(
                     f"{url}: the image is now {m.group(3)} bytes, not {size}: it changed"
                 )
-            return await self._body(resp, url, length, exact=True)
+            return await self._body(resp, url, length, self.config, exact=True)
 
     @staticmethod
     async def _body(
-        resp: aiohttp.ClientResponse, url: str, limit: int, *, exact: bool = False
+        resp: aiohttp.ClientResponse,
+        url: str,
+        limit: int,
+        config: OriginConfig,
+        *,
+        exact: bool = False,
     ) -> bytes:
-        """Read a body of `limit` bytes (exact) or at most `limit` bytes, as OriginErrors."""
+        """Read a body of `limit` bytes (exact) or at most `limit` bytes, as OriginErrors.
+
+        read_timeout catches an origin that goes silent; the deadline here catches one
+        that trickles (slower on average than min_rate bytes/s). It starts once the
+        answer's headers are in, so waiting for a pooled connection does not count.
+        """
+        budget = config.read_timeout + limit / config.min_rate
+        try:
+            async with asyncio.timeout(budget):
+                return await HttpOrigin._read_body(resp, url, limit, exact)
+        except TimeoutError as err:
+            if isinstance(err, OriginTimeout):
+                raise
+            raise OriginTimeout(
+                f"{url}: {limit} bytes not read in {budget:.0f}s "
+                f"(slower than origin.min_rate, {config.min_rate} bytes/s)"
+            ) from None
+
+    @staticmethod
+    async def _read_body(resp: aiohttp.ClientResponse, url: str, limit: int, exact: bool) -> bytes:
         try:
             if exact:
                 return await resp.content.readexactly(limit)
