@@ -47,6 +47,21 @@ async def wait_chunks(client: TestClient, image_id: str, n: int) -> dict:
     raise AssertionError(f"{image_id} never had {n} chunks: {st}")
 
 
+async def leave_partial(client: TestClient, origin: Origin, image_id: str, n: int) -> dict:
+    """Fetch slowly until n chunks are durable, then let the origin fail: a partial image.
+
+    Needs a daemon with origin retries = 0; the origin is healthy again on return.
+    """
+    origin.faults.delay = 0.02
+    await client.post(f"/v1/images/{image_id}/fetch")
+    await wait_chunks(client, image_id, n)
+    origin.faults.status = 503
+    st = await wait_state(client, image_id, "failed")
+    origin.faults.status = None
+    origin.faults.delay = 0
+    return st
+
+
 async def wait_state(client: TestClient, image_id: str, *states: str) -> dict:
     for _ in range(500):
         st = await status(client, image_id)
@@ -149,15 +164,9 @@ async def test_range_on_partial_image(
 ) -> None:
     data = images.add("img", SIZE)
     client = await daemon(origin={"concurrency": 1, "retries": 0})
-    origin.faults.delay = 0.02
-    await client.post("/v1/images/img/fetch")
-    await wait_chunks(client, "img", 3)
-    origin.faults.status = 503  # the origin dies: the fetch stops with a partial image
-    st = await wait_state(client, "img", "failed")
+    st = await leave_partial(client, origin, "img", 3)
     present = st["chunks_present"]
     assert 3 <= present < 18
-    origin.faults.status = None
-    origin.faults.delay = 0
     origin.stats.requests.clear()
 
     # one byte range across the last present chunk and the first missing one
@@ -783,13 +792,7 @@ async def test_image_replaced_by_another_size_while_partial(
 ) -> None:
     images.add("img", SIZE, sidecar=False)
     client = await daemon(origin={"concurrency": 1, "retries": 0})
-    origin.faults.delay = 0.02
-    await client.post("/v1/images/img/fetch")
-    await wait_chunks(client, "img", 3)
-    origin.faults.status = 503
-    await wait_state(client, "img", "failed")
-    origin.faults.status = None
-    origin.faults.delay = 0
+    await leave_partial(client, origin, "img", 3)
     for new_size in (SIZE + 100, SIZE - CHUNK - 5):
         new = images.add("img", new_size, sidecar=False, seed=new_size)
         resp = await client.get("/v1/images/img")
