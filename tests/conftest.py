@@ -189,7 +189,7 @@ class DaemonProcess:
 
 
 async def start_daemon_process(
-    tmp_path: Path, origin_url: str, *, name: str = "d", extra: str = ""
+    tmp_path: Path, origin_url: str, *, name: str = "d", extra: str = "", daemon_extra: str = ""
 ) -> DaemonProcess:
     """Write a config file and start `python -m swarmcache serve`; wait for /healthz."""
     import asyncio
@@ -201,7 +201,7 @@ async def start_daemon_process(
     cache_dir = tmp_path / f"{name}-cache"
     config_path = tmp_path / f"{name}.toml"
     config_path.write_text(
-        f'[daemon]\nlisten = "127.0.0.1:{port}"\n'
+        f'[daemon]\nlisten = "127.0.0.1:{port}"\n{daemon_extra}'
         f'[cache]\ndir = "{cache_dir}"\nchunk_size = "{CHUNK}"\nmax_size = "1GiB"\n'
         f'[origin]\nkind = "http"\nurl = "{origin_url}"\nretries = 2\nretry_backoff = "10ms"\n'
         + extra

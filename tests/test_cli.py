@@ -273,3 +273,21 @@ async def test_reader_closing_the_pipe_is_quiet(aiohttp_server) -> None:
     err = await asyncio.wait_for(proc.stderr.read(), 60)
     assert await proc.wait() == 0
     assert err == b""
+
+
+async def test_access_log_line_per_request(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list
+) -> None:
+    import re
+
+    images.add("img", 100_000)
+    d = await start_daemon_process(tmp_path, origin.url, daemon_extra="access_log = true\n")
+    daemon_processes.append(d)
+    code, _, _ = await swarmcache("--daemon", d.url, "fetch", "img", "-o", str(tmp_path / "o"))
+    assert code == 0
+    await swarmcache("--daemon", d.url, "status", "nope")
+    d.proc.terminate()
+    await d.proc.wait()
+    log = (tmp_path / "d.log").read_text()
+    assert re.search(r'127\.0\.0\.1 "GET /v1/images/img HTTP/1\.1" 200 100000 [0-9.]+', log), log
+    assert '"GET /v1/images/nope/status HTTP/1.1" 404' in log

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from .errors import ImageNotFound, RangeNotSatisfiable, SwarmcacheError
 from .fetcher import Fetcher, FetchJob
@@ -32,6 +33,26 @@ FETCHER = web.AppKey("fetcher", Fetcher)
 METRICS = web.AppKey("metrics", Metrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+SENT = "swarmcache.sent"  # image bytes a response sent with sendfile (for the access log)
+
+
+class AccessLog(AbstractAccessLogger):
+    """One line per request: client, request line, status, body bytes, seconds."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        """Write the line (sendfile bytes counted, which aiohttp's own logger misses)."""
+        sent = response.get(SENT, response.body_length)
+        self.logger.info(
+            '%s "%s %s HTTP/%d.%d" %d %d %.6f',
+            request.remote,
+            request.method,
+            request.path_qs,
+            request.version.major,
+            request.version.minor,
+            response.status,
+            sent,
+            time,
+        )
 
 
 def error_body(status: int, error: str, detail: str) -> web.Response:
@@ -55,9 +76,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         resp = error_body(exc.status, exc.reason.lower(), exc.text or exc.reason)
-        for name in ("Allow",):
-            if name in exc.headers:
-                resp.headers[name] = exc.headers[name]
+        if "Allow" in exc.headers:  # 405 names the methods that would work
+            resp.headers["Allow"] = exc.headers["Allow"]
         return resp
     except (asyncio.CancelledError, ConnectionError):
         raise
@@ -243,7 +263,8 @@ async def get_image(request: web.Request) -> web.StreamResponse:
     finally:
         image.readers -= 1
         if image.touch(time.time()) and store.get(image_id) is image:
-            await asyncio.to_thread(_save_meta_quietly, image)
+            # not awaited: the response is done, and the client may already be gone
+            fetcher.in_background(_save_meta_quietly, image)
     return resp
 
 
@@ -315,6 +336,7 @@ async def _send_image(
                 run_end = min(end, (nxt + 1) * manifest.chunk_size - 1)
             await sendfile(request, resp, f, pos, run_end - pos + 1)
             sent += run_end - pos + 1
+            resp[SENT] = sent
             pos = run_end + 1
         if job is not None:
             job.raise_if_failed()

@@ -142,6 +142,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
     "daemon": {
         "listen": (_listen, "127.0.0.1:7480"),
         "log_level": (_choice("debug", "info", "warning", "error"), "info"),
+        "access_log": (_parse_bool, False),
     },
     "cache": {
         "dir": (_parse_str, "/var/lib/swarmcache"),
@@ -172,6 +173,7 @@ class DaemonConfig:
 
     listen: str = "127.0.0.1:7480"
     log_level: str = "info"
+    access_log: bool = False
 
     @property
     def host(self) -> str:

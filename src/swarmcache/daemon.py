@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterable
 from aiohttp import web
 from prometheus_client.core import Metric
 
-from .api import FETCHER, METRICS, STORE, add_routes, error_middleware, image_state
+from .api import FETCHER, METRICS, STORE, AccessLog, add_routes, error_middleware, image_state
 from .config import Config
 from .errors import StartupError
 from .fetcher import Fetcher
@@ -94,7 +94,11 @@ async def serve(config: Config) -> None:
     # handler_cancellation: a client that hangs up stops its handler, so it no longer
     # counts as a reader (which would block DELETE and eviction) or waits on a fetch.
     runner = web.AppRunner(
-        build_app(config), access_log=None, shutdown_timeout=5, handler_cancellation=True
+        build_app(config),
+        access_log=logging.getLogger("swarmcache.access") if config.daemon.access_log else None,
+        access_log_class=AccessLog,
+        shutdown_timeout=5,
+        handler_cancellation=True,
     )
     await runner.setup()
     try:

@@ -393,7 +393,7 @@ class Fetcher:
         self._stats: dict[str, asyncio.Task[Any]] = {}
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._purges: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()  # deletes, stats saves
         self._reserved: dict[str, int] = {}  # bytes promised to fetches being set up
         self.stopping = False
 
@@ -591,9 +591,13 @@ class Fetcher:
 
     def _purge(self, path: Path) -> None:
         """Delete a removed entry's files in a thread, tracked until done."""
-        task = asyncio.create_task(asyncio.to_thread(self.store.purge, path))
-        self._purges.add(task)
-        task.add_done_callback(self._purges.discard)
+        self.in_background(self.store.purge, path)
+
+    def in_background(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run blocking `fn` in a thread without making a request wait; awaited at close."""
+        task = asyncio.create_task(asyncio.to_thread(fn, *args))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def remove(self, image_id: str) -> None:
         """Cancel the image's fetch, if any, and drop it (ImageBusy while it is read)."""
@@ -635,5 +639,5 @@ class Fetcher:
     async def close(self) -> None:
         """Cancel every running fetch, wait for it and for pending deletes, stop the pool."""
         await self.cancel_all()
-        await asyncio.gather(*self._purges, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
         self.executor.shutdown(wait=True)
