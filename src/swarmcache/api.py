@@ -33,7 +33,8 @@ FETCHER = web.AppKey("fetcher", Fetcher)
 METRICS = web.AppKey("metrics", Metrics)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-SENT = "swarmcache.sent"  # image bytes a response sent with sendfile (for the access log)
+# image bytes a response sent with sendfile (for the access log)
+SENT = web.ResponseKey("swarmcache.sent", int)
 
 
 class AccessLog(AbstractAccessLogger):
