@@ -35,10 +35,16 @@ METRICS = web.AppKey("metrics", Metrics)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # image bytes a response sent with sendfile (for the access log)
 SENT = web.ResponseKey("swarmcache.sent", int)
+SEND_SLICE = 16 * 1024 * 1024
 
 
 class AccessLog(AbstractAccessLogger):
     """One line per request: client, request line, status, body bytes, seconds."""
+
+    @property
+    def enabled(self) -> bool:
+        """Only build the line when it will be written (log_level info or debug)."""
+        return self.logger.isEnabledFor(logging.INFO)
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         """Write the line (sendfile bytes counted, which aiohttp's own logger misses)."""
@@ -287,7 +293,7 @@ def _etag_listed(header: str | None, etag: str) -> bool:
 
 
 def _save_meta_quietly(image: CachedImage) -> None:
-    if not image.path.exists():  # removed meanwhile (evicted, deleted, failed its check)
+    if image.removed:  # evicted, deleted or discarded meanwhile: its meta is gone too
         return
     try:
         image.save_meta()
@@ -335,10 +341,12 @@ async def _send_image(
                 if job is not None and nxt == last_chunk and not image.complete:
                     break
                 run_end = min(end, (nxt + 1) * manifest.chunk_size - 1)
-            await sendfile(request, resp, f, pos, run_end - pos + 1)
-            sent += run_end - pos + 1
-            resp[SENT] = sent
-            pos = run_end + 1
+            while pos <= run_end:  # in slices, so a hang-up still logs what was sent
+                n = min(run_end - pos + 1, SEND_SLICE)
+                await sendfile(request, resp, f, pos, n)
+                sent += n
+                pos += n
+                resp[SENT] = sent
         if job is not None:
             job.raise_if_failed()
         await resp.write_eof()

@@ -396,6 +396,7 @@ class Fetcher:
         self._background: set[asyncio.Task[None]] = set()  # deletes, stats saves
         self._reserved: dict[str, int] = {}  # bytes promised to fetches being set up
         self.stopping = False
+        self._closed = False
 
     def _lock(self, image_id: str) -> asyncio.Lock:
         """The lock that orders starting and removing one image's cache entry."""
@@ -594,10 +595,20 @@ class Fetcher:
         self.in_background(self.store.purge, path)
 
     def in_background(self, fn: Callable[..., None], *args: Any) -> None:
-        """Run blocking `fn` in a thread without making a request wait; awaited at close."""
+        """Run blocking `fn` in a thread without making a request wait; awaited at close.
+
+        Nothing new starts once the fetcher is closed (Store.close saves what is left).
+        """
+        if self._closed:
+            return
         task = asyncio.create_task(asyncio.to_thread(fn, *args))
         self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed: %r", task.exception())
 
     async def remove(self, image_id: str) -> None:
         """Cancel the image's fetch, if any, and drop it (ImageBusy while it is read)."""
@@ -639,5 +650,7 @@ class Fetcher:
     async def close(self) -> None:
         """Cancel every running fetch, wait for it and for pending deletes, stop the pool."""
         await self.cancel_all()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        self._closed = True
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         self.executor.shutdown(wait=True)

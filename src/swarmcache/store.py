@@ -107,6 +107,7 @@ class CachedImage:
     _log_fd: int | None = field(default=None, repr=False)
 
     meta_dirty: bool = field(default=False, repr=False)
+    removed: bool = field(default=False, repr=False)  # taken out of the cache
     _meta_saved: float = field(default=0.0, repr=False)
 
     def __post_init__(self) -> None:
@@ -264,7 +265,11 @@ class CachedImage:
         self.hits += 1
         self.last_access = now
         self.meta_dirty = True
-        return time.monotonic() - self._meta_saved >= META_SAVE_INTERVAL
+        now_mono = time.monotonic()
+        if now_mono - self._meta_saved < META_SAVE_INTERVAL:
+            return False
+        self._meta_saved = now_mono  # one save for readers finishing together
+        return True
 
     def close(self) -> None:
         """Close open file descriptors."""
@@ -406,6 +411,7 @@ class Store:
         if image.readers and not force:
             raise ImageBusy(f"image {image_id!r} is being read by {image.readers} client(s)")
         del self.images[image_id]
+        image.removed = True
         image.close()
         return self._to_trash(image.path)
 
