@@ -948,3 +948,19 @@ async def test_concurrent_first_reads_ask_the_origin_once(
     assert all(b == data for b in bodies)
     sidecar_gets = [r for r in origin.stats.requests if r[1] == "img.sha256"]
     assert len(sidecar_gets) == 1
+
+
+async def test_recreated_entry_does_not_inherit_old_stats(
+    daemon: DaemonFactory, images: ImageDir
+) -> None:
+    images.add("img", SIZE)
+    client = await daemon()
+    await (await client.get("/v1/images/img")).read()
+    await wait_state(client, "img", "complete")
+    await client.put("/v1/images/img/pin")
+    await client.delete("/v1/images/img/pin")
+    assert (await client.delete("/v1/images/img")).status == 200
+    await (await client.get("/v1/images/img")).read()
+    st = await wait_state(client, "img", "complete")
+    assert st["pinned"] is False
+    assert st["hits"] == 1  # a new entry: the old one's stats stayed with it
