@@ -148,14 +148,7 @@ class StorageError(SwarmcacheError, OSError):
 
 
 class FetchFailed(SwarmcacheError):
-    """A fetch ended without a complete, verified image; wraps the first cause."""
+    """A fetch ended without a complete image for a reason of its own (cancelled, a bug)."""
 
     status = 502
     error = "fetch failed"
-
-    def __init__(self, detail: str, cause: SwarmcacheError | None = None) -> None:
-        super().__init__(detail)
-        self.cause = cause
-        if cause is not None:
-            self.status = cause.status
-            self.error = cause.error

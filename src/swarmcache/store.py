@@ -66,18 +66,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace `path` with `data`: temp file in the same dir, (fsync), rename."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` durably: temp file in the same dir, fsync, rename."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-        if durable:
-            _fsync_dir(path.parent)
+        _fsync_dir(path.parent)
     except OSError as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
