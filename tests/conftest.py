@@ -100,6 +100,9 @@ def make_config(tmp_path: Path, raw: dict[str, Any] | None = None) -> Config:
     """A validated Config for a test (cache in tmp_path, 64 KiB chunks, fast retries)."""
     base: dict[str, dict[str, Any]] = {
         "cache": {"dir": str(tmp_path / "cache"), "chunk_size": CHUNK, "max_size": "1GiB"},
+        # mDNS would announce on the machine's real network: tests use it only in
+        # network namespaces of their own (test_swarm.py)
+        "discovery": {"mdns": False},
         "origin": {
             "retries": 2,
             "retry_backoff": "10ms",
@@ -205,6 +208,7 @@ async def start_daemon_process(
         f'[cache]\ndir = "{cache_dir}"\nchunk_size = "{CHUNK}"\nmax_size = "1GiB"\n'
         f'[origin]\nkind = "http"\nurl = "{origin_url}"\nretries = 2\nretry_backoff = "10ms"\n'
         + extra
+        + ("" if "[discovery]" in extra else "[discovery]\nmdns = false\n")
     )
     log = open(tmp_path / f"{name}.log", "ab")
     proc = await asyncio.create_subprocess_exec(

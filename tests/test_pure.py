@@ -59,12 +59,19 @@ def test_parse_duration(text: object, expected: float) -> None:
 
 def test_config_defaults_are_the_documented_ones() -> None:
     cfg = build_config({}, {}, "x")
-    assert cfg.daemon.listen == "127.0.0.1:7480"
+    # peers on the LAN must reach the daemon (issue 3): every address by default
+    assert cfg.daemon.listen == "0.0.0.0:7480"
+    assert cfg.daemon.advertise == ""
+    assert (cfg.discovery.mdns, cfg.discovery.interfaces, cfg.discovery.static_peers) == (
+        True,
+        (),
+        (),
+    )
     assert str(cfg.cache.dir) == "/var/lib/swarmcache"
     assert cfg.cache.max_size == 50 * 1024**3
     assert cfg.cache.chunk_size == 4 * 1024**2
     assert cfg.origin.kind == "http"
-    assert (cfg.daemon.host, cfg.daemon.port) == ("127.0.0.1", 7480)
+    assert (cfg.daemon.host, cfg.daemon.port) == ("0.0.0.0", 7480)
 
 
 def test_config_env_overrides_file() -> None:
@@ -94,6 +101,16 @@ def test_config_env_overrides_file() -> None:
         ({"cache": {"dir": 5}}, {}, "f.toml: cache.dir: expected a string, got 5"),
         ({"origin": {"kind": "ftp"}}, {}, "f.toml: origin.kind: expected one of http, directory"),
         ({"daemon": {"listen": "nohost"}}, {}, "f.toml: daemon.listen: expected host:port"),
+        (
+            {"discovery": {"static_peers": ["10.0.0.1"]}},
+            {},
+            "f.toml: discovery.static_peers: expected host:port, got '10.0.0.1'",
+        ),
+        (
+            {"discovery": {"interfaces": "eth0"}},
+            {"SWARMCACHE_DISCOVERY_MDNS": "maybe"},
+            "environment SWARMCACHE_DISCOVERY_MDNS: discovery.mdns: expected true or false",
+        ),
         ({"origin": {"url": "http://x/"}}, {}, "f.toml: origin.url: must contain {image_id}"),
         ({"cache": {"chunk_size": "1KiB"}}, {}, "cache.chunk_size: must be between"),
         ({}, {"SWARMCACHE_CACHE_MAXSIZE": "1"}, "environment SWARMCACHE_CACHE_MAXSIZE: no such"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,19 +19,31 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .errors import ImageNotFound, RangeNotSatisfiable, SwarmcacheError
+from .errors import (
+    BadRequest,
+    ImageNotFound,
+    PreconditionFailed,
+    RangeNotSatisfiable,
+    SwarmcacheError,
+)
 from .fetcher import Fetcher, FetchJob
 from .httpfile import sendfile
 from .manifest import Manifest, validate_image_id
 from .metrics import CONTENT_TYPE, Metrics
+from .peers.swarm import Swarm
 from .ranges import parse_range
 from .store import CachedImage, Store
+from .wire import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
 
 STORE = web.AppKey("store", Store)
 FETCHER = web.AppKey("fetcher", Fetcher)
 METRICS = web.AppKey("metrics", Metrics)
+SWARM = web.AppKey("swarm", Swarm)
+# Test-only fault switch: a daemon started with this set serves corrupted chunks to
+# peers (the multi-host tests use it to play a bad peer). Never set it in production.
+CORRUPT_CHUNKS_ENV = "SWARMCACHE_TEST_CORRUPT_PEER_CHUNKS"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # image bytes a response sent with sendfile (for the access log)
@@ -367,6 +380,74 @@ async def _send_image(
         f.close()
 
 
+async def peer_hello(request: web.Request) -> web.Response:
+    """GET /v1/peer/hello: who we are (static peers ask this to learn our node id)."""
+    swarm = request.app[SWARM]
+    return web.json_response(
+        {"node": swarm.node_id, "version": PROTOCOL_VERSION, "port": swarm.advertise[1]}
+    )
+
+
+async def peer_ws(request: web.Request) -> web.StreamResponse:
+    """GET /v1/peer/ws: a peer's subscriptions to our images (see wire.py)."""
+    return await request.app[SWARM].serve(request)
+
+
+async def peer_chunk(request: web.Request) -> web.StreamResponse:
+    """GET /v1/peer/images/{id}/chunks/{index}: one chunk we hold, with sendfile; else 404."""
+    image_id = _image_id(request)
+    try:
+        index = int(request.match_info["index"])
+    except ValueError:
+        raise BadRequest("chunk index must be an integer") from None
+    image = request.app[STORE].get(image_id)
+    if image is None or not 0 <= index < image.manifest.chunks or not image.has(index):
+        raise ImageNotFound(f"chunk {index} of {image_id!r} is not held here")
+    if_match = request.headers.get("If-Match")
+    if if_match is not None and if_match != image.manifest.etag:
+        raise PreconditionFailed(f"{image_id!r} here is another version ({image.manifest.etag})")
+    offset, length = image.manifest.span(index)
+    resp = web.StreamResponse()
+    resp.content_type = "application/octet-stream"
+    resp.content_length = length
+    digest = image.manifest.digest(index)
+    if digest is not None:
+        resp.headers["X-Chunk-Digest"] = digest.hex()
+    corrupt = bool(os.environ.get(CORRUPT_CHUNKS_ENV))
+    try:
+        f = open(image.data_path, "rb")  # noqa: SIM115, ASYNC230
+    except OSError as err:
+        raise ImageNotFound(f"image {image_id!r} is no longer in the cache") from err
+    image.readers += 1
+    try:
+        await resp.prepare(request)
+        if corrupt:
+            data = bytearray(await asyncio.to_thread(os.pread, f.fileno(), length, offset))
+            data[len(data) // 2] ^= 0xFF
+            await resp.write(bytes(data))
+        else:
+            await sendfile(request, resp, f, offset, length)
+        await resp.write_eof()
+        resp[SENT] = length
+        request.app[METRICS].bytes_served_peers.inc(length)
+    except ConnectionError:
+        if request.transport is not None:
+            request.transport.abort()
+    finally:
+        image.readers -= 1
+        f.close()
+    return resp
+
+
+async def list_peers(request: web.Request) -> web.Response:
+    """GET /v1/peers: the peer table."""
+    swarm = request.app[SWARM]
+    host, port = swarm.advertise
+    return web.json_response(
+        {"node_id": swarm.node_id, "address": f"{host}:{port}", "peers": swarm.peers_json()}
+    )
+
+
 def add_routes(app: web.Application) -> None:
     """Register every route of the API."""
     app.router.add_get("/healthz", healthz)
@@ -379,3 +460,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/images/{image_id}/fetch", start_fetch)
     app.router.add_put("/v1/images/{image_id}/pin", set_pin)
     app.router.add_delete("/v1/images/{image_id}/pin", set_pin)
+    app.router.add_get("/v1/peers", list_peers)
+    app.router.add_get("/v1/peer/hello", peer_hello)
+    app.router.add_get("/v1/peer/ws", peer_ws)
+    app.router.add_get("/v1/peer/images/{image_id}/chunks/{index}", peer_chunk)

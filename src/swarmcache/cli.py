@@ -144,7 +144,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _daemon_url(arg: str | None, listen: str) -> str:
     """The daemon's base URL: --daemon, else http://<daemon.listen>; CliError if malformed."""
-    url = arg or f"http://{listen}"
+    if not arg:
+        # a daemon listening on every address is reached on loopback
+        host, _, port = listen.rpartition(":")
+        host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}.get(host, host)
+        arg = f"http://{host}:{port}"
+    url = arg
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port

@@ -127,6 +127,22 @@ def _listen(value: object) -> str:
     return text
 
 
+def _str_list(value: object) -> tuple[str, ...]:
+    """A TOML array of strings, or (from the environment) a comma-separated string."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _peer_list(value: object) -> tuple[str, ...]:
+    peers = _str_list(value)
+    for peer in peers:
+        _listen(peer)
+    return peers
+
+
 def _positive(parse: Callable[[object], Any]) -> Callable[[object], Any]:
     def check(value: object) -> Any:
         result = parse(value)
@@ -140,7 +156,8 @@ def _positive(parse: Callable[[object], Any]) -> Callable[[object], Any]:
 # section -> key -> (parser, default). Defaults are the documented ones.
 SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
     "daemon": {
-        "listen": (_listen, "127.0.0.1:7480"),
+        "listen": (_listen, "0.0.0.0:7480"),
+        "advertise": (_parse_str, ""),
         "log_level": (_choice("debug", "info", "warning", "error"), "info"),
         "access_log": (_parse_bool, False),
     },
@@ -161,6 +178,16 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
         "min_rate": (_positive(parse_size), parse_size("1MiB")),
         "checksum_sidecar": (_parse_bool, True),
     },
+    "discovery": {
+        "mdns": (_parse_bool, True),
+        "interfaces": (_str_list, ()),
+        "static_peers": (_peer_list, ()),
+    },
+    "peers": {
+        "concurrency": (_positive(_parse_int), 4),
+        "timeout": (_positive(parse_duration), 10.0),
+        "quarantine": (_positive(parse_duration), 300.0),
+    },
 }
 
 _MAX_CHUNK = 256 * 1024**2
@@ -171,9 +198,10 @@ _MIN_CHUNK = 64 * 1024
 class DaemonConfig:
     """[daemon]: where the API listens and how loud the log is."""
 
-    listen: str = "127.0.0.1:7480"
+    listen: str = "0.0.0.0:7480"
     log_level: str = "info"
     access_log: bool = False
+    advertise: str = ""
 
     @property
     def host(self) -> str:
@@ -212,12 +240,32 @@ class OriginConfig:
 
 
 @dataclass(frozen=True)
+class DiscoveryConfig:
+    """[discovery]: how daemons find each other."""
+
+    mdns: bool = True
+    interfaces: tuple[str, ...] = ()
+    static_peers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PeersConfig:
+    """[peers]: chunk exchange between daemons."""
+
+    concurrency: int = 4
+    timeout: float = 10.0
+    quarantine: float = 300.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole, validated configuration."""
 
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     origin: OriginConfig = field(default_factory=OriginConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    peers: PeersConfig = field(default_factory=PeersConfig)
     source: str = "<defaults>"
 
 
@@ -279,6 +327,8 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str], source: str) ->
             dir=Path(cache["dir"]), max_size=cache["max_size"], chunk_size=cache["chunk_size"]
         ),
         origin=OriginConfig(**{**origin, "path": Path(origin["path"])}),
+        discovery=DiscoveryConfig(**values["discovery"]),
+        peers=PeersConfig(**values["peers"]),
         source=source,
     )
 

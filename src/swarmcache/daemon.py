@@ -4,18 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import secrets
 import signal
 from collections.abc import AsyncIterator, Iterable
 
 from aiohttp import web
 from prometheus_client.core import Metric
 
-from .api import FETCHER, METRICS, STORE, AccessLog, add_routes, error_middleware, image_state
+from .api import (
+    FETCHER,
+    METRICS,
+    STORE,
+    SWARM,
+    AccessLog,
+    add_routes,
+    error_middleware,
+    image_state,
+)
 from .config import Config
+from .discovery import Discovery, interface_addresses
 from .errors import StartupError
 from .fetcher import Fetcher
 from .metrics import Metrics, gauge
 from .origin import make_origin
+from .peers.swarm import Swarm
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -28,7 +41,9 @@ def build_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_swarm_ctx)
     app.cleanup_ctx.append(_fetcher_ctx)
+    app.cleanup_ctx.append(_discovery_ctx)
     app.on_shutdown.append(_stop_fetches)
     add_routes(app)
     return app
@@ -43,12 +58,98 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(store.close)
 
 
+def _node_id(store: Store) -> str:
+    """This daemon's id: random, kept in the cache dir so it survives restarts."""
+    path = store.root / "node_id"
+    try:
+        node = path.read_text().strip()
+        if re.fullmatch(r"[0-9a-f]{16}", node):
+            return node
+    except FileNotFoundError:
+        pass
+    node = secrets.token_hex(8)
+    path.write_text(node + "\n")
+    return node
+
+
+def advertised(config: Config) -> tuple[str, int]:
+    """The address peers should use: daemon.advertise, the listen address or an interface's."""
+    host, port = config.daemon.host, config.daemon.port
+    if config.daemon.advertise:
+        return config.daemon.advertise, port
+    if host not in ("0.0.0.0", "::", ""):
+        return host, port
+    addresses = interface_addresses(config.discovery.interfaces)
+    return (addresses[0] if addresses else ""), port
+
+
+async def _swarm_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    node = await asyncio.to_thread(_node_id, app[STORE])
+    origin = config.origin
+    # the longest an origin read of one chunk may legally take: peers wait that long
+    # for a chunk another host is taking before they read it themselves
+    deadline = (
+        origin.connect_timeout + origin.read_timeout + config.cache.chunk_size / origin.min_rate
+    )
+    async with Swarm(
+        node,
+        advertised(config),
+        config.peers,
+        deadline,
+        app[METRICS],
+        config.discovery.static_peers,
+    ) as swarm:
+        swarm.store = app[STORE]
+        app[SWARM] = swarm
+        app[METRICS].add_state_collector(lambda: _peer_metrics(swarm))
+        yield
+
+
+async def _discovery_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    swarm = app[SWARM]
+    if not config.discovery.mdns:
+        yield
+        return
+    host, port = swarm.advertise
+    addresses = interface_addresses(config.discovery.interfaces)
+    if config.daemon.advertise or host not in addresses:
+        addresses = [host, *addresses] if host else addresses
+    if not addresses:
+        log.warning("mDNS: no network interface to announce on; discovery is off")
+        yield
+        return
+    async with Discovery(
+        swarm.node_id,
+        port,
+        addresses,
+        lambda node, h, p, gen: swarm.seen(node, h, p, "mdns", gen),
+        swarm.gone,
+        lambda: swarm.generation,
+    ):
+        yield
+
+
+def _peer_metrics(swarm: Swarm) -> Iterable[Metric]:
+    now = swarm.clock()
+    states: dict[str, float] = dict.fromkeys(("ok", "down", "quarantined", "gone"), 0.0)
+    for peer in swarm.table.peers.values():
+        states[peer.state(now)] += 1
+    yield gauge("swarmcache_peers", "Known peers by state", labelled=states, label="state")
+
+
 async def _fetcher_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app[METRICS]
     async with make_origin(config.origin) as origin:
         fetcher = Fetcher(
-            app[STORE], origin, metrics, config.origin.concurrency, config.cache.chunk_size
+            app[STORE],
+            origin,
+            metrics,
+            config.origin.concurrency,
+            config.cache.chunk_size,
+            app[SWARM],
         )
         app[FETCHER] = fetcher
         metrics.add_state_collector(lambda: _state_metrics(fetcher))

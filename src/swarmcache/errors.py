@@ -77,6 +77,13 @@ class RangeNotSatisfiable(SwarmcacheError):
         self.size = size
 
 
+class PreconditionFailed(SwarmcacheError):
+    """A conditional request's precondition (If-Match) does not hold."""
+
+    status = 412
+    error = "precondition failed"
+
+
 class ShuttingDown(SwarmcacheError):
     """The daemon is stopping and starts no new fetch."""
 
@@ -152,3 +159,10 @@ class FetchFailed(SwarmcacheError):
 
     status = 502
     error = "fetch failed"
+
+
+class PeerError(SwarmcacheError):
+    """A peer failed, misbehaved or sent something unusable (we then use another source)."""
+
+    status = 502
+    error = "peer error"

@@ -24,13 +24,14 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .errors import (
     FetchFailed,
     ImageBusy,
     ImageNotFound,
     IntegrityError,
+    PeerError,
     ShuttingDown,
     StorageError,
     SwarmcacheError,
@@ -38,14 +39,19 @@ from .errors import (
 from .manifest import Manifest, chunk_digest
 from .metrics import Metrics
 from .origin import Origin
-from .planner import ChunkPlan
+from .planner import SwarmPlan
 from .store import CachedImage, Store
+
+if TYPE_CHECKING:
+    from .peers.swarm import Swarm
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_FAILURES = 1000  # failure records kept for the API; the oldest go first
 UNHASHED_BYTES = 64 * 1024 * 1024  # per job: chunks kept in memory for the hasher
 CHECK_BATCH = 16  # chunks re-checked per thread call when a fetch resumes
+REFRESH_EVERY = 2.0  # seconds between looks for peers that came up during a fetch
+IDLE_TICK = 1.0  # longest sleep of an idle worker (deadlines of peers' chunks expire)
 
 
 class ChunkSource(Protocol):
@@ -101,6 +107,8 @@ class FetchJob:
         metrics: Metrics,
         concurrency: int,
         executor: ThreadPoolExecutor,
+        swarm: Swarm | None = None,
+        peer_workers: int = 8,
     ) -> None:
         self.image = image
         self.executor = executor
@@ -108,9 +116,17 @@ class FetchJob:
         self.sources = sources
         self.metrics = metrics
         self.concurrency = concurrency
-        self.plan = ChunkPlan(
-            image.manifest.chunks, (i for i in range(image.manifest.chunks) if image.has(i))
+        self.swarm = swarm
+        self.peer_workers = peer_workers if swarm is not None else 0
+        manifest = image.manifest
+        present = [i for i in range(manifest.chunks) if image.has(i)]
+        self.plan = (
+            swarm.new_plan(manifest, present)
+            if swarm is not None
+            else SwarmPlan(manifest.chunks, present, "", manifest.image_id, stall=0.0)
         )
+        self.taking: set[int] = set()  # chunks being read from the origin
+        self.peers_used: set[str] = set()
         self.started = time.monotonic()
         self.bytes_by_source: Counter[str] = Counter()
         loop = asyncio.get_running_loop()
@@ -145,6 +161,10 @@ class FetchJob:
             "sources": dict(self.bytes_by_source),
             "verified": self.verified.done() and self.verified.exception() is None,
         }
+
+    def poke(self) -> None:
+        """Something changed (a peer's state): idle workers look at the plan again."""
+        self._changed.set()
 
     def want(self, first: int, last: int) -> None:
         """A reader needs chunks first..last next: put a window of them ahead of the rest.
@@ -192,15 +212,23 @@ class FetchJob:
             unchecked = self.image.unchecked()
             for index in unchecked:
                 self.plan.hold(index)
+            if self.swarm is not None:
+                # peers' states first, so the origin is asked only for our share
+                await self.swarm.join(self)
             tasks = [
-                asyncio.create_task(self._worker(), name=f"fetch-{self.image_id}-{n}")
+                asyncio.create_task(self._origin_worker(), name=f"fetch-{self.image_id}-{n}")
                 for n in range(self.concurrency)
+            ] + [
+                asyncio.create_task(self._peer_worker(), name=f"peer-{self.image_id}-{n}")
+                for n in range(self.peer_workers)
             ]
             workers = asyncio.gather(*tasks)
             hasher = asyncio.create_task(self._hasher(), name=f"hash-{self.image_id}")
             flusher = asyncio.create_task(self._flusher(), name=f"flush-{self.image_id}")
             checker = asyncio.create_task(self._checker(unchecked), name=f"check-{self.image_id}")
             tasks += [hasher, flusher, checker]
+            if self.swarm is not None:
+                tasks.append(asyncio.create_task(self._refresher(), name=f"peers-{self.image_id}"))
             # Until every chunk is in and hashed, the first failure of any part ends it.
             pending: set[asyncio.Future[Any]] = {workers, hasher, flusher, checker}
             while not (workers.done() and hasher.done()):
@@ -224,6 +252,8 @@ class FetchJob:
             self.result.set_result(None)
             self._fail(FetchFailed(f"fetch of {self.image_id} ended"))  # no waiter left behind
         finally:
+            if self.swarm is not None:
+                self.swarm.leave(self)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -267,25 +297,119 @@ class FetchJob:
             self._changed.set()
             self._hash_wake.set()
 
-    async def _worker(self) -> None:
+    async def _origin_worker(self) -> None:
+        """Read the chunks the plan gives the origin lane, one at a time."""
         while not self.plan.finished:
-            index = self.plan.next()
-            if index is None:  # the rest is in flight elsewhere
-                self._changed.clear()
-                await self._changed.wait()
+            self._changed.clear()
+            index = self.plan.next_origin(time.monotonic())
+            if index is None:
+                await self._idle()
                 continue
+            self.taking.add(index)
+            if self.swarm is not None:
+                self.swarm.announce_taking(self.image_id, index)
             try:
-                await self._fetch_chunk(index)
+                await self._fetch_chunk(index, self.sources[0], self.image.manifest.digest(index))
             except BaseException:
                 self.plan.failed(index)
                 raise
-            self.plan.done(index)
-            self._unsynced.append(index)
-            self._dirty.set()
-            self._changed.set()
-            self._wake(index)
+            finally:
+                self.taking.discard(index)
+            self._landed(index)
+
+    async def _peer_worker(self) -> None:
+        """Read chunks that peers hold; a failing peer costs a retry elsewhere, not the fetch."""
+        assert self.swarm is not None
+        swarm = self.swarm
+        limit = swarm.config.concurrency
+        while not self.plan.finished:
+            self._changed.clear()
+            task = self.plan.next_peer(
+                lambda holders: swarm.table.rank(holders, time.monotonic(), limit)
+            )
+            if task is None:
+                await self._idle()
+                continue
+            index, node = task
+            peer = swarm.table.get(node)
+            if peer is not None:
+                peer.inflight += 1
+            try:
+                await self._fetch_from_peer(index, node)
+            except (PeerError, IntegrityError):
+                self.plan.failed(index)
+                self._changed.set()
+                continue
+            except BaseException:
+                self.plan.failed(index)
+                raise
+            finally:
+                if peer is not None:
+                    peer.inflight -= 1
+            self._landed(index)
+
+    async def _fetch_from_peer(self, index: int, node: str) -> None:
+        assert self.swarm is not None
+        swarm = self.swarm
+        t0 = time.monotonic()
+        expected = swarm.digest(self.image_id, node, index)
+        try:
+            if expected is None:
+                raise PeerError(f"peer {node} announced chunk {index} without a digest")
+            data = await swarm.read_chunk(node, self.image.manifest, index)
+        except PeerError as err:
+            log.info("%s: chunk %d from peer %s failed: %s", self.image_id, index, node, err)
+            self.metrics.peer_errors.inc()
+            self.metrics.source_errors.labels("peer").inc()
+            if swarm.table.failed(node, time.monotonic()):
+                log.warning("peer %s is down after repeated failures", node)
+                swarm.gone_for_now(node)
+            raise
+        try:
+            await self._store(index, data, expected)
+        except IntegrityError:
+            log.warning(
+                "%s: chunk %d from peer %s does not match its digest; peer quarantined",
+                self.image_id,
+                index,
+                node,
+            )
+            swarm.quarantine(node)
+            raise
+        seconds = time.monotonic() - t0
+        swarm.table.succeeded(node, len(data), seconds, time.monotonic())
+        self.peers_used.add(node)
+        self._account("peer", len(data), seconds)
+
+    async def _idle(self) -> None:
+        """Wait until the plan may have work (a change, or a peer's deadline passing)."""
+        timeout = IDLE_TICK
+        deadline = self.plan.next_deadline()
+        if deadline is not None:
+            timeout = min(timeout, max(0.01, deadline - time.monotonic()))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
+
+    async def _refresher(self) -> None:
+        assert self.swarm is not None
+        while True:
+            await asyncio.sleep(REFRESH_EVERY)
+            await self.swarm.refresh(self)
+
+    def _landed(self, index: int) -> None:
+        """Chunk `index` is written and checked: readable, on its way to durable."""
+        self.plan.done(index)
+        self._unsynced.append(index)
+        self._dirty.set()
+        self._changed.set()
+        self._wake(index)
 
     def _wake(self, index: int) -> None:
+        if self.swarm is not None:
+            digest = self.image.manifest.digest(index)
+            if digest is not None:
+                self.swarm.announce_have(self.image_id, index, digest)
         for fut in self._waiters.pop(index, ()):
             if not fut.done():
                 fut.set_result(None)
@@ -301,26 +425,32 @@ class FetchJob:
             elif self._closing:
                 return
 
-    async def _fetch_chunk(self, index: int) -> None:
+    async def _fetch_chunk(self, index: int, source: ChunkSource, expected: bytes | None) -> None:
         manifest = self.image.manifest
-        source = self.sources[0]
         t0 = time.monotonic()
         try:
             data = await source.read_chunk(manifest, index)
         except SwarmcacheError:
             self.metrics.source_errors.labels(source.name).inc()
             raise
+        await self._store(index, data, expected)
+        self._account(source.name, len(data), time.monotonic() - t0)
+
+    async def _store(self, index: int, data: bytes, expected: bytes | None) -> None:
+        """Check a chunk against `expected` and write it (in a thread)."""
         if (len(self._unhashed) + 1) * len(data) <= UNHASHED_BYTES:  # else: from the page cache
             self._unhashed[index] = data
         try:
-            await self._thread(self._commit, index, data, manifest.digest(index))
+            await self._thread(self._commit, index, data, expected)
         except BaseException:
             self._unhashed.pop(index, None)
             raise
         self._hash_wake.set()
-        self.metrics.chunk_latency.labels(source.name).observe(time.monotonic() - t0)
-        self.metrics.bytes_fetched.labels(source.name).inc(len(data))
-        self.bytes_by_source[source.name] += len(data)
+
+    def _account(self, source: str, nbytes: int, seconds: float) -> None:
+        self.metrics.chunk_latency.labels(source).observe(seconds)
+        self.metrics.bytes_fetched.labels(source).inc(nbytes)
+        self.bytes_by_source[source] += nbytes
 
     def _commit(self, index: int, data: bytes, expected: bytes | None) -> None:
         """Check and write one chunk (runs in a thread)."""
@@ -354,6 +484,16 @@ class FetchJob:
         sha256 = self._sha.hexdigest()
         if manifest.origin_sha256 is not None and sha256 != manifest.origin_sha256:
             self.metrics.verification_failures.labels("image").inc()
+            if self.swarm is not None and self.peers_used:
+                # Each chunk matched its holder's digest, so a holder lied consistently:
+                # we cannot tell which, so none of them is trusted for a while.
+                log.warning(
+                    "%s failed its sha256 with chunks from peers %s: quarantining them",
+                    self.image_id,
+                    ", ".join(sorted(self.peers_used)),
+                )
+                for node in self.peers_used:
+                    self.swarm.quarantine(node)
             raise IntegrityError(
                 f"{self.image_id}: sha256 {sha256} does not match the origin's "
                 f"{manifest.origin_sha256}; image discarded"
@@ -376,8 +516,15 @@ class Fetcher:
     """Owns every running FetchJob (at most one per image) and the I/O thread pool."""
 
     def __init__(
-        self, store: Store, origin: Origin, metrics: Metrics, concurrency: int, chunk_size: int
+        self,
+        store: Store,
+        origin: Origin,
+        metrics: Metrics,
+        concurrency: int,
+        chunk_size: int,
+        swarm: Swarm | None = None,
     ) -> None:
+        self.swarm = swarm
         self.store = store
         self.origin = origin
         self.sources: list[ChunkSource] = [OriginSource(origin)]
@@ -511,7 +658,9 @@ class Fetcher:
             self.store.add(image)
         if self.stopping:
             raise ShuttingDown(f"the daemon is stopping; not starting a fetch of {image_id}")
-        job = FetchJob(image, self.sources, self.metrics, self.concurrency, self.executor)
+        job = FetchJob(
+            image, self.sources, self.metrics, self.concurrency, self.executor, self.swarm
+        )
         self.jobs[image_id] = job
         self.failures.pop(image_id, None)
         self._tasks[image_id] = asyncio.create_task(self._run(job), name=f"fetch-{image_id}")
@@ -568,6 +717,7 @@ class Fetcher:
         if isinstance(err, IntegrityError) and self.store.get(image_id) is job.image:
             # Never keep bytes that failed the whole-image check.
             self._purge(self.store.remove(image_id, force=True))
+            self._gone(image_id)
 
     def _record_failure(self, image_id: str, err: SwarmcacheError, size: int | None) -> None:
         self.failures.pop(image_id, None)
@@ -581,7 +731,10 @@ class Fetcher:
             j.image.manifest.size - j.image.present_bytes for i, j in self.jobs.items() if i != keep
         ) + sum(n for i, n in self._reserved.items() if i != keep)
         in_use = set(self.jobs) | ({keep} if keep else set())
+        before = set(self.store.images)
         trash = self.store.evict(in_use, incoming + reserved)
+        for image_id in before - set(self.store.images):
+            self._gone(image_id)
         self.metrics.evictions.inc(len(trash))
         for path in trash:
             self._purge(path)
@@ -589,6 +742,10 @@ class Fetcher:
     def evict_now(self) -> None:
         """Bring the cache under max_size now (at start-up)."""
         self._evict(0)
+
+    def _gone(self, image_id: str) -> None:
+        if self.swarm is not None:
+            self.swarm.announce_gone(image_id)
 
     def _purge(self, path: Path) -> None:
         """Delete a removed entry's files in a thread, tracked until done."""
@@ -627,6 +784,7 @@ class Fetcher:
                 # must have stopped (threads included) before its files go.
                 await asyncio.wait({task})
             self._purge(self.store.remove(image_id))
+            self._gone(image_id)
             self.failures.pop(image_id, None)
 
     async def resume_partial(self) -> None:

@@ -29,6 +29,9 @@ class Metrics:
         self.bytes_served = Counter(
             "swarmcache_served_bytes", "Image bytes sent to clients", registry=r
         )
+        self.bytes_served_peers = Counter(
+            "swarmcache_served_peer_bytes", "Chunk bytes sent to peers", registry=r
+        )
         self.fetch_duration = Histogram(
             "swarmcache_fetch_duration_seconds",
             "Time from fetch start to verified image",
@@ -55,6 +58,16 @@ class Metrics:
             "swarmcache_source_errors",
             "Failed reads from a source (after its retries), by source",
             ["source"],
+            registry=r,
+        )
+        self.peer_errors = Counter(
+            "swarmcache_peer_errors",
+            "Failed chunk reads, bad messages and lost links with peers",
+            registry=r,
+        )
+        self.peer_quarantines = Counter(
+            "swarmcache_peer_quarantines",
+            "Peers quarantined for sending bytes that failed verification",
             registry=r,
         )
         self.evictions = Counter(

@@ -15,8 +15,11 @@ directly.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+
+import xxhash
 
 MISSING, INFLIGHT, DONE = 0, 1, 2
 
@@ -78,3 +81,220 @@ class ChunkPlan:
         if self.state[index] == INFLIGHT:
             self.state[index] = MISSING
             self._cursor = min(self._cursor, index)
+
+
+ORIGIN = ""  # the source id of the origin in SwarmPlan's answers
+VNODES = 32  # points per fetcher on the hash ring
+CANDIDATES = 64  # chunks looked at per peer assignment (rarest of these first)
+
+
+def _point(key: str) -> int:
+    return xxhash.xxh64_intdigest(key.encode())
+
+
+def _bit(bitmap: bytearray | bytes, index: int) -> bool:
+    return bool(bitmap[index >> 3] & (1 << (index & 7)))
+
+
+class SwarmPlan(ChunkPlan):
+    """ChunkPlan for a fetch that can use peers: which chunk, and from whom.
+
+    Two lanes ask it for work. The peer lane (`next_peer`) takes missing chunks that
+    some peer holds, wanted ones first, then the rarest of the lowest missing ones,
+    from the holder `pick` prefers (free slots, measured speed). The origin lane
+    (`next_origin`) takes only chunks no peer holds, and of those only the ones this
+    host owns: every host fetching the image places itself on a hash ring, and chunk
+    i belongs to the fetcher after hash(image, i), so hosts that start together split
+    the image without a tracker and the origin sends each chunk about once. A peer
+    that announced it is taking a chunk from the origin is waited for until that
+    chunk's deadline; a fetcher that shows no progress for `stall` seconds is taken
+    off the ring. With no peers at all this is ChunkPlan: everything from the origin,
+    in order.
+    """
+
+    def __init__(
+        self,
+        chunks: int,
+        present: Iterable[int],
+        self_id: str,
+        image_key: str,
+        stall: float,
+    ) -> None:
+        super().__init__(chunks, present)
+        self.self_id = self_id
+        self.image_key = image_key
+        self.stall = stall
+        self.holders: dict[str, bytearray] = {}
+        self.count = [0] * chunks  # holders per chunk
+        self.fetchers: dict[str, float] = {}  # peer fetching this image -> last progress
+        self.taken: dict[int, tuple[str, float]] = {}  # chunk -> (peer, deadline)
+        self.mine = bytearray(b"\x01" * chunks)  # 1: this host owns the chunk on the ring
+
+    # -- what peers tell us ------------------------------------------------------
+
+    def peer_state(
+        self,
+        node: str,
+        have: bytes,
+        taking: Iterable[int],
+        fetching: bool,
+        now: float,
+        deadline: float,
+    ) -> None:
+        """A peer's full state (answer to our subscription): replaces what we knew."""
+        self._forget_holdings(node)
+        bitmap = bytearray(have)
+        if len(bitmap) != (len(self.state) + 7) // 8:
+            bitmap = bytearray((len(self.state) + 7) // 8)
+        self.holders[node] = bitmap
+        for i in range(len(self.state)):
+            if _bit(bitmap, i):
+                self.count[i] += 1
+        self.peer_taking(node, taking, now, deadline)
+        self.peer_fetching(node, fetching, now)
+
+    def peer_has(self, node: str, indices: Iterable[int], now: float) -> None:
+        """Chunks that became readable at a peer."""
+        bitmap = self.holders.get(node)
+        if bitmap is None:
+            bitmap = self.holders[node] = bytearray((len(self.state) + 7) // 8)
+        n = len(self.state)
+        for i in indices:
+            if 0 <= i < n and not _bit(bitmap, i):
+                bitmap[i >> 3] |= 1 << (i & 7)
+                self.count[i] += 1
+            if self.taken.get(i, ("", 0.0))[0] == node:
+                del self.taken[i]
+        if node in self.fetchers:
+            self.fetchers[node] = now
+
+    def peer_taking(self, node: str, indices: Iterable[int], now: float, deadline: float) -> None:
+        """Chunks a peer started to read from the origin: wait for them until `deadline`."""
+        n = len(self.state)
+        for i in indices:
+            if 0 <= i < n and self.state[i] != DONE:
+                self.taken[i] = (node, deadline)
+        if node in self.fetchers:
+            self.fetchers[node] = now
+
+    def peer_fetching(self, node: str, fetching: bool, now: float) -> None:
+        """A peer started or stopped fetching this image (it joins or leaves the ring)."""
+        if fetching and node not in self.fetchers:
+            self.fetchers[node] = now
+            self._place()
+        elif not fetching and node in self.fetchers:
+            del self.fetchers[node]
+            self._place()
+
+    def drop_peer(self, node: str) -> None:
+        """The peer is gone, down or quarantined: nothing of it counts any more."""
+        self._forget_holdings(node)
+        self.taken = {i: t for i, t in self.taken.items() if t[0] != node}
+        if self.fetchers.pop(node, None) is not None:
+            self._place()
+
+    def holders_of(self, index: int) -> list[str]:
+        """Peers that hold chunk `index`."""
+        return [n for n, b in self.holders.items() if _bit(b, index)]
+
+    def _forget_holdings(self, node: str) -> None:
+        bitmap = self.holders.pop(node, None)
+        if bitmap is None:
+            return
+        for i in range(len(self.state)):
+            if _bit(bitmap, i):
+                self.count[i] -= 1
+
+    def _place(self) -> None:
+        """Recompute which chunks this host owns on the hash ring."""
+        if not self.fetchers:
+            self.mine = bytearray(b"\x01" * len(self.state))
+            return
+        ring = sorted(
+            (_point(f"{self.image_key}/{node}/{v}"), node)
+            for node in (self.self_id, *self.fetchers)
+            for v in range(VNODES)
+        )
+        points = [p for p, _ in ring]
+        mine = bytearray(len(self.state))
+        for i in range(len(self.state)):
+            at = bisect.bisect_left(points, _point(f"{self.image_key}#{i}"))
+            mine[i] = ring[at % len(ring)][1] == self.self_id
+        self.mine = mine
+
+    def owner(self, index: int) -> str:
+        """The fetcher that owns chunk `index` on the ring (for tests and logs)."""
+        if self.mine[index]:
+            return self.self_id
+        ring = sorted(
+            (_point(f"{self.image_key}/{node}/{v}"), node)
+            for node in (self.self_id, *self.fetchers)
+            for v in range(VNODES)
+        )
+        at = bisect.bisect_left([p for p, _ in ring], _point(f"{self.image_key}#{index}"))
+        return ring[at % len(ring)][1]
+
+    # -- the two lanes -------------------------------------------------------------
+
+    def next_peer(self, pick: Callable[[list[str]], str | None]) -> tuple[int, str] | None:
+        """A missing chunk some peer holds and the peer to ask (now INFLIGHT), or None."""
+        for i in self._urgent_missing():
+            if self.count[i]:
+                node = pick(self.holders_of(i))
+                if node is not None:
+                    self.state[i] = INFLIGHT
+                    return i, node
+        candidates: list[int] = []
+        n = len(self.state)
+        i = self._cursor
+        while i < n and len(candidates) < CANDIDATES:
+            if self.state[i] == MISSING and self.count[i]:
+                candidates.append(i)
+            i += 1
+        candidates.sort(key=lambda c: self.count[c])  # rarest first (stable: lowest next)
+        for i in candidates:
+            node = pick(self.holders_of(i))
+            if node is not None:
+                self.state[i] = INFLIGHT
+                return i, node
+        return None
+
+    def next_origin(self, now: float) -> int | None:
+        """A missing chunk to read from the origin (now INFLIGHT), or None for now."""
+        self._drop_stalled(now)
+        for i in self._urgent_missing():
+            if self._origin_ok(i, now):
+                self.state[i] = INFLIGHT
+                return i
+        n = len(self.state)
+        while self._cursor < n and self.state[self._cursor] != MISSING:
+            self._cursor += 1
+        for i in range(self._cursor, n):
+            if self.state[i] == MISSING and self._origin_ok(i, now):
+                self.state[i] = INFLIGHT
+                return i
+        return None
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline of a chunk a peer is taking (when to look again)."""
+        return min((d for _, d in self.taken.values()), default=None)
+
+    def _origin_ok(self, index: int, now: float) -> bool:
+        if self.count[index]:
+            return False  # a peer has it: the peer lane takes it
+        taken = self.taken.get(index)
+        if taken is not None:
+            return taken[1] <= now
+        return bool(self.mine[index])
+
+    def _urgent_missing(self) -> list[int]:
+        while self._urgent and self.state[self._urgent[0]] != MISSING:
+            self._urgent_set.discard(self._urgent.popleft())
+        return [i for i in self._urgent if self.state[i] == MISSING]
+
+    def _drop_stalled(self, now: float) -> None:
+        stalled = [n for n, t in self.fetchers.items() if now - t > self.stall]
+        for node in stalled:
+            del self.fetchers[node]
+        if stalled:
+            self._place()

@@ -1,0 +1,1 @@
+"""Peers: the table of other daemons and the swarm that talks to them."""

@@ -1,0 +1,582 @@
+"""The swarm: links to other daemons, subscriptions, pushes to subscribers, chunk reads.
+
+Client side: a running fetch joins the swarm (`join`): it subscribes to the image
+on every usable peer over one WebSocket per peer (PeerLink) and feeds what comes
+back (State, Have, Taking, Status; see wire.py) into its SwarmPlan. Chunks are read
+with a plain GET and checked against the digest the holder announced; a mismatch
+quarantines the holder.
+
+Server side: peers subscribe to our images over `/v1/peer/ws` (Subscriber); the
+fetcher's announcements (a chunk became readable, a chunk is being taken from the
+origin, a fetch started or stopped) are queued per subscriber and written by one
+task per socket, so a slow peer never blocks a fetch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+
+from ..config import PeersConfig
+from ..errors import PeerError
+from ..manifest import DIGEST_SIZE, Manifest, bitmap_new, bitmap_set
+from ..metrics import Metrics
+from ..planner import SwarmPlan
+from ..wire import (
+    MAX_MESSAGE,
+    PROTOCOL_VERSION,
+    Have,
+    Hello,
+    Message,
+    State,
+    Status,
+    Subscribe,
+    Taking,
+    Unsubscribe,
+    WireError,
+    decode,
+    encode,
+)
+from .table import PeerTable
+
+if TYPE_CHECKING:
+    from ..fetcher import FetchJob
+    from ..store import Store
+
+log = logging.getLogger(__name__)
+GATHER_TIMEOUT = 1.0  # a fetch waits this long at most for peers' states before the origin
+HEARTBEAT = 5.0  # WebSocket ping interval; a peer silent for twice this is dead
+MAX_QUEUE = 10_000  # messages waiting for one subscriber before it is cut off
+STATIC_EVERY = 10.0  # seconds between hellos to static peers
+
+
+class PeerLink:
+    """Our WebSocket to one peer, carrying our subscriptions to its images."""
+
+    def __init__(self, swarm: Swarm, node_id: str) -> None:
+        self.swarm = swarm
+        self.node_id = node_id
+        self.ws: aiohttp.ClientWebSocketResponse | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.images: set[str] = set()
+        self.answered: dict[str, asyncio.Event] = {}
+        self._lock = asyncio.Lock()
+
+    @property
+    def open(self) -> bool:
+        """The socket is up."""
+        return self.ws is not None and not self.ws.closed
+
+    async def subscribe(self, image_id: str, fetching: bool) -> asyncio.Event:
+        """Subscribe to an image; the event is set when the peer's State arrived."""
+        async with self._lock:
+            await self._connect()
+            event = self.answered.setdefault(image_id, asyncio.Event())
+            self.images.add(image_id)
+            assert self.ws is not None
+            await self.ws.send_bytes(encode(Subscribe(image_id, fetching)))
+            return event
+
+    async def unsubscribe(self, image_id: str) -> None:
+        """Stop following an image (and tell the peer we no longer fetch it)."""
+        self.images.discard(image_id)
+        self.answered.pop(image_id, None)
+        if self.open:
+            assert self.ws is not None
+            with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
+                await self.ws.send_bytes(encode(Unsubscribe(image_id)))
+
+    async def _connect(self) -> None:
+        if self.open:
+            return
+        peer = self.swarm.table.get(self.node_id)
+        if peer is None:
+            raise PeerError(f"peer {self.node_id} is not known")
+        url = f"http://{peer.address}/v1/peer/ws"
+        try:
+            ws = await self.swarm.session.ws_connect(
+                url,
+                heartbeat=HEARTBEAT,
+                max_msg_size=MAX_MESSAGE,
+                timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+            )
+            await ws.send_bytes(encode(self.swarm.hello()))
+        except (TimeoutError, aiohttp.ClientError, OSError) as err:
+            raise PeerError(f"cannot connect to peer {self.node_id} at {url}: {err!r}") from err
+        self.ws = ws
+        self.reader = asyncio.create_task(self._read(ws), name=f"peer-link-{self.node_id}")
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            async for frame in ws:
+                if frame.type != aiohttp.WSMsgType.BINARY:
+                    raise WireError(f"unexpected {frame.type.name} frame")
+                msg = decode(frame.data)
+                if isinstance(msg, Hello):
+                    if msg.node != self.node_id:
+                        raise WireError(f"expected node {self.node_id}, it says {msg.node}")
+                    continue
+                self.swarm.on_message(self.node_id, msg)
+                if isinstance(msg, State) and msg.image_id in self.answered:
+                    self.answered[msg.image_id].set()
+        except WireError as err:
+            log.warning("peer %s sent a bad message, closing its link: %s", self.node_id, err)
+            self.swarm.metrics.peer_errors.inc()
+        except (aiohttp.ClientError, ConnectionError) as err:
+            log.info("link to peer %s lost: %r", self.node_id, err)
+        finally:
+            await ws.close()
+            self.swarm.on_link_closed(self)
+
+    async def close(self) -> None:
+        """Close the socket and wait for the reader."""
+        if self.ws is not None:
+            await self.ws.close()
+        if self.reader is not None:
+            self.reader.cancel()
+            await asyncio.gather(self.reader, return_exceptions=True)
+
+
+class Subscriber:
+    """A peer's WebSocket to us: what it follows and what we still have to tell it."""
+
+    def __init__(self, node_id: str, ws: web.WebSocketResponse) -> None:
+        self.node_id = node_id
+        self.ws = ws
+        self.images: set[str] = set()
+        self.queue: deque[Message] = deque()
+        self.wake = asyncio.Event()
+        self.overflow = False
+
+    def push(self, msg: Message) -> None:
+        """Queue a message (cut the subscriber off if it cannot keep up)."""
+        if len(self.queue) >= MAX_QUEUE:
+            self.overflow = True
+        else:
+            self.queue.append(msg)
+        self.wake.set()
+
+    async def writer(self) -> None:
+        """Send queued messages, merging runs of Have for the same image."""
+        while not self.ws.closed:
+            await self.wake.wait()
+            self.wake.clear()
+            if self.overflow:
+                log.warning("peer %s cannot keep up with our updates; closing", self.node_id)
+                await self.ws.close()
+                return
+            while self.queue:
+                msg = self.queue.popleft()
+                if isinstance(msg, Have):
+                    chunks = list(msg.chunks)
+                    while self.queue and isinstance(self.queue[0], Have):
+                        nxt = self.queue[0]
+                        assert isinstance(nxt, Have)
+                        if nxt.image_id != msg.image_id:
+                            break
+                        chunks.extend(nxt.chunks)
+                        self.queue.popleft()
+                    msg = Have(msg.image_id, tuple(chunks))
+                await self.ws.send_bytes(encode(msg))
+
+
+class Swarm:
+    """Peers, our links to them, their subscriptions to us."""
+
+    def __init__(
+        self,
+        node_id: str,
+        advertise: tuple[str, int],
+        config: PeersConfig,
+        origin_deadline: float,
+        metrics: Metrics,
+        static_peers: tuple[str, ...] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.node_id = node_id
+        self.advertise = advertise
+        self.config = config
+        self.origin_deadline = origin_deadline  # longest legal origin read of one chunk
+        self.metrics = metrics
+        self.static_peers = static_peers
+        self.clock = clock
+        self.table = PeerTable(node_id)
+        self.links: dict[str, PeerLink] = {}
+        self.subscribers: dict[str, set[Subscriber]] = {}
+        self.jobs: dict[str, FetchJob] = {}
+        self.store: Store | None = None
+        self.digests: dict[tuple[str, str], bytearray] = {}  # (image, node) -> digests
+        self.generation = 0  # moves whenever what we hold changes (announced over mDNS)
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    # -- lifetime ------------------------------------------------------------------
+
+    async def __aenter__(self) -> Swarm:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=min(5.0, self.config.timeout), sock_read=self.config.timeout
+            ),
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+            auto_decompress=False,
+        )
+        if self.static_peers:
+            self.spawn(self._static_loop(), "static-peers")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every link and socket; stop background tasks."""
+        self._closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(link.close() for link in self.links.values()))
+        for subs in list(self.subscribers.values()):
+            for sub in list(subs):
+                await sub.ws.close()
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The HTTP client session used for every peer."""
+        assert self._session is not None, "Swarm used outside 'async with'"
+        return self._session
+
+    def spawn(self, coro: Any, name: str) -> None:
+        """Run a background task owned by the swarm (cancelled at close)."""
+        if self._closed:
+            coro.close()
+            return
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("swarm task %s failed: %r", task.get_name(), task.exception())
+
+    def hello(self) -> Hello:
+        """Our Hello."""
+        return Hello(self.node_id, self.advertise[0], self.advertise[1])
+
+    # -- discovery feeds -------------------------------------------------------------
+
+    def seen(self, node_id: str, host: str, port: int, source: str, generation: int = 0) -> None:
+        """A peer was discovered or refreshed; running fetches subscribe to it."""
+        known = node_id in self.table.peers and not self.table.peers[node_id].gone
+        if self.table.seen(node_id, host, port, source, self.clock(), generation) is None:
+            return
+        if not known:
+            log.info("peer %s at %s:%d (%s)", node_id, host, port, source)
+            for job in list(self.jobs.values()):
+                self.spawn(self._subscribe(job, node_id), f"sub-{node_id}")
+
+    def gone(self, node_id: str) -> None:
+        """A peer said goodbye: nothing of it counts any more."""
+        if node_id in self.table.peers:
+            log.info("peer %s left", node_id)
+        self.table.gone(node_id)
+        self._drop(node_id)
+
+    async def _static_loop(self) -> None:
+        """Say hello to every static peer now and then (they have no mDNS to find them)."""
+        while True:
+            await asyncio.gather(*(self._hello_static(a) for a in self.static_peers))
+            await asyncio.sleep(STATIC_EVERY)
+
+    async def _hello_static(self, address: str) -> None:
+        host, _, port = address.rpartition(":")
+        host = host.strip("[]")
+        try:
+            async with self.session.get(
+                f"http://{address}/v1/peer/hello", timeout=aiohttp.ClientTimeout(total=5)
+            ) as resp:
+                info = await resp.json()
+            node = info["node"]
+            if info.get("version") != PROTOCOL_VERSION or not isinstance(node, str):
+                log.warning("static peer %s speaks protocol %r", address, info.get("version"))
+                return
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError) as err:
+            log.debug("static peer %s does not answer: %r", address, err)
+            return
+        self.seen(node, host, int(port), "static")
+
+    # -- client side: our fetches ----------------------------------------------------
+
+    def new_plan(self, manifest: Manifest, present: list[int]) -> SwarmPlan:
+        """The plan for a new fetch of `manifest`'s image."""
+        return SwarmPlan(
+            manifest.chunks,
+            present,
+            self.node_id,
+            f"{manifest.image_id}:{manifest.etag}",
+            stall=3 * self.config.timeout,
+        )
+
+    async def join(self, job: FetchJob) -> None:
+        """Subscribe to the image on every usable peer; return once they answered (or 1 s).
+
+        Peers that answer late are still followed: their subscriptions go on in the
+        background.
+        """
+        self.jobs[job.image_id] = job
+        self.push_all(job.image_id, Status(job.image_id, True))
+        tasks = [
+            asyncio.create_task(self._subscribe_and_wait(job, p.node_id))
+            for p in self.table.usable(self.clock())
+        ]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=GATHER_TIMEOUT)
+        for task in pending:  # keep them, owned by the swarm
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    async def _subscribe_and_wait(self, job: FetchJob, node_id: str) -> None:
+        event = await self._subscribe(job, node_id)
+        if event is not None:
+            await event.wait()
+
+    async def _subscribe(self, job: FetchJob, node_id: str) -> asyncio.Event | None:
+        link = self.links.get(node_id)
+        if link is None:
+            link = self.links[node_id] = PeerLink(self, node_id)
+        if job.image_id in link.images and link.open:
+            return link.answered.get(job.image_id)
+        try:
+            return await link.subscribe(job.image_id, fetching=True)
+        except (PeerError, ConnectionError, RuntimeError, aiohttp.ClientError) as err:
+            log.info("cannot subscribe to %s on peer %s: %s", job.image_id, node_id, err)
+            self.metrics.peer_errors.inc()
+            self.table.failed(node_id, self.clock())
+            return None
+
+    async def refresh(self, job: FetchJob) -> None:
+        """Subscribe to peers that came up since the fetch joined (called now and then)."""
+        now = self.clock()
+        for peer in self.table.usable(now):
+            link = self.links.get(peer.node_id)
+            if link is None or not link.open or job.image_id not in link.images:
+                await self._subscribe(job, peer.node_id)
+
+    def leave(self, job: FetchJob) -> None:
+        """The fetch ended: tell subscribers, unsubscribe everywhere (in the background)."""
+        if self.jobs.get(job.image_id) is job:
+            del self.jobs[job.image_id]
+        self.push_all(job.image_id, Status(job.image_id, False))
+        for link in list(self.links.values()):
+            if job.image_id in link.images:
+                self.spawn(link.unsubscribe(job.image_id), f"unsub-{link.node_id}")
+        for key in [k for k in self.digests if k[0] == job.image_id]:
+            del self.digests[key]
+
+    def on_message(self, node_id: str, msg: Message) -> None:
+        """A message from a peer we subscribed to."""
+        now = self.clock()
+        peer = self.table.get(node_id)
+        if peer is not None:
+            peer.last_seen = now
+        job = self.jobs.get(getattr(msg, "image_id", ""))
+        if job is None:
+            return
+        plan = job.plan
+        if isinstance(msg, State):
+            if msg.manifest is not None and not msg.manifest.same_source(job.image.manifest):
+                log.info("peer %s holds another version of %s; ignored", node_id, msg.image_id)
+                plan.drop_peer(node_id)
+            else:
+                if msg.manifest is not None:
+                    self.digests[(msg.image_id, node_id)] = msg.manifest.digests
+                have = msg.have if msg.manifest is not None else b""
+                plan.peer_state(
+                    node_id, have, msg.taking, msg.fetching, now, now + self.origin_deadline
+                )
+        elif isinstance(msg, Have):
+            digests = self.digests.get((msg.image_id, node_id))
+            if digests is None:
+                digests = self.digests[(msg.image_id, node_id)] = bytearray(
+                    DIGEST_SIZE * job.image.manifest.chunks
+                )
+            good = []
+            for index, digest in msg.chunks:
+                if index < job.image.manifest.chunks:
+                    digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = digest
+                    good.append(index)
+            plan.peer_has(node_id, good, now)
+        elif isinstance(msg, Taking):
+            plan.peer_taking(node_id, msg.chunks, now, now + self.origin_deadline)
+        elif isinstance(msg, Status):
+            if msg.gone:
+                plan.drop_peer(node_id)
+            else:
+                plan.peer_fetching(node_id, msg.fetching, now)
+        job.poke()
+
+    def on_link_closed(self, link: PeerLink) -> None:
+        """Our socket to a peer closed: forget what it told us."""
+        link.images.clear()
+        link.answered.clear()
+        self._drop(link.node_id)
+
+    def quarantine(self, node_id: str) -> None:
+        """The peer sent bad bytes: use it for nothing until peers.quarantine has passed."""
+        self.table.quarantine(node_id, self.clock(), self.config.quarantine)
+        self.metrics.peer_quarantines.inc()
+        log.warning("peer %s quarantined for %.0fs", node_id, self.config.quarantine)
+        self._drop(node_id)
+
+    def gone_for_now(self, node_id: str) -> None:
+        """The peer is down: forget what it told us (it is asked again once back up)."""
+        self._drop(node_id)
+        link = self.links.get(node_id)
+        if link is not None:
+            self.spawn(link.close(), f"close-{node_id}")
+
+    def _drop(self, node_id: str) -> None:
+        for job in self.jobs.values():
+            job.plan.drop_peer(node_id)
+            job.poke()
+
+    def digest(self, image_id: str, node_id: str, index: int) -> bytes | None:
+        """The digest a peer announced for one of its chunks."""
+        digests = self.digests.get((image_id, node_id))
+        if digests is None:
+            return None
+        d = bytes(digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE])
+        return d if any(d) else None
+
+    async def read_chunk(self, node_id: str, manifest: Manifest, index: int) -> bytes:
+        """Chunk `index` from a peer (unverified); PeerError on any failure."""
+        peer = self.table.get(node_id)
+        if peer is None:
+            raise PeerError(f"peer {node_id} is not known")
+        _, length = manifest.span(index)
+        url = f"http://{peer.address}/v1/peer/images/{manifest.image_id}/chunks/{index}"
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                async with self.session.get(url, headers={"If-Match": manifest.etag}) as resp:
+                    if resp.status != 200:
+                        raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
+                    if resp.content_length is not None and resp.content_length != length:
+                        raise PeerError(f"peer {node_id}: chunk {index} has the wrong length")
+                    data = await resp.content.readexactly(length)
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
+            raise PeerError(f"peer {node_id}: chunk {index}: {err!r}") from err
+        except TimeoutError as err:
+            raise PeerError(f"peer {node_id}: chunk {index} timed out") from err
+        return data
+
+    # -- server side: peers following our images -------------------------------------
+
+    async def serve(self, request: web.Request) -> web.WebSocketResponse:
+        """The `/v1/peer/ws` handler: one peer's subscriptions to our images."""
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=MAX_MESSAGE)
+        await ws.prepare(request)
+        sub: Subscriber | None = None
+        writer: asyncio.Task[None] | None = None
+        try:
+            async for frame in ws:
+                if frame.type != aiohttp.WSMsgType.BINARY:
+                    raise WireError(f"unexpected {frame.type.name} frame")
+                msg = decode(frame.data)
+                if sub is None:
+                    if not isinstance(msg, Hello):
+                        raise WireError("the first message must be a hello")
+                    host = msg.host or (request.remote or "")
+                    self.seen(msg.node, host, msg.port, "inbound")
+                    sub = Subscriber(msg.node, ws)
+                    await ws.send_bytes(encode(self.hello()))
+                    writer = asyncio.create_task(sub.writer(), name=f"peer-sub-{msg.node}")
+                elif isinstance(msg, Subscribe):
+                    sub.images.add(msg.image_id)
+                    self.subscribers.setdefault(msg.image_id, set()).add(sub)
+                    sub.push(self._state(msg.image_id))
+                    job = self.jobs.get(msg.image_id)
+                    if job is not None and msg.fetching:
+                        # it fetches what we fetch: share the work, and follow its chunks
+                        job.plan.peer_fetching(sub.node_id, True, self.clock())
+                        job.poke()
+                        self.spawn(self._subscribe(job, sub.node_id), f"sub-{sub.node_id}")
+                elif isinstance(msg, Unsubscribe):
+                    self._unsubscribe(sub, msg.image_id)
+                else:
+                    raise WireError(f"unexpected {type(msg).__name__} from a subscriber")
+        except WireError as err:
+            log.warning("peer %s sent a bad message, closing: %s", request.remote, err)
+            self.metrics.peer_errors.inc()
+        finally:
+            if sub is not None:
+                for image_id in list(sub.images):
+                    self._unsubscribe(sub, image_id)
+            await ws.close()
+            if writer is not None:
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+        return ws
+
+    def _unsubscribe(self, sub: Subscriber, image_id: str) -> None:
+        sub.images.discard(image_id)
+        subs = self.subscribers.get(image_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self.subscribers[image_id]
+        job = self.jobs.get(image_id)
+        if job is not None:
+            job.plan.peer_fetching(sub.node_id, False, self.clock())
+            job.poke()
+
+    def _state(self, image_id: str) -> State:
+        image = self.store.get(image_id) if self.store is not None else None
+        job = self.jobs.get(image_id)
+        if image is None or image.removed:
+            return State(image_id, None, b"", (), job is not None)
+        m = image.manifest
+        if m.complete:
+            have = bytes(bytearray(b"\xff" * ((m.chunks + 7) // 8)))
+        else:
+            bits = bitmap_new(m.chunks)
+            for i in range(m.chunks):
+                if image.has(i):
+                    bitmap_set(bits, i)
+            have = bytes(bits)
+        taking = tuple(job.taking) if job is not None else ()
+        return State(image_id, m, have, taking, job is not None)
+
+    def push_all(self, image_id: str, msg: Message) -> None:
+        """Queue a message for every subscriber of the image."""
+        for sub in self.subscribers.get(image_id, ()):
+            sub.push(msg)
+
+    def announce_have(self, image_id: str, index: int, digest: bytes) -> None:
+        """A chunk became readable here."""
+        self.generation += 1
+        self.push_all(image_id, Have(image_id, ((index, digest),)))
+
+    def announce_taking(self, image_id: str, index: int) -> None:
+        """We started reading a chunk from the origin."""
+        self.push_all(image_id, Taking(image_id, (index,)))
+
+    def announce_gone(self, image_id: str) -> None:
+        """We dropped the image (evicted, deleted, discarded)."""
+        self.generation += 1
+        self.push_all(image_id, Status(image_id, False, gone=True))
+
+    def peers_json(self) -> list[dict[str, Any]]:
+        """The peer table for the API."""
+        now = self.clock()
+        return [p.describe(now) for p in sorted(self.table.peers.values(), key=lambda p: p.node_id)]
