@@ -192,7 +192,14 @@ class DaemonProcess:
 
 
 async def start_daemon_process(
-    tmp_path: Path, origin_url: str, *, name: str = "d", extra: str = "", daemon_extra: str = ""
+    tmp_path: Path,
+    origin_url: str,
+    *,
+    name: str = "d",
+    extra: str = "",
+    daemon_extra: str = "",
+    env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> DaemonProcess:
     """Write a config file and start `python -m swarmcache serve`; wait for /healthz."""
     import asyncio
@@ -200,7 +207,7 @@ async def start_daemon_process(
 
     import aiohttp
 
-    port = free_port()
+    port = port or free_port()
     cache_dir = tmp_path / f"{name}-cache"
     config_path = tmp_path / f"{name}.toml"
     config_path.write_text(
@@ -220,6 +227,7 @@ async def start_daemon_process(
         "serve",
         stdout=log,
         stderr=log,
+        env={**os.environ, **(env or {})},
     )
     log.close()
     url = f"http://127.0.0.1:{port}"

@@ -307,6 +307,8 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str], source: str) ->
     for name, value in env.items():
         if not name.startswith("SWARMCACHE_") or name == ENV_CONFIG:
             continue
+        if name.startswith("SWARMCACHE_TEST_"):  # test-only fault switches, not config
+            continue
         section, _, key = name[len("SWARMCACHE_") :].lower().partition("_")
         if section not in SCHEMA or key not in SCHEMA[section]:
             raise ConfigError(f"environment {name}", "", "no such configuration key")

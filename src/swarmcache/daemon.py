@@ -167,6 +167,8 @@ async def _stop_fetches(app: web.Application) -> None:
     # on_shutdown runs before aiohttp waits for open requests: readers waiting on a
     # fetch are cut short at once instead of holding the stop for shutdown_timeout.
     await app[FETCHER].cancel_all()
+    # peers' sockets are long-lived requests: close them, or the stop waits for them
+    await app[SWARM].close()
 
 
 def _state_metrics(fetcher: Fetcher) -> Iterable[Metric]:

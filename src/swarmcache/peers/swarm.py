@@ -211,6 +211,7 @@ class Swarm:
         self.table = PeerTable(node_id)
         self.links: dict[str, PeerLink] = {}
         self.subscribers: dict[str, set[Subscriber]] = {}
+        self._sockets: set[web.WebSocketResponse] = set()  # peers' sockets to us
         self.jobs: dict[str, FetchJob] = {}
         self.store: Store | None = None
         self.digests: dict[tuple[str, str], bytearray] = {}  # (image, node) -> digests
@@ -237,15 +238,16 @@ class Swarm:
         await self.close()
 
     async def close(self) -> None:
-        """Close every link and socket; stop background tasks."""
+        """Close every link and socket; stop background tasks (idempotent)."""
+        if self._closed:
+            return
         self._closed = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(link.close() for link in self.links.values()))
-        for subs in list(self.subscribers.values()):
-            for sub in list(subs):
-                await sub.ws.close()
+        for ws in list(self._sockets):
+            await ws.close()
         if self._session is not None:
             await self._session.close()
 
@@ -293,12 +295,27 @@ class Swarm:
         self._drop(node_id)
 
     async def _static_loop(self) -> None:
-        """Say hello to every static peer now and then (they have no mDNS to find them)."""
-        while True:
-            await asyncio.gather(*(self._hello_static(a) for a in self.static_peers))
-            await asyncio.sleep(STATIC_EVERY)
+        """Say hello to every static peer now and then (they have no mDNS to find them).
 
-    async def _hello_static(self, address: str) -> None:
+        One that does not answer is asked again after 1 s, then less and less often.
+        """
+        retry = dict.fromkeys(self.static_peers, 0.0)  # address -> when to ask next
+        backoff = dict.fromkeys(self.static_peers, 1.0)
+        while True:
+            now = self.clock()
+            due = [a for a, t in retry.items() if t <= now]
+            answers = await asyncio.gather(*(self._hello_static(a) for a in due))
+            now = self.clock()
+            for address, ok in zip(due, answers, strict=True):
+                if ok:
+                    backoff[address] = 1.0
+                    retry[address] = now + STATIC_EVERY
+                else:
+                    retry[address] = now + backoff[address]
+                    backoff[address] = min(STATIC_EVERY, backoff[address] * 2)
+            await asyncio.sleep(max(0.1, min(retry.values()) - self.clock()))
+
+    async def _hello_static(self, address: str) -> bool:
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         try:
@@ -309,11 +326,12 @@ class Swarm:
             node = info["node"]
             if info.get("version") != PROTOCOL_VERSION or not isinstance(node, str):
                 log.warning("static peer %s speaks protocol %r", address, info.get("version"))
-                return
+                return False
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError) as err:
             log.debug("static peer %s does not answer: %r", address, err)
-            return
+            return False
         self.seen(node, host, int(port), "static")
+        return True
 
     # -- client side: our fetches ----------------------------------------------------
 
@@ -434,6 +452,9 @@ class Swarm:
 
     def quarantine(self, node_id: str) -> None:
         """The peer sent bad bytes: use it for nothing until peers.quarantine has passed."""
+        peer = self.table.get(node_id)
+        if peer is None or peer.state(self.clock()) == "quarantined":
+            return  # other chunks in flight from it failed too: one quarantine
         self.table.quarantine(node_id, self.clock(), self.config.quarantine)
         self.metrics.peer_quarantines.inc()
         log.warning("peer %s quarantined for %.0fs", node_id, self.config.quarantine)
@@ -485,7 +506,10 @@ class Swarm:
     async def serve(self, request: web.Request) -> web.WebSocketResponse:
         """The `/v1/peer/ws` handler: one peer's subscriptions to our images."""
         ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=MAX_MESSAGE)
+        if self._closed:
+            raise web.HTTPServiceUnavailable(text="the daemon is stopping")
         await ws.prepare(request)
+        self._sockets.add(ws)
         sub: Subscriber | None = None
         writer: asyncio.Task[None] | None = None
         try:
@@ -519,6 +543,7 @@ class Swarm:
             log.warning("peer %s sent a bad message, closing: %s", request.remote, err)
             self.metrics.peer_errors.inc()
         finally:
+            self._sockets.discard(ws)
             if sub is not None:
                 for image_id in list(sub.images):
                     self._unsubscribe(sub, image_id)

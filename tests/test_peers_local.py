@@ -1,0 +1,123 @@
+"""Two and three real daemons on loopback, peers by discovery.static_peers (no mDNS)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from conftest import ImageDir, Origin, free_port, metric, sha256, start_daemon_process
+
+MIB = 1024 * 1024
+
+
+async def _get(session: aiohttp.ClientSession, url: str) -> bytes:
+    async with session.get(url) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.read()
+
+
+async def _wait_peers(session: aiohttp.ClientSession, url: str, n: int) -> list[dict[str, Any]]:
+    for _ in range(100):
+        async with session.get(url + "/v1/peers") as resp:
+            peers = (await resp.json())["peers"]
+        if len([p for p in peers if p["state"] == "ok"]) >= n:
+            return list(peers)
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} knows {peers}, wanted {n} usable peers")
+
+
+async def test_second_host_takes_every_chunk_from_the_first(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
+) -> None:
+    data = images.add("img", 3 * MIB + 123)
+    a = await start_daemon_process(tmp_path, origin.url, name="a")
+    daemon_processes.append(a)
+    a_port = a.url.rsplit(":", 1)[1]
+    b = await start_daemon_process(
+        tmp_path,
+        origin.url,
+        name="b",
+        extra=f'[discovery]\nmdns = false\nstatic_peers = ["127.0.0.1:{a_port}"]\n',
+    )
+    daemon_processes.append(b)
+    async with aiohttp.ClientSession() as s:
+        assert await _get(s, a.url + "/v1/images/img") == data
+        origin_bytes = origin.stats.bytes_by_path["img"]
+        peers = await _wait_peers(s, b.url, 1)
+        assert peers[0]["source"] == "static"
+        got = await _get(s, b.url + "/v1/images/img")
+        assert sha256(got) == sha256(data)
+        # every image byte B got came from A (B asked the origin only for the
+        # image's size and checksum)
+        assert origin.stats.bytes_by_path["img"] == origin_bytes == len(data)
+        async with s.get(b.url + "/metrics") as resp:
+            text = await resp.text()
+        assert metric(text, "swarmcache_fetched_bytes_total", source="peer") == len(data)
+        assert metric(text, "swarmcache_fetched_bytes_total", source="origin") == 0
+        # A learnt of B from its hello and lists it as an inbound peer
+        a_peers = await _wait_peers(s, a.url, 1)
+        assert a_peers[0]["source"] == "inbound"
+
+
+async def test_peer_serving_corrupt_chunks_is_quarantined_and_image_still_correct(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
+) -> None:
+    data = images.add("img", 2 * MIB)
+    bad = await start_daemon_process(
+        tmp_path, origin.url, name="bad", env={"SWARMCACHE_TEST_CORRUPT_PEER_CHUNKS": "1"}
+    )
+    daemon_processes.append(bad)
+    bad_port = bad.url.rsplit(":", 1)[1]
+    good = await start_daemon_process(
+        tmp_path,
+        origin.url,
+        name="good",
+        extra=f'[discovery]\nmdns = false\nstatic_peers = ["127.0.0.1:{bad_port}"]\n',
+    )
+    daemon_processes.append(good)
+    async with aiohttp.ClientSession() as s:
+        assert await _get(s, bad.url + "/v1/images/img") == data
+        await _wait_peers(s, good.url, 1)
+        got = await _get(s, good.url + "/v1/images/img")
+        assert got == data
+        async with s.get(good.url + "/metrics") as resp:
+            text = await resp.text()
+        assert metric(text, "swarmcache_peer_quarantines_total") == 1
+        assert metric(text, "swarmcache_verification_failures_total", kind="chunk") >= 1
+        async with s.get(good.url + "/v1/peers") as resp:
+            peers = (await resp.json())["peers"]
+        assert [p["state"] for p in peers] == ["quarantined"]
+        # the rest came from the origin
+        assert metric(text, "swarmcache_fetched_bytes_total", source="origin") >= len(data) - (
+            4 * 64 * 1024
+        )
+
+
+async def test_three_hosts_starting_together_share_the_origin_reads(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
+) -> None:
+    data = images.add("img", 8 * MIB)
+    ports = [free_port() for _ in range(3)]
+    daemons = []
+    for n, port in enumerate(ports):
+        others = ", ".join(f'"127.0.0.1:{p}"' for p in ports if p != port)
+        d = await start_daemon_process(
+            tmp_path,
+            origin.url,
+            name=f"h{n}",
+            port=port,
+            extra=f"[discovery]\nmdns = false\nstatic_peers = [{others}]\n",
+        )
+        daemons.append(d)
+        daemon_processes.append(d)
+    async with aiohttp.ClientSession() as s:
+        for d in daemons:
+            await _wait_peers(s, d.url, 2)
+        got = await asyncio.gather(*(_get(s, d.url + "/v1/images/img") for d in daemons))
+        assert all(g == data for g in got)
+        # each chunk came from the origin about once, not three times
+        sent = origin.stats.bytes_by_path["img"]
+        assert sent <= 1.05 * len(data), sent
