@@ -1,0 +1,235 @@
+"""Pure parts of the swarm: wire messages, the peer table, the two-lane SwarmPlan."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from swarmcache.manifest import Manifest
+from swarmcache.peers.table import DOWN_AFTER, PeerTable
+from swarmcache.planner import DONE, INFLIGHT, SwarmPlan
+from swarmcache.wire import (
+    MAX_MESSAGE,
+    Have,
+    Hello,
+    State,
+    Status,
+    Subscribe,
+    Taking,
+    Unsubscribe,
+    WireError,
+    decode,
+    encode,
+)
+
+# -- wire ---------------------------------------------------------------------------
+
+
+def _manifest() -> Manifest:
+    m = Manifest("img", size=10 * 1024, chunk_size=1024, origin_sha256="a" * 64)
+    m.set_digest(3, b"\x07" * 16)
+    return m
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        Hello("n1", "10.0.0.1", 7480),
+        Subscribe("img", True),
+        Unsubscribe("img"),
+        State("img", _manifest(), b"\x08\x00", (1, 2), True),
+        State("img", None, b"", (), False),
+        Have("img", ((3, b"\x07" * 16), (4, b"\x01" * 16))),
+        Taking("img", (5, 6)),
+        Status("img", False, gone=True),
+    ],
+)
+def test_wire_round_trip(msg: object) -> None:
+    assert decode(encode(msg)) == msg  # type: ignore[arg-type]
+
+
+def _raw(**body: object) -> bytes:
+    return msgpack.packb({"v": 1, **body}, use_bin_type=True)
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (b"\xc1", "not valid msgpack"),
+        (msgpack.packb([1, 2]), "not a map"),
+        (msgpack.packb({"v": 2, "t": "hello"}), "unsupported protocol version 2"),
+        (_raw(t="nope", image="img"), "unknown message type"),
+        (_raw(t="sub", image="../etc", fetching=True), "malformed"),
+        (_raw(t="sub", image="img", fetching=1), "malformed"),
+        (_raw(t="have", image="img", chunks=[[1, b"short"]]), "malformed"),
+        (_raw(t="have", image="img", chunks=[[-1, b"x" * 16]]), "malformed"),
+        (_raw(t="taking", image="img", chunks=["a"]), "malformed"),
+        (_raw(t="hello", node="", host="h", port=1), "malformed"),
+        (_raw(t="hello", node="n", host="h", port=70000), "malformed"),
+        (
+            _raw(t="state", image="img", manifest=b"junk", have=b"", taking=[], fetching=False),
+            "malformed",
+        ),
+        (
+            _raw(
+                t="state",
+                image="img",
+                manifest=_manifest().encode(),
+                have=b"\x00",  # 10 chunks need 2 bytes
+                taking=[],
+                fetching=False,
+            ),
+            "malformed",
+        ),
+        (b"\x00" * (MAX_MESSAGE + 1), "exceeds"),
+    ],
+)
+def test_wire_rejects_malformed(data: bytes, problem: str) -> None:
+    with pytest.raises(WireError, match=problem):
+        decode(data)
+
+
+# -- peer table ---------------------------------------------------------------------
+
+
+def test_table_ignores_self_and_tracks_state() -> None:
+    t = PeerTable("me")
+    assert t.seen("me", "h", 1, "mdns", 0.0) is None
+    p = t.seen("a", "10.0.0.1", 7480, "mdns", 0.0)
+    assert p is not None
+    assert p.address == "10.0.0.1:7480"
+    assert p.state(0.0) == "ok"
+    for n in range(DOWN_AFTER - 1):
+        assert not t.failed("a", 1.0 + n)
+    assert t.failed("a", 5.0)  # the third failure in a row: down for a while
+    assert p.state(5.0) == "down"
+    assert t.usable(5.0) == []
+    assert p.state(5.0 + 1.01) == "ok"  # backoff 1 s after the first down
+    t.succeeded("a", 1000, 0.5, 7.0)
+    assert p.errors == 0
+    assert p.rate == 2000
+    t.quarantine("a", 10.0, 300.0)
+    assert p.state(11.0) == "quarantined"
+    assert p.state(311.0) == "ok"
+    t.gone("a")
+    assert p.state(400.0) == "gone"
+    assert t.seen("a", "10.0.0.2", 7480, "inbound", 401.0) is p
+    assert p.state(401.0) == "ok"
+    assert p.source == "mdns"
+    assert p.host == "10.0.0.2"
+
+
+def test_table_ranks_free_fast_peers_first() -> None:
+    t = PeerTable("me")
+    for node in ("slow", "fast", "busy"):
+        t.seen(node, node, 1, "mdns", 0.0)
+    t.succeeded("slow", 1_000_000, 1.0, 0.0)
+    t.succeeded("fast", 50_000_000, 1.0, 0.0)
+    t.succeeded("busy", 100_000_000, 1.0, 0.0)
+    busy = t.get("busy")
+    assert busy is not None
+    busy.inflight = 4
+    assert t.rank(["slow", "fast", "busy"], 0.0, limit=4) == "fast"
+    assert t.rank(["busy"], 0.0, limit=4) is None
+    assert t.rank(["unknown"], 0.0, limit=4) is None
+
+
+def test_table_forgets_old_dynamic_peers_but_not_static_ones() -> None:
+    t = PeerTable("me")
+    t.seen("m", "h", 1, "mdns", 0.0)
+    t.seen("s", "h", 2, "static", 0.0)
+    assert t.expire(10_000.0) == ["m"]
+    assert list(t.peers) == ["s"]
+
+
+# -- SwarmPlan ----------------------------------------------------------------------
+
+
+def _bitmap(chunks: int, held: range | list[int]) -> bytes:
+    b = bytearray((chunks + 7) // 8)
+    for i in held:
+        b[i >> 3] |= 1 << (i & 7)
+    return bytes(b)
+
+
+def first_pick(holders: list[str]) -> str | None:
+    return sorted(holders)[0] if holders else None
+
+
+def test_plan_alone_reads_everything_from_the_origin_in_order() -> None:
+    plan = SwarmPlan(4, [1], "me", "img", stall=30)
+    assert [plan.next_origin(0.0) for _ in range(4)] == [0, 2, 3, None]
+    assert plan.next_peer(first_pick) is None
+
+
+def test_plan_late_joiner_reads_nothing_from_the_origin() -> None:
+    plan = SwarmPlan(8, [], "me", "img", stall=30)
+    plan.peer_state("a", _bitmap(8, range(8)), (), False, 0.0, 10.0)
+    assert plan.next_origin(0.0) is None
+    got = [plan.next_peer(first_pick) for _ in range(8)]
+    assert sorted(i for i, _ in got) == list(range(8))  # type: ignore[misc]
+    assert {n for _, n in got} == {"a"}  # type: ignore[misc]
+
+
+def test_plan_prefers_rarest_chunks_and_wanted_ones_first() -> None:
+    plan = SwarmPlan(6, [], "me", "img", stall=30)
+    plan.peer_state("a", _bitmap(6, range(6)), (), False, 0.0, 10.0)
+    plan.peer_state("b", _bitmap(6, [0, 1, 2, 3]), (), False, 0.0, 10.0)
+    assert plan.next_peer(first_pick) == (4, "a")  # held by one peer only
+    plan.want([2])
+    assert plan.next_peer(first_pick) == (2, "a")
+    assert plan.next_peer(lambda h: "b" if "b" in h else None) == (0, "b")
+
+
+def test_plan_hosts_starting_together_split_the_origin_reads() -> None:
+    hosts = ["h1", "h2", "h3", "h4"]
+    plans = {h: SwarmPlan(400, [], h, "img:etag", stall=30) for h in hosts}
+    for h, plan in plans.items():
+        for other in hosts:
+            if other != h:
+                plan.peer_fetching(other, True, 0.0)
+    owners: dict[int, list[str]] = {}
+    for h, plan in plans.items():
+        while (i := plan.next_origin(0.0)) is not None:
+            owners.setdefault(i, []).append(h)
+    # every chunk read from the origin by exactly one host, the work spread out
+    assert sorted(owners) == list(range(400))
+    assert all(len(v) == 1 for v in owners.values())
+    shares = [sum(1 for v in owners.values() if v == [h]) for h in hosts]
+    assert min(shares) > 40, shares
+
+
+def test_plan_waits_for_a_chunk_a_peer_is_taking_until_its_deadline() -> None:
+    plan = SwarmPlan(2, [], "me", "img", stall=30)
+    plan.peer_taking("a", [0, 1], now=0.0, deadline=5.0)
+    assert plan.next_origin(1.0) is None
+    assert plan.next_deadline() == 5.0
+    plan.peer_has("a", [0], now=2.0)
+    assert plan.next_peer(first_pick) == (0, "a")
+    assert plan.next_origin(5.0) == 1  # a took too long: read it ourselves
+
+
+def test_plan_dead_fetcher_leaves_the_ring_and_its_chunks_fall_back() -> None:
+    plan = SwarmPlan(64, [], "me", "img", stall=30)
+    plan.peer_fetching("a", True, 0.0)
+    mine = sum(plan.mine)
+    assert 0 < mine < 64
+    plan.drop_peer("a")
+    assert sum(plan.mine) == 64
+    # and a fetcher that stays silent too long is dropped the same way
+    plan.peer_fetching("b", True, 0.0)
+    assert sum(plan.mine) < 64
+    plan.next_origin(31.0)
+    assert "b" not in plan.fetchers
+    assert plan.state.count(INFLIGHT) == 1
+
+
+def test_plan_dropped_holder_chunks_go_back_to_the_origin_lane() -> None:
+    plan = SwarmPlan(3, [], "me", "img", stall=30)
+    plan.peer_state("a", _bitmap(3, range(3)), (), False, 0.0, 10.0)
+    assert plan.next_origin(0.0) is None
+    plan.drop_peer("a")
+    assert plan.next_origin(0.0) == 0
+    plan.done(0)
+    assert plan.state[0] == DONE
+    assert plan.count == [0, 0, 0]
