@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,19 @@ async def test_second_host_takes_every_chunk_from_the_first(
         # A learnt of B from its hello and lists it as an inbound peer
         a_peers = await _wait_peers(s, a.url, 1)
         assert a_peers[0]["source"] == "inbound"
+    # the operator's view of B's peer table: A, usable, with a measured rate
+    out = subprocess.run(
+        [sys.executable, "-m", "swarmcache", "--daemon", b.url, "peers"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    lines = out.splitlines()
+    assert lines[1].split()[:5] == ["NODE", "ADDRESS", "STATE", "SOURCE", "LAST"]
+    row = lines[2].split()
+    assert row[1:4] == [f"127.0.0.1:{a_port}", "ok", "static"]
+    assert row[-1].endswith("/s")  # a rate was measured
 
 
 async def test_peer_serving_corrupt_chunks_is_quarantined_and_image_still_correct(

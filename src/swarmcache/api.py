@@ -383,8 +383,16 @@ async def _send_image(
 async def peer_hello(request: web.Request) -> web.Response:
     """GET /v1/peer/hello: who we are (static peers ask this to learn our node id)."""
     swarm = request.app[SWARM]
+    images, chunks = swarm.inventory()
     return web.json_response(
-        {"node": swarm.node_id, "version": PROTOCOL_VERSION, "port": swarm.advertise[1]}
+        {
+            "node": swarm.node_id,
+            "version": PROTOCOL_VERSION,
+            "port": swarm.advertise[1],
+            "generation": swarm.generation,
+            "images": images,
+            "chunks": chunks,
+        }
     )
 
 

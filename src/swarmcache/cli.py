@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         "unpin", help="let eviction remove an image again", description="Unpin an image."
     )
     unpin.add_argument("image_id", metavar="ID")
+    peers = sub.add_parser(
+        "peers",
+        help="show the peer table",
+        description="Show the other daemons this one knows: node id, address, state "
+        "(ok, down, quarantined, gone), last seen, images and chunks they hold, "
+        "measured transfer rate.",
+    )
+    peers.add_argument("--json", action="store_true", help="print the API's JSON")
     return p
 
 
@@ -315,9 +323,7 @@ def cmd_ls(client: Client, args: argparse.Namespace) -> int:
                 time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last)) if last else "-",
             )
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    _table(rows)
     return EXIT_OK
 
 
@@ -377,6 +383,38 @@ def cmd_pin(client: Client, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_peers(client: Client, args: argparse.Namespace) -> int:
+    """swarmcache peers."""
+    data = client.json("GET", "/v1/peers")
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    print(f"this daemon: {data['node_id']} at {data['address']}")
+    rows = [("NODE", "ADDRESS", "STATE", "SOURCE", "LAST SEEN", "IMAGES", "CHUNKS", "RATE")]
+    for p in data["peers"]:
+        rate = p["rate_bytes_per_s"]
+        rows.append(
+            (
+                p["node_id"],
+                p["address"],
+                p["state"],
+                p["source"],
+                f"{p['last_seen_s']:.0f}s ago",
+                str(p["images"]),
+                str(p["chunks"]),
+                f"{format_size(rate)}/s" if rate else "-",
+            )
+        )
+    _table(rows)
+    return EXIT_OK
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
 COMMANDS = {
     "fetch": cmd_fetch,
     "ls": cmd_ls,
@@ -384,4 +422,5 @@ COMMANDS = {
     "evict": cmd_evict,
     "pin": cmd_pin,
     "unpin": cmd_pin,
+    "peers": cmd_peers,
 }

@@ -124,9 +124,10 @@ async def _discovery_ctx(app: web.Application) -> AsyncIterator[None]:
         swarm.node_id,
         port,
         addresses,
-        lambda node, h, p, gen: swarm.seen(node, h, p, "mdns", gen),
+        lambda node, h, p, gen, inventory: swarm.seen(node, h, p, "mdns", gen, inventory),
         swarm.gone,
         lambda: swarm.generation,
+        swarm.inventory,
     ):
         yield
 

@@ -64,9 +64,10 @@ class Discovery:
         node_id: str,
         port: int,
         addresses: list[str],
-        found: Callable[[str, str, int, int], None],
+        found: Callable[[str, str, int, int, tuple[int, int]], None],
         lost: Callable[[str], None],
         generation: Callable[[], int] = lambda: 0,
+        inventory: Callable[[], tuple[int, int]] = lambda: (0, 0),
     ) -> None:
         self.node_id = node_id
         self.port = port
@@ -74,6 +75,7 @@ class Discovery:
         self.found = found
         self.lost = lost
         self.generation = generation
+        self.inventory = inventory
         self._zc: AsyncZeroconf | None = None
         self._browser: AsyncServiceBrowser | None = None
         self._info: AsyncServiceInfo | None = None
@@ -106,6 +108,7 @@ class Discovery:
 
     def _service_info(self) -> AsyncServiceInfo:
         self._gen = self.generation()
+        images, chunks = self.inventory()
         return AsyncServiceInfo(
             SERVICE_TYPE,
             f"{self.node_id}.{SERVICE_TYPE}",
@@ -115,6 +118,8 @@ class Discovery:
                 "port": str(self.port),
                 "v": str(PROTOCOL_VERSION),
                 "gen": str(self._gen),
+                "images": str(images),
+                "chunks": str(chunks),
             },
             server=f"swarmcache-{self.node_id}.local.",
             addresses=[socket.inet_aton(a) for a in self.addresses],
@@ -169,7 +174,8 @@ class Discovery:
             return
         try:
             gen = int(props.get("gen", "0"))
+            inventory = (int(props.get("images", "0")), int(props.get("chunks", "0")))
         except ValueError:
-            gen = 0
+            gen, inventory = 0, (0, 0)
         self._names[name] = node
-        self.found(node, addresses[0], info.port, gen)
+        self.found(node, addresses[0], info.port, gen, inventory)

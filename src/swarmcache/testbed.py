@@ -787,8 +787,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check or reason:
         print(reason or "ok: a test bed can be built here", file=sys.stderr if reason else None)
         return 1 if reason else 0
-    # SIGTERM ends the run like Ctrl-C, so the namespaces are deleted.
+    # SIGTERM ends the run like Ctrl-C, and Ctrl-C works even when started in the
+    # background (which ignores SIGINT), so the namespaces are always deleted.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return _swarm(args)
     except KeyboardInterrupt:

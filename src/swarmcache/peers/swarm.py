@@ -277,10 +277,19 @@ class Swarm:
 
     # -- discovery feeds -------------------------------------------------------------
 
-    def seen(self, node_id: str, host: str, port: int, source: str, generation: int = 0) -> None:
+    def seen(
+        self,
+        node_id: str,
+        host: str,
+        port: int,
+        source: str,
+        generation: int | None = None,
+        inventory: tuple[int, int] | None = None,
+    ) -> None:
         """A peer was discovered or refreshed; running fetches subscribe to it."""
         known = node_id in self.table.peers and not self.table.peers[node_id].gone
-        if self.table.seen(node_id, host, port, source, self.clock(), generation) is None:
+        now = self.clock()
+        if self.table.seen(node_id, host, port, source, now, generation, inventory) is None:
             return
         if not known:
             log.info("peer %s at %s:%d (%s)", node_id, host, port, source)
@@ -330,7 +339,15 @@ class Swarm:
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError) as err:
             log.debug("static peer %s does not answer: %r", address, err)
             return False
-        self.seen(node, host, int(port), "static")
+        inventory = (info.get("images"), info.get("chunks"))
+        self.seen(
+            node,
+            host,
+            int(port),
+            "static",
+            info.get("generation") if isinstance(info.get("generation"), int) else None,
+            inventory if all(isinstance(n, int) for n in inventory) else None,
+        )
         return True
 
     # -- client side: our fetches ----------------------------------------------------
@@ -600,6 +617,15 @@ class Swarm:
         """We dropped the image (evicted, deleted, discarded)."""
         self.generation += 1
         self.push_all(image_id, Status(image_id, False, gone=True))
+
+    def inventory(self) -> tuple[int, int]:
+        """(images, chunks) this daemon holds, for mDNS and hello."""
+        if self.store is None:
+            return 0, 0
+        images = list(self.store.images.values())
+        return len(images), sum(
+            i.manifest.chunks if i.complete else i.present_chunks for i in images
+        )
 
     def peers_json(self) -> list[dict[str, Any]]:
         """The peer table for the API."""

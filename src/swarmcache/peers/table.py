@@ -34,6 +34,8 @@ class Peer:
     source: str  # mdns | static | inbound
     last_seen: float
     generation: int = 0
+    images: int = 0  # images and chunks it says it holds (mDNS TXT or hello)
+    chunks: int = 0
     errors: int = 0  # consecutive failures
     down_until: float = 0.0
     quarantined_until: float = 0.0
@@ -72,6 +74,8 @@ class Peer:
             "state": self.state(now),
             "last_seen_s": round(max(0.0, now - self.last_seen), 1),
             "generation": self.generation,
+            "images": self.images,
+            "chunks": self.chunks,
             "rate_bytes_per_s": round(self.rate),
             "bytes_received": self.bytes_received,
             "errors": self.errors,
@@ -95,6 +99,7 @@ class PeerTable:
         source: str,
         now: float,
         generation: int | None = None,
+        inventory: tuple[int, int] | None = None,
     ) -> Peer | None:
         """Add or refresh a peer (None for ourselves); returns the entry."""
         if node_id == self.self_id:
@@ -109,6 +114,8 @@ class PeerTable:
         peer.gone = False
         if generation is not None:
             peer.generation = generation
+        if inventory is not None:
+            peer.images, peer.chunks = inventory
         return peer
 
     def gone(self, node_id: str) -> None:
