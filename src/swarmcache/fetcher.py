@@ -39,7 +39,7 @@ from .errors import (
 from .manifest import Manifest, chunk_digest
 from .metrics import Metrics
 from .origin import Origin
-from .planner import SwarmPlan
+from .planner import DONE, SwarmPlan
 from .store import CachedImage, Store
 
 if TYPE_CHECKING:
@@ -52,6 +52,8 @@ UNHASHED_BYTES = 64 * 1024 * 1024  # per job: chunks kept in memory for the hash
 CHECK_BATCH = 16  # chunks re-checked per thread call when a fetch resumes
 REFRESH_EVERY = 2.0  # seconds between looks for peers that came up during a fetch
 IDLE_TICK = 1.0  # longest sleep of an idle worker (deadlines of peers' chunks expire)
+ENDGAME_CHUNKS = 8  # with this few chunks left, slow peer reads get a second source
+ENDGAME_AFTER = 1.0  # seconds a peer read may run before the endgame doubles it
 
 
 class ChunkSource(Protocol):
@@ -126,6 +128,8 @@ class FetchJob:
             else SwarmPlan(manifest.chunks, present, "", manifest.image_id, stall=0.0)
         )
         self.taking: set[int] = set()  # chunks being read from the origin
+        self._peer_reads: dict[int, dict[str, asyncio.Task[None]]] = {}
+        self._read_started: dict[int, float] = {}
         self.peers_used: set[str] = set()
         self.started = time.monotonic()
         self.bytes_by_source: Counter[str] = Counter()
@@ -326,26 +330,61 @@ class FetchJob:
             self._changed.clear()
             task = self.plan.next_peer(
                 lambda holders: swarm.table.rank(holders, time.monotonic(), limit)
-            )
+            ) or self._endgame(limit)
             if task is None:
                 await self._idle()
                 continue
-            index, node = task
-            peer = swarm.table.get(node)
-            if peer is not None:
-                peer.inflight += 1
-            try:
-                await self._fetch_from_peer(index, node)
-            except (PeerError, IntegrityError):
+            await self._peer_read(*task)
+
+    def _endgame(self, limit: int) -> tuple[int, str] | None:
+        """Near the end, a chunk slow to come from one peer is asked of a second one too."""
+        assert self.swarm is not None
+        if self.plan.remaining > ENDGAME_CHUNKS:
+            return None
+        now = time.monotonic()
+        for index, reads in self._peer_reads.items():
+            if len(reads) != 1 or now - self._read_started[index] < ENDGAME_AFTER:
+                continue
+            others = [n for n in self.plan.holders_of(index) if n not in reads]
+            node = self.swarm.table.rank(others, now, limit)
+            if node is not None:
+                log.debug("%s: endgame: chunk %d also from %s", self.image_id, index, node)
+                return index, node
+        return None
+
+    async def _peer_read(self, index: int, node: str) -> None:
+        """One read of a chunk from a peer; the first of duplicate reads to land wins."""
+        assert self.swarm is not None
+        reads = self._peer_reads.setdefault(index, {})
+        if not reads:
+            self._read_started[index] = time.monotonic()
+        read = asyncio.create_task(self._fetch_from_peer(index, node))
+        reads[node] = read
+        peer = self.swarm.table.get(node)
+        if peer is not None:
+            peer.inflight += 1
+        try:
+            await read
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if read.cancelled() and current is not None and not current.cancelling():
+                return  # a duplicate landed first
+            raise
+        except (PeerError, IntegrityError):
+            if len(reads) == 1:  # no other read of it running: it is missing again
                 self.plan.failed(index)
                 self._changed.set()
-                continue
-            except BaseException:
-                self.plan.failed(index)
-                raise
-            finally:
-                if peer is not None:
-                    peer.inflight -= 1
+            return
+        finally:
+            if peer is not None:
+                peer.inflight -= 1
+            reads.pop(node, None)
+            if not reads:
+                self._peer_reads.pop(index, None)
+                self._read_started.pop(index, None)
+        for other in list(reads.values()):
+            other.cancel()
+        if self.plan.state[index] != DONE:
             self._landed(index)
 
     async def _fetch_from_peer(self, index: int, node: str) -> None:

@@ -268,6 +268,8 @@ class Testbed:
         return [self.switch_ns, *(h.ns for h in self.all)]
 
     def __enter__(self) -> Testbed:
+        if self._open or self._made:
+            raise TestbedError("the test bed is already open")
         try:
             self._build()
         except BaseException:
