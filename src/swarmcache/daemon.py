@@ -114,8 +114,8 @@ async def _discovery_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     host, port = swarm.advertise
     addresses = interface_addresses(config.discovery.interfaces)
-    if config.daemon.advertise or host not in addresses:
-        addresses = [host, *addresses] if host else addresses
+    if host and host not in addresses:
+        addresses = [host, *addresses]
     if not addresses:
         log.warning("mDNS: no network interface to announce on; discovery is off")
         yield
