@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 
 from conftest import ImageDir, Origin, free_port, metric, sha256, start_daemon_process
+from swarmcache.wire import Hello, State, Subscribe, decode, encode
 
 MIB = 1024 * 1024
 
@@ -136,3 +137,47 @@ async def test_three_hosts_starting_together_share_the_origin_reads(
         # each chunk came from the origin about once, not three times
         sent = origin.stats.bytes_by_path["img"]
         assert sent <= 1.05 * len(data), sent
+
+
+async def test_peer_api_serves_held_chunks_only_and_survives_garbage(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
+) -> None:
+    data = images.add("img", 1 * MIB)
+    a = await start_daemon_process(tmp_path, origin.url, name="a")
+    daemon_processes.append(a)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(a.url + "/v1/peer/images/img/chunks/0") as resp:
+            assert resp.status == 404  # not held yet
+        assert await _get(s, a.url + "/v1/images/img") == data
+        async with s.get(a.url + "/v1/peer/images/img/chunks/3") as resp:
+            assert resp.status == 200
+            assert await resp.read() == data[3 * 64 * 1024 : 4 * 64 * 1024]
+            assert len(resp.headers["X-Chunk-Digest"]) == 32
+        async with s.get(a.url + "/v1/peer/images/img/chunks/99") as resp:
+            assert resp.status == 404
+        async with s.get(
+            a.url + "/v1/peer/images/img/chunks/1", headers={"If-Match": '"other"'}
+        ) as resp:
+            assert resp.status == 412
+        async with s.get(a.url + "/v1/peer/images/img/chunks/x") as resp:
+            assert resp.status == 400
+        # a peer speaking garbage, or skipping its hello, loses its socket, nothing more
+        for frame in (b"\xc1\xc1", b"\x93\x01\x02\x03", encode(Subscribe("img", True))):
+            async with s.ws_connect(a.url + "/v1/peer/ws") as ws:
+                await ws.send_bytes(frame)
+                msg = await ws.receive(timeout=10)
+                assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        # a well-behaved subscriber gets the state: every chunk held
+        async with s.ws_connect(a.url + "/v1/peer/ws") as ws:
+            await ws.send_bytes(encode(Hello("tester", "127.0.0.1", 9)))
+            assert isinstance(decode((await ws.receive(timeout=10)).data), Hello)
+            await ws.send_bytes(encode(Subscribe("img", False)))
+            state = decode((await ws.receive(timeout=10)).data)
+            assert isinstance(state, State)
+            assert state.manifest is not None
+            assert state.manifest.complete
+            assert state.have == b"\xff" * 2
+        async with s.get(a.url + "/healthz") as resp:
+            assert resp.status == 200
+        async with s.get(a.url + "/metrics") as resp:
+            assert metric(await resp.text(), "swarmcache_peer_errors_total") == 3

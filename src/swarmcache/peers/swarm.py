@@ -56,6 +56,7 @@ GATHER_TIMEOUT = 1.0  # a fetch waits this long at most for peers' states before
 HEARTBEAT = 5.0  # WebSocket ping interval; a peer silent for twice this is dead
 MAX_QUEUE = 10_000  # messages waiting for one subscriber before it is cut off
 STATIC_EVERY = 10.0  # seconds between hellos to static peers
+MAINTENANCE_EVERY = 60.0  # seconds between sweeps of the peer table
 
 
 class PeerLink:
@@ -232,6 +233,7 @@ class Swarm:
         )
         if self.static_peers:
             self.spawn(self._static_loop(), "static-peers")
+        self.spawn(self._maintenance(), "peer-table")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -302,6 +304,18 @@ class Swarm:
             log.info("peer %s left", node_id)
         self.table.gone(node_id)
         self._drop(node_id)
+
+    async def _maintenance(self) -> None:
+        """Forget peers long gone, and close our sockets to peers that left."""
+        while True:
+            await asyncio.sleep(MAINTENANCE_EVERY)
+            for node_id in self.table.expire(self.clock()):
+                log.info("peer %s forgotten (not seen for a long time)", node_id)
+            for node_id, link in list(self.links.items()):
+                peer = self.table.get(node_id)
+                if peer is None or peer.gone:
+                    del self.links[node_id]
+                    await link.close()
 
     async def _static_loop(self) -> None:
         """Say hello to every static peer now and then (they have no mDNS to find them).
