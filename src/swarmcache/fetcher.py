@@ -305,7 +305,11 @@ class FetchJob:
         """Read the chunks the plan gives the origin lane, one at a time."""
         while not self.plan.finished:
             self._changed.clear()
-            index = self.plan.next_origin(time.monotonic())
+            index = (
+                self.plan.next_origin(time.monotonic())
+                if len(self.taking) < self._origin_slots()
+                else None
+            )
             if index is None:
                 await self._idle()
                 continue
@@ -320,6 +324,12 @@ class FetchJob:
             finally:
                 self.taking.discard(index)
             self._landed(index)
+
+    def _origin_slots(self) -> int:
+        """Origin reads this host may have in flight: origin.concurrency shared by the hosts
+        fetching the image, so the origin serves about that many streams in all, and
+        each chunk arrives (and can be passed on to peers) as early as possible."""
+        return max(1, -(-self.concurrency // (1 + len(self.plan.fetchers))))
 
     async def _peer_worker(self) -> None:
         """Read chunks that peers hold; a failing peer costs a retry elsewhere, not the fetch."""
