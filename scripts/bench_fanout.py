@@ -10,7 +10,12 @@ SIZE MiB at the origin. In the same run, each mode starts with cold caches:
               tiny static tracker in the origin namespace that answers every announce
               with every other peer
   swarmcache  one daemon per host ([discovery] mdns = true), every host curls
-              http://127.0.0.1:7480/v1/images/<id> at once
+              http://127.0.0.1:7480/v1/images/<id> to a file at once (the daemon's
+              cached copy plus the client's copy: two writes of the image per host)
+  swarmcache-cache
+              the same daemons, every host runs `swarmcache fetch <id>` (no -o) at
+              once: done when its daemon holds the image complete (verified against
+              the origin's sha256, durable); one copy per host, as aria2c leaves
 
 Every host writes the image to its local disk and it is checked (sha256) afterwards;
 a host with wrong or missing bytes, or one not done within 10x the physical limit
@@ -49,6 +54,7 @@ from swarmcache.testbed import (
     make_image,
     origin_stats,
     origin_url,
+    python_argv,
     rate_bits_per_s,
     reset_origin_stats,
     spawn_daemon,
@@ -59,7 +65,7 @@ from swarmcache.testbed import (
     write_toml,
 )
 
-MODES = ("naive", "aria2", "swarmcache")
+MODES = ("naive", "aria2", "swarmcache", "swarmcache-cache")
 TRACKER_PORT = 6969
 BT_PORT = 6881
 MiB = 1 << 20
@@ -298,6 +304,7 @@ def run_swarmcache(
     settle: float = 3.0,
     origin_port: int = ORIGIN_PORT,
     log_level: str = "info",
+    sink: str = "file",
 ) -> ModeResult:
     """One daemon per host (mDNS discovery); every host GETs the image through it at once.
 
@@ -326,10 +333,30 @@ def run_swarmcache(
         tx0 = bed.link_bytes(bed.origin)[1]
         url = f"http://127.0.0.1:{DAEMON_PORT}/v1/images/{image.id}"
         cmds = {h: [*CURL, "-o", str(files[h.name]), url] for h in bed.hosts}
+        if sink == "cache":
+            api = f"http://127.0.0.1:{DAEMON_PORT}"
+            fetch = python_argv("-m", "swarmcache", "--daemon", api, "fetch", image.id, "-q")
+            cmds = {h: fetch for h in bed.hosts}
+        cpu0 = {n: proc_cpu(p.pid) for n, p in daemons.items()}
+        busy0 = machine_busy()
         times = race(bed, cmds, time.monotonic() + timeout, work)
+        busy1 = machine_busy()
+        cpu1 = {n: proc_cpu(p.pid) for n, p in daemons.items()}
         tx = bed.link_bytes(bed.origin)[1] - tx0
         served = origin_stats(bed, origin_port)["total_bytes"]
-        result = ModeResult("swarmcache", times, verify(image, files), tx, served)
+        if sink == "cache":
+            bad = [h.name for h in bed.hosts if cached_sha256(bed, h, image.id) != image.sha256]
+            result = ModeResult("swarmcache-cache", times, bad, tx, served)
+        else:
+            result = ModeResult("swarmcache", times, verify(image, files), tx, served)
+        used = {n: cpu1[n] - cpu0[n] for n in daemons}
+        wall = max(t for t in times.values() if t is not None) if any(times.values()) else 0
+        result.notes.append(
+            f"daemon CPU during the fetch: {sum(used.values()):.1f} core-s in all "
+            f"({', '.join(f'{n}={c:.1f}' for n, c in used.items())}); machine busy "
+            f"{(busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1e-9) * 100:.0f}% of "
+            f"{os.cpu_count()} cores over {wall:.1f} s"
+        )
         sources = fetched_by_source(bed)
         if sources:
             result.notes.append(
@@ -346,6 +373,34 @@ def run_swarmcache(
 
 
 _FETCHED = re.compile(r'^swarmcache_fetched_bytes_total\{[^}]*source="([^"]+)"[^}]*\}\s+(\S+)$')
+
+
+def cached_sha256(bed: Testbed, host: Host, image_id: str) -> str | None:
+    """The sha256 a host's daemon verified for a complete image (None if not complete)."""
+    try:
+        body = http_request(
+            bed, host, f"http://127.0.0.1:{DAEMON_PORT}/v1/images/{image_id}/status", timeout=10
+        )
+    except TestbedError:
+        return None
+    status = json.loads(body)
+    return status["sha256"] if status.get("state") == "complete" else None
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds a process has used (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of every CPU so far, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return float(sum(values) - idle), float(sum(values))
 
 
 def fetched_by_source(bed: Testbed) -> dict[str, int]:
@@ -426,7 +481,12 @@ def report(results: Mapping[str, list[ModeResult]], image: Image, args: argparse
 
 def check_tools(modes: Sequence[str]) -> list[str]:
     """What is missing for the chosen modes."""
-    need = {"naive": ["curl"], "aria2": ["aria2c", "mktorrent"], "swarmcache": ["curl"]}
+    need = {
+        "naive": ["curl"],
+        "aria2": ["aria2c", "mktorrent"],
+        "swarmcache": ["curl"],
+        "swarmcache-cache": [],
+    }
     return sorted({t for m in modes for t in need[m] if shutil.which(t) is None})
 
 
@@ -513,13 +573,29 @@ def bench(args: argparse.Namespace, modes: list[str], work: Path) -> int:
             "swarmcache": lambda d: run_swarmcache(
                 bed, image, d, timeout, args.chunk_size, args.settle, log_level=args.log_level
             ),
+            "swarmcache-cache": lambda d: run_swarmcache(
+                bed,
+                image,
+                d,
+                timeout,
+                args.chunk_size,
+                args.settle,
+                log_level=args.log_level,
+                sink="cache",
+            ),
         }
         for run in range(1, args.runs + 1):
             for mode in modes:
                 mode_dir = work / f"run{run}" / mode
                 mode_dir.mkdir(parents=True)
                 print(f"run {run}: {mode} ...", flush=True)
+                busy0 = machine_busy()
                 result = runners[mode](mode_dir)
+                busy1 = machine_busy()
+                result.notes.append(
+                    f"machine CPU busy {(busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1e-9):.0%}"
+                    " over the whole mode (start-up and checks included)"
+                )
                 results[mode].append(result)
                 state = "ok" if result.ok else "FAILED"
                 print(

@@ -53,7 +53,8 @@ CHECK_BATCH = 16  # chunks re-checked per thread call when a fetch resumes
 REFRESH_EVERY = 2.0  # seconds between looks for peers that came up during a fetch
 IDLE_TICK = 1.0  # longest sleep of an idle worker (deadlines of peers' chunks expire)
 ENDGAME_CHUNKS = 8  # with this few chunks left, slow peer reads get a second source
-ENDGAME_AFTER = 1.0  # seconds a peer read may run before the endgame doubles it
+ENDGAME_AFTER = 1.0  # seconds a peer read runs at least before the endgame doubles it
+ENDGAME_FACTOR = 3.0  # ... and this many times the usual peer read time of the fetch
 
 
 class ChunkSource(Protocol):
@@ -130,6 +131,7 @@ class FetchJob:
         self.taking: set[int] = set()  # chunks being read from the origin
         self._peer_reads: dict[int, dict[str, asyncio.Task[None]]] = {}
         self._read_started: dict[int, float] = {}
+        self._peer_read_time = 0.0  # EWMA of successful peer read durations
         self.peers_used: set[str] = set()
         self.started = time.monotonic()
         self.bytes_by_source: Counter[str] = Counter()
@@ -352,8 +354,10 @@ class FetchJob:
         if self.plan.remaining > ENDGAME_CHUNKS:
             return None
         now = time.monotonic()
+        # slow = well behind what a peer read usually takes in this fetch
+        slow = max(ENDGAME_AFTER, ENDGAME_FACTOR * self._peer_read_time)
         for index, reads in self._peer_reads.items():
-            if len(reads) != 1 or now - self._read_started[index] < ENDGAME_AFTER:
+            if len(reads) != 1 or now - self._read_started[index] < slow:
                 continue
             others = [n for n in self.plan.holders_of(index) if n not in reads]
             node = self.swarm.table.rank(others, now, limit)
@@ -414,6 +418,8 @@ class FetchJob:
                 log.warning("peer %s is down after repeated failures", node)
                 swarm.gone_for_now(node)
             raise
+        if self.plan.state[index] == DONE:
+            return  # a duplicate read (endgame) landed first: nothing to store or count
         try:
             await self._store(index, data, expected)
         except IntegrityError:
@@ -426,6 +432,9 @@ class FetchJob:
             swarm.quarantine(node)
             raise
         seconds = time.monotonic() - t0
+        self._peer_read_time = (
+            seconds if not self._peer_read_time else 0.8 * self._peer_read_time + 0.2 * seconds
+        )
         swarm.table.succeeded(node, len(data), seconds, time.monotonic())
         self.peers_used.add(node)
         self._account("peer", len(data), seconds)
@@ -448,6 +457,7 @@ class FetchJob:
 
     def _landed(self, index: int) -> None:
         """Chunk `index` is written and checked: readable, on its way to durable."""
+        log.debug("%s: chunk %d landed", self.image_id, index)
         self.plan.done(index)
         self._unsynced.append(index)
         self._dirty.set()
@@ -497,6 +507,8 @@ class FetchJob:
         self._hash_wake.set()
 
     def _account(self, source: str, nbytes: int, seconds: float) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: %d bytes from %s in %.3fs", self.image_id, nbytes, source, seconds)
         self.metrics.chunk_latency.labels(source).observe(seconds)
         self.metrics.bytes_fetched.labels(source).inc(nbytes)
         self.bytes_by_source[source] += nbytes

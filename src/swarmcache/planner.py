@@ -15,7 +15,6 @@ directly.
 
 from __future__ import annotations
 
-import bisect
 from collections import deque
 from collections.abc import Callable, Iterable
 
@@ -84,7 +83,6 @@ class ChunkPlan:
 
 
 ORIGIN = ""  # the source id of the origin in SwarmPlan's answers
-VNODES = 32  # points per fetcher on the hash ring
 CANDIDATES = 64  # chunks looked at per peer assignment (rarest of these first)
 
 
@@ -103,12 +101,12 @@ class SwarmPlan(ChunkPlan):
     some peer holds, wanted ones first, then the rarest of the lowest missing ones,
     from the holder `pick` prefers (free slots, measured speed). The origin lane
     (`next_origin`) takes only chunks no peer holds, and of those only the ones this
-    host owns: every host fetching the image places itself on a hash ring, and chunk
-    i belongs to the fetcher after hash(image, i), so hosts that start together split
-    the image without a tracker and the origin sends each chunk about once. A peer
+    host owns: the hosts fetching the image (sorted by node id) own the chunks in
+    turn, so hosts that start together split the image evenly without a tracker and
+    the origin sends each chunk about once. A peer
     that announced it is taking a chunk from the origin is waited for until that
     chunk's deadline; a fetcher that shows no progress for `stall` seconds is taken
-    off the ring. With no peers at all this is ChunkPlan: everything from the origin,
+    off the rota. With no peers at all this is ChunkPlan: everything from the origin,
     in order.
     """
 
@@ -128,7 +126,7 @@ class SwarmPlan(ChunkPlan):
         self.count = [0] * chunks  # holders per chunk
         self.fetchers: dict[str, float] = {}  # peer fetching this image -> last progress
         self.taken: dict[int, tuple[str, float]] = {}  # chunk -> (peer, deadline)
-        self.mine = bytearray(b"\x01" * chunks)  # 1: this host owns the chunk on the ring
+        self.mine = bytearray(b"\x01" * chunks)  # 1: this host reads the chunk from the origin
 
     # -- what peers tell us ------------------------------------------------------
 
@@ -178,7 +176,7 @@ class SwarmPlan(ChunkPlan):
             self.fetchers[node] = now
 
     def peer_fetching(self, node: str, fetching: bool, now: float) -> None:
-        """A peer started or stopped fetching this image (it joins or leaves the ring)."""
+        """A peer started or stopped fetching this image (it joins or leaves the rota)."""
         if fetching and node not in self.fetchers:
             self.fetchers[node] = now
             self._place()
@@ -206,33 +204,26 @@ class SwarmPlan(ChunkPlan):
                 self.count[i] -= 1
 
     def _place(self) -> None:
-        """Recompute which chunks this host owns on the hash ring."""
+        """Recompute which chunks this host reads from the origin.
+
+        The hosts fetching the image, sorted by node id, take the chunks in turn from
+        an offset given by the image: an even split (within one chunk) that every
+        host with the same view computes alike, and neighbouring chunks come from
+        different hosts, so a reader streaming from the start finds them in parallel.
+        """
+        n = len(self.state)
         if not self.fetchers:
-            self.mine = bytearray(b"\x01" * len(self.state))
+            self.mine = bytearray(b"\x01" * n)
             return
-        ring = sorted(
-            (_point(f"{self.image_key}/{node}/{v}"), node)
-            for node in (self.self_id, *self.fetchers)
-            for v in range(VNODES)
-        )
-        points = [p for p, _ in ring]
-        mine = bytearray(len(self.state))
-        for i in range(len(self.state)):
-            at = bisect.bisect_left(points, _point(f"{self.image_key}#{i}"))
-            mine[i] = ring[at % len(ring)][1] == self.self_id
-        self.mine = mine
+        hosts = sorted((self.self_id, *self.fetchers))
+        me, count = hosts.index(self.self_id), len(hosts)
+        base = _point(self.image_key) % count
+        self.mine = bytearray((i + base) % count == me for i in range(n))
 
     def owner(self, index: int) -> str:
-        """The fetcher that owns chunk `index` on the ring (for tests and logs)."""
-        if self.mine[index]:
-            return self.self_id
-        ring = sorted(
-            (_point(f"{self.image_key}/{node}/{v}"), node)
-            for node in (self.self_id, *self.fetchers)
-            for v in range(VNODES)
-        )
-        at = bisect.bisect_left([p for p, _ in ring], _point(f"{self.image_key}#{index}"))
-        return ring[at % len(ring)][1]
+        """The fetcher that reads chunk `index` from the origin (for tests and logs)."""
+        hosts = sorted((self.self_id, *self.fetchers))
+        return hosts[(index + _point(self.image_key) % len(hosts)) % len(hosts)]
 
     # -- the two lanes -------------------------------------------------------------
 
