@@ -225,9 +225,10 @@ class Swarm:
 
     async def __aenter__(self) -> Swarm:
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=min(5.0, self.config.timeout), sock_read=self.config.timeout
-            ),
+            # no sock_read timeout: aiohttp re-arms it on every packet received, which
+            # costs more CPU than anything else per chunk; read_chunk bounds each read
+            # with peers.timeout as a whole instead
+            timeout=aiohttp.ClientTimeout(total=None, connect=min(5.0, self.config.timeout)),
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
             auto_decompress=False,
         )
