@@ -159,26 +159,26 @@ def first_pick(holders: list[str]) -> str | None:
 def test_plan_alone_reads_everything_from_the_origin_in_order() -> None:
     plan = SwarmPlan(4, [1], "me", "img", stall=30)
     assert [plan.next_origin(0.0) for _ in range(4)] == [0, 2, 3, None]
-    assert plan.next_peer(first_pick) is None
+    assert plan.next_peer(first_pick, 0.0) is None
 
 
 def test_plan_late_joiner_reads_nothing_from_the_origin() -> None:
     plan = SwarmPlan(8, [], "me", "img", stall=30)
     plan.peer_state("a", _bitmap(8, range(8)), (), False, 0.0, 10.0)
     assert plan.next_origin(0.0) is None
-    got = [plan.next_peer(first_pick) for _ in range(8)]
-    assert sorted(i for i, _ in got) == list(range(8))  # type: ignore[misc]
-    assert {n for _, n in got} == {"a"}  # type: ignore[misc]
+    got = [plan.next_peer(first_pick, 0.0) for _ in range(8)]
+    assert sorted(t[0] for t in got if t) == list(range(8))
+    assert {(t[1], t[2]) for t in got if t} == {("a", False)}
 
 
 def test_plan_prefers_rarest_chunks_and_wanted_ones_first() -> None:
     plan = SwarmPlan(6, [], "me", "img", stall=30)
     plan.peer_state("a", _bitmap(6, range(6)), (), False, 0.0, 10.0)
     plan.peer_state("b", _bitmap(6, [0, 1, 2, 3]), (), False, 0.0, 10.0)
-    assert plan.next_peer(first_pick) == (4, "a")  # held by one peer only
+    assert plan.next_peer(first_pick, 0.0) == (4, "a", False)  # held by one peer only
     plan.want([2])
-    assert plan.next_peer(first_pick) == (2, "a")
-    assert plan.next_peer(lambda h: "b" if "b" in h else None) == (0, "b")
+    assert plan.next_peer(first_pick, 0.0) == (2, "a", False)
+    assert plan.next_peer(lambda h: "b" if "b" in h else None, 0.0) == (0, "b", False)
 
 
 def test_plan_hosts_starting_together_split_the_origin_reads() -> None:
@@ -205,7 +205,13 @@ def test_plan_waits_for_a_chunk_a_peer_is_taking_until_its_deadline() -> None:
     assert plan.next_origin(1.0) is None
     assert plan.next_deadline() == 5.0
     plan.peer_has("a", [0], now=2.0)
-    assert plan.next_peer(first_pick) == (0, "a")
+    # chunk 1 is still arriving at a: streamed from a as it arrives, before held ones
+    assert plan.next_peer(first_pick, 2.0, streams=True) == (1, "a", True)
+    assert plan.next_peer(first_pick, 2.0) == (0, "a", False)
+    plan.failed(1)  # the stream broke
+    assert plan.next_origin(4.0) is None  # a may still deliver it
+    assert plan.next_peer(first_pick, 2.0) is None  # held chunks only
+    assert plan.next_peer(first_pick, 5.0, streams=True) is None  # past its deadline
     assert plan.next_origin(5.0) == 1  # a took too long: read it ourselves
 
 

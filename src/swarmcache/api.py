@@ -26,11 +26,11 @@ from .errors import (
     RangeNotSatisfiable,
     SwarmcacheError,
 )
-from .fetcher import Fetcher, FetchJob
+from .fetcher import Fetcher, FetchJob, InFlight
 from .httpfile import sendfile
-from .manifest import Manifest, validate_image_id
+from .manifest import DIGEST_SIZE, Manifest, validate_image_id
 from .metrics import CONTENT_TYPE, Metrics
-from .peers.swarm import Swarm
+from .peers.swarm import STREAM_HEADER, Swarm
 from .ranges import parse_range
 from .store import CachedImage, Store
 from .wire import PROTOCOL_VERSION
@@ -409,16 +409,25 @@ async def peer_chunk(request: web.Request) -> web.StreamResponse:
     except ValueError:
         raise BadRequest("chunk index must be an integer") from None
     image = request.app[STORE].get(image_id)
-    if image is None or not 0 <= index < image.manifest.chunks or not image.has(index):
+    streamed = request.headers.get(STREAM_HEADER) == "1"
+    if image is None or not 0 <= index < image.manifest.chunks:
         raise ImageNotFound(f"chunk {index} of {image_id!r} is not held here")
+    if not image.has(index):
+        job = request.app[FETCHER].jobs.get(image_id)
+        flight = job.inflight.get(index) if job is not None and streamed else None
+        if flight is None:
+            raise ImageNotFound(f"chunk {index} of {image_id!r} is not held here")
+        if request.headers.get("If-Match", image.manifest.etag) != image.manifest.etag:
+            raise PreconditionFailed(f"{image_id!r} here is another version")
+        return await _stream_in_flight(request, image, index, flight)
     if_match = request.headers.get("If-Match")
     if if_match is not None and if_match != image.manifest.etag:
         raise PreconditionFailed(f"{image_id!r} here is another version ({image.manifest.etag})")
     offset, length = image.manifest.span(index)
     resp = web.StreamResponse()
     resp.content_type = "application/octet-stream"
-    resp.content_length = length
     digest = image.manifest.digest(index)
+    resp.content_length = length + (DIGEST_SIZE if streamed and digest is not None else 0)
     if digest is not None:
         resp.headers["X-Chunk-Digest"] = digest.hex()
     corrupt = bool(os.environ.get(CORRUPT_CHUNKS_ENV))
@@ -435,6 +444,8 @@ async def peer_chunk(request: web.Request) -> web.StreamResponse:
             await resp.write(bytes(data))
         else:
             await sendfile(request, resp, f, offset, length)
+        if streamed and digest is not None:
+            await resp.write(digest)
         await resp.write_eof()
         resp[SENT] = length
         request.app[METRICS].bytes_served_peers.inc(length)
@@ -444,6 +455,44 @@ async def peer_chunk(request: web.Request) -> web.StreamResponse:
     finally:
         image.readers -= 1
         f.close()
+    return resp
+
+
+async def _stream_in_flight(
+    request: web.Request, image: CachedImage, index: int, flight: InFlight
+) -> web.StreamResponse:
+    """Send a chunk while it arrives from the origin, then its digest (cut-through).
+
+    If the origin read restarts or fails, the connection is cut: the peer must not
+    mistake a partial answer for the chunk (its digest check would catch it anyway).
+    """
+    _, length = image.manifest.span(index)
+    resp = web.StreamResponse()
+    resp.content_type = "application/octet-stream"
+    resp.content_length = length + DIGEST_SIZE
+    await resp.prepare(request)
+    attempt, sent, piece = flight.attempt, 0, 0
+    try:
+        while True:
+            if flight.attempt != attempt or flight.failed:
+                raise ConnectionAbortedError("the origin read of this chunk started over")
+            while piece < len(flight.pieces):
+                data = flight.pieces[piece]
+                piece += 1
+                await resp.write(data)
+                sent += len(data)
+            if flight.digest is not None:
+                if sent != length:
+                    raise ConnectionAbortedError("the chunk ended at the wrong length")
+                break
+            await flight.changed()
+        await resp.write(flight.digest)
+        await resp.write_eof()
+        resp[SENT] = sent
+        request.app[METRICS].bytes_served_peers.inc(sent)
+    except ConnectionError:
+        if request.transport is not None:
+            request.transport.abort()
     return resp
 
 

@@ -38,7 +38,7 @@ from .errors import (
 )
 from .manifest import Manifest, chunk_digest
 from .metrics import Metrics
-from .origin import Origin
+from .origin import Origin, Sink
 from .planner import DONE, SwarmPlan
 from .store import CachedImage, Store
 
@@ -62,7 +62,7 @@ class ChunkSource(Protocol):
 
     name: str
 
-    async def read_chunk(self, manifest: Manifest, index: int) -> bytes:
+    async def read_chunk(self, manifest: Manifest, index: int, sink: Sink | None = None) -> bytes:
         """The bytes of chunk `index` (unverified: the caller checks them)."""
         ...
 
@@ -75,12 +75,59 @@ class OriginSource:
     def __init__(self, origin: Origin) -> None:
         self.origin = origin
 
-    async def read_chunk(self, manifest: Manifest, index: int) -> bytes:
+    async def read_chunk(self, manifest: Manifest, index: int, sink: Sink | None = None) -> bytes:
         """Read the chunk's byte range from the origin (retries inside)."""
         offset, length = manifest.span(index)
         return await self.origin.read(
-            manifest.image_id, offset, length, manifest.origin_validator, manifest.size
+            manifest.image_id, offset, length, manifest.origin_validator, manifest.size, sink
         )
+
+
+class InFlight:
+    """A chunk on its way from the origin, which peers may stream before it landed.
+
+    The origin read feeds it piece by piece (a retry restarts it); once the chunk is
+    checked and written, `finish` records its digest. Readers wait on `changed()`.
+    """
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.size = 0
+        self.attempt = 0  # moves on restart: a reader mid-way must give up
+        self.digest: bytes | None = None
+        self.failed = False
+        self._event = asyncio.Event()
+
+    def restart(self) -> None:
+        """A new origin attempt: the bytes fed so far are void."""
+        self.pieces, self.size = [], 0
+        self.attempt += 1
+        self._wake()
+
+    def feed(self, data: bytes) -> None:
+        """The next piece from the origin."""
+        self.pieces.append(data)
+        self.size += len(data)
+        self._wake()
+
+    def finish(self, digest: bytes | None) -> None:
+        """The chunk landed with this digest (None: it failed)."""
+        self.digest = digest
+        self.failed = digest is None
+        self._wake()
+
+    @property
+    def over(self) -> bool:
+        """Finished or failed: nothing more will be fed."""
+        return self.digest is not None or self.failed
+
+    async def changed(self) -> None:
+        """Wait for the next piece, restart or end."""
+        await self._event.wait()
+
+    def _wake(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
 
 
 @dataclass
@@ -111,7 +158,8 @@ class FetchJob:
         concurrency: int,
         executor: ThreadPoolExecutor,
         swarm: Swarm | None = None,
-        peer_workers: int = 8,
+        peer_workers: int = 4,
+        stream_workers: int = 8,
     ) -> None:
         self.image = image
         self.executor = executor
@@ -121,6 +169,7 @@ class FetchJob:
         self.concurrency = concurrency
         self.swarm = swarm
         self.peer_workers = peer_workers if swarm is not None else 0
+        self.stream_workers = stream_workers if swarm is not None else 0
         manifest = image.manifest
         present = [i for i in range(manifest.chunks) if image.has(i)]
         self.plan = (
@@ -129,6 +178,7 @@ class FetchJob:
             else SwarmPlan(manifest.chunks, present, "", manifest.image_id, stall=0.0)
         )
         self.taking: set[int] = set()  # chunks being read from the origin
+        self.inflight: dict[int, InFlight] = {}  # the same, streamable to peers
         self._peer_reads: dict[int, dict[str, asyncio.Task[None]]] = {}
         self._read_started: dict[int, float] = {}
         self._peer_read_time = 0.0  # EWMA of successful peer read durations
@@ -221,13 +271,20 @@ class FetchJob:
             if self.swarm is not None:
                 # peers' states first, so the origin is asked only for our share
                 await self.swarm.join(self)
-            tasks = [
-                asyncio.create_task(self._origin_worker(), name=f"fetch-{self.image_id}-{n}")
-                for n in range(self.concurrency)
-            ] + [
-                asyncio.create_task(self._peer_worker(), name=f"peer-{self.image_id}-{n}")
-                for n in range(self.peer_workers)
-            ]
+            tasks = (
+                [
+                    asyncio.create_task(self._origin_worker(), name=f"fetch-{self.image_id}-{n}")
+                    for n in range(self.concurrency)
+                ]
+                + [
+                    asyncio.create_task(self._peer_worker(False), name=f"peer-{self.image_id}-{n}")
+                    for n in range(self.peer_workers)
+                ]
+                + [
+                    asyncio.create_task(self._peer_worker(True), name=f"stream-{self.image_id}-{n}")
+                    for n in range(self.stream_workers)
+                ]
+            )
             workers = asyncio.gather(*tasks)
             hasher = asyncio.create_task(self._hasher(), name=f"hash-{self.image_id}")
             flusher = asyncio.create_task(self._flusher(), name=f"flush-{self.image_id}")
@@ -316,15 +373,21 @@ class FetchJob:
                 await self._idle()
                 continue
             self.taking.add(index)
+            flight = self.inflight[index] = InFlight()
             if self.swarm is not None:
                 self.swarm.announce_taking(self.image_id, index)
             try:
-                await self._fetch_chunk(index, self.sources[0], self.image.manifest.digest(index))
+                await self._fetch_chunk(
+                    index, self.sources[0], self.image.manifest.digest(index), flight
+                )
             except BaseException:
                 self.plan.failed(index)
+                flight.finish(None)
                 raise
             finally:
                 self.taking.discard(index)
+                del self.inflight[index]
+            flight.finish(self.image.manifest.digest(index))
             self._landed(index)
 
     def _origin_slots(self) -> int:
@@ -333,22 +396,32 @@ class FetchJob:
         each chunk arrives (and can be passed on to peers) as early as possible."""
         return max(1, -(-self.concurrency // (1 + len(self.plan.fetchers))))
 
-    async def _peer_worker(self) -> None:
-        """Read chunks that peers hold; a failing peer costs a retry elsewhere, not the fetch."""
+    async def _peer_worker(self, streams: bool) -> None:
+        """Read chunks from peers: held ones, or (`streams`) ones still arriving at a peer.
+
+        Streams get workers of their own: they go at the origin's pace and must start
+        the moment a peer announces the chunk, not when a held read frees a worker.
+        A failing peer costs a retry elsewhere, not the fetch.
+        """
         assert self.swarm is not None
         swarm = self.swarm
         limit = swarm.config.concurrency
         while not self.plan.finished:
             self._changed.clear()
-            task = self.plan.next_peer(
-                lambda holders: swarm.table.rank(holders, time.monotonic(), limit)
-            ) or self._endgame(limit)
+            now = time.monotonic()
+
+            def pick(holders: list[str], now: float = now) -> str | None:
+                return swarm.table.rank(holders, now, limit)
+
+            task = self.plan.next_peer(pick, now, streams=streams)
+            if task is None and not streams:
+                task = self._endgame(limit)
             if task is None:
                 await self._idle()
                 continue
             await self._peer_read(*task)
 
-    def _endgame(self, limit: int) -> tuple[int, str] | None:
+    def _endgame(self, limit: int) -> tuple[int, str, bool] | None:
         """Near the end, a chunk slow to come from one peer is asked of a second one too."""
         assert self.swarm is not None
         if self.plan.remaining > ENDGAME_CHUNKS:
@@ -363,16 +436,16 @@ class FetchJob:
             node = self.swarm.table.rank(others, now, limit)
             if node is not None:
                 log.debug("%s: endgame: chunk %d also from %s", self.image_id, index, node)
-                return index, node
+                return index, node, False
         return None
 
-    async def _peer_read(self, index: int, node: str) -> None:
+    async def _peer_read(self, index: int, node: str, streamed: bool) -> None:
         """One read of a chunk from a peer; the first of duplicate reads to land wins."""
         assert self.swarm is not None
         reads = self._peer_reads.setdefault(index, {})
         if not reads:
             self._read_started[index] = time.monotonic()
-        read = asyncio.create_task(self._fetch_from_peer(index, node))
+        read = asyncio.create_task(self._fetch_from_peer(index, node, streamed))
         reads[node] = read
         peer = self.swarm.table.get(node)
         if peer is not None:
@@ -401,15 +474,20 @@ class FetchJob:
         if self.plan.state[index] != DONE:
             self._landed(index)
 
-    async def _fetch_from_peer(self, index: int, node: str) -> None:
+    async def _fetch_from_peer(self, index: int, node: str, streamed: bool) -> None:
         assert self.swarm is not None
         swarm = self.swarm
         t0 = time.monotonic()
-        expected = swarm.digest(self.image_id, node, index)
         try:
-            if expected is None:
-                raise PeerError(f"peer {node} announced chunk {index} without a digest")
-            data = await swarm.read_chunk(node, self.image.manifest, index)
+            if streamed:
+                # the digest comes after the bytes: the peer knows it once they are in
+                data, expected = await swarm.read_chunk_streamed(node, self.image.manifest, index)
+            else:
+                announced = swarm.digest(self.image_id, node, index)
+                if announced is None:
+                    raise PeerError(f"peer {node} announced chunk {index} without a digest")
+                expected = announced
+                data = await swarm.read_chunk(node, self.image.manifest, index)
         except PeerError as err:
             log.info("%s: chunk %d from peer %s failed: %s", self.image_id, index, node, err)
             self.metrics.peer_errors.inc()
@@ -432,11 +510,13 @@ class FetchJob:
             swarm.quarantine(node)
             raise
         seconds = time.monotonic() - t0
-        self._peer_read_time = (
-            seconds if not self._peer_read_time else 0.8 * self._peer_read_time + 0.2 * seconds
-        )
-        swarm.table.succeeded(node, len(data), seconds, time.monotonic())
+        if not streamed:  # a streamed read goes at the origin's pace, not the peer's
+            self._peer_read_time = (
+                seconds if not self._peer_read_time else 0.8 * self._peer_read_time + 0.2 * seconds
+            )
+        swarm.table.succeeded(node, len(data), 0.0 if streamed else seconds, time.monotonic())
         self.peers_used.add(node)
+        log.debug("%s: chunk %d from %s%s", self.image_id, index, node, " (streamed)" * streamed)
         self._account("peer", len(data), seconds)
 
     async def _idle(self) -> None:
@@ -484,11 +564,13 @@ class FetchJob:
             elif self._closing:
                 return
 
-    async def _fetch_chunk(self, index: int, source: ChunkSource, expected: bytes | None) -> None:
+    async def _fetch_chunk(
+        self, index: int, source: ChunkSource, expected: bytes | None, sink: Sink | None = None
+    ) -> None:
         manifest = self.image.manifest
         t0 = time.monotonic()
         try:
-            data = await source.read_chunk(manifest, index)
+            data = await source.read_chunk(manifest, index, sink)
         except SwarmcacheError:
             self.metrics.source_errors.labels(source.name).inc()
             raise

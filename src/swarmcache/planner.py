@@ -227,28 +227,56 @@ class SwarmPlan(ChunkPlan):
 
     # -- the two lanes -------------------------------------------------------------
 
-    def next_peer(self, pick: Callable[[list[str]], str | None]) -> tuple[int, str] | None:
-        """A missing chunk some peer holds and the peer to ask (now INFLIGHT), or None."""
+    def next_peer(
+        self, pick: Callable[[list[str]], str | None], now: float, streams: bool = False
+    ) -> tuple[int, str, bool] | None:
+        """A missing chunk to read from a peer (now INFLIGHT): (index, peer, streamed).
+
+        Without `streams`: a chunk some peer holds, wanted ones first, then the rarest
+        of the lowest missing ones. With `streams`: a chunk no peer holds yet but a peer
+        is reading from the origin and streams on as it arrives (cut-through), so it
+        reaches every host at about the time it reaches the first.
+        """
         for i in self._urgent_missing():
-            if self.count[i]:
-                node = pick(self.holders_of(i))
-                if node is not None:
-                    self.state[i] = INFLIGHT
-                    return i, node
+            task = self._peer_task(i, pick, now, streams)
+            if task is not None:
+                return task
         candidates: list[int] = []
         n = len(self.state)
         i = self._cursor
         while i < n and len(candidates) < CANDIDATES:
-            if self.state[i] == MISSING and self.count[i]:
+            if self.state[i] == MISSING and (
+                self._streamable(i, now) if streams else self.count[i]
+            ):
                 candidates.append(i)
             i += 1
-        candidates.sort(key=lambda c: self.count[c])  # rarest first (stable: lowest next)
+        if not streams:
+            candidates.sort(key=lambda c: self.count[c])  # rarest first (stable: lowest next)
         for i in candidates:
-            node = pick(self.holders_of(i))
-            if node is not None:
-                self.state[i] = INFLIGHT
-                return i, node
+            task = self._peer_task(i, pick, now, streams)
+            if task is not None:
+                return task
         return None
+
+    def _peer_task(
+        self, index: int, pick: Callable[[list[str]], str | None], now: float, streams: bool
+    ) -> tuple[int, str, bool] | None:
+        if streams:
+            if self.count[index] or not self._streamable(index, now):
+                return None
+            node = pick([self.taken[index][0]])
+        elif self.count[index]:
+            node = pick(self.holders_of(index))
+        else:
+            return None
+        if node is None:
+            return None
+        self.state[index] = INFLIGHT
+        return index, node, streams
+
+    def _streamable(self, index: int, now: float) -> bool:
+        taken = self.taken.get(index)
+        return taken is not None and taken[1] > now
 
     def next_origin(self, now: float) -> int | None:
         """A missing chunk to read from the origin (now INFLIGHT), or None for now."""

@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from ..config import OriginConfig
 from ..errors import OriginError
@@ -50,6 +50,16 @@ def parse_sha256_sidecar(data: bytes) -> str:
     return m.group(1).decode().lower()
 
 
+class Sink(Protocol):
+    """Receives a chunk's bytes while an origin read is under way (peers stream them)."""
+
+    def restart(self) -> None:
+        """A new attempt starts: forget what was fed."""
+
+    def feed(self, data: bytes) -> None:
+        """The next bytes of the chunk."""
+
+
 class Origin(ABC):
     """An image store swarmcache reads from; an async context manager."""
 
@@ -76,7 +86,13 @@ class Origin(ABC):
 
     @abstractmethod
     async def _read(
-        self, image_id: str, offset: int, length: int, validator: str, size: int | None
+        self,
+        image_id: str,
+        offset: int,
+        length: int,
+        validator: str,
+        size: int | None,
+        sink: Sink | None,
     ) -> bytes: ...
 
     async def stat(self, image_id: str) -> OriginImage:
@@ -90,11 +106,17 @@ class Origin(ABC):
         length: int,
         validator: str = "",
         size: int | None = None,
+        sink: Sink | None = None,
     ) -> bytes:
-        """Exactly `length` bytes at `offset` of the version `validator` (and `size`) names."""
+        """Exactly `length` bytes at `offset` of the version `validator` (and `size`) names.
+
+        `sink` gets the bytes as they arrive; each retry restarts it.
+        """
 
         async def attempt() -> bytes:
-            data = await self._read(image_id, offset, length, validator, size)
+            if sink is not None:
+                sink.restart()
+            data = await self._read(image_id, offset, length, validator, size, sink)
             if len(data) != length:
                 raise OriginError(
                     f"{self.describe(image_id)}: got {len(data)} bytes at {offset}, want {length}"

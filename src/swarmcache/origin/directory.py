@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import OriginChanged, OriginError, OriginInvalid, OriginNotFound
 from ..manifest import validate_image_id
-from . import Origin, OriginImage, parse_sha256_sidecar
+from . import Origin, OriginImage, Sink, parse_sha256_sidecar
 
 
 class DirectoryOrigin(Origin):
@@ -44,10 +44,19 @@ class DirectoryOrigin(Origin):
         return OriginImage(size=st.st_size, validator=_validator(st), sha256=sha256)
 
     async def _read(
-        self, image_id: str, offset: int, length: int, validator: str, size: int | None
+        self,
+        image_id: str,
+        offset: int,
+        length: int,
+        validator: str,
+        size: int | None,
+        sink: Sink | None,
     ) -> bytes:
         # validator (mtime and size) already pins the size
-        return await asyncio.to_thread(self._read_sync, image_id, offset, length, validator)
+        data = await asyncio.to_thread(self._read_sync, image_id, offset, length, validator)
+        if sink is not None:
+            sink.feed(data)
+        return data
 
     def _read_sync(self, image_id: str, offset: int, length: int, validator: str) -> bytes:
         path = self._file(image_id)

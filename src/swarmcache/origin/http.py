@@ -16,7 +16,7 @@ import aiohttp
 from ..config import OriginConfig
 from ..errors import OriginChanged, OriginError, OriginInvalid, OriginNotFound, OriginTimeout
 from ..manifest import validate_image_id
-from . import MAX_SIDECAR_BYTES, Origin, OriginImage, parse_sha256_sidecar
+from . import MAX_SIDECAR_BYTES, Origin, OriginImage, Sink, parse_sha256_sidecar
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -95,7 +95,13 @@ class HttpOrigin(Origin):
             raise OriginInvalid(f"checksum sidecar {sidecar} is unusable: {err}") from err
 
     async def _read(
-        self, image_id: str, offset: int, length: int, validator: str, size: int | None
+        self,
+        image_id: str,
+        offset: int,
+        length: int,
+        validator: str,
+        size: int | None,
+        sink: Sink | None,
     ) -> bytes:
         url = self.describe(image_id)
         end = offset + length - 1
@@ -124,7 +130,7 @@ class HttpOrigin(Origin):
                 raise OriginChanged(
                     f"{url}: the image is now {m.group(3)} bytes, not {size}: it changed"
                 )
-            return await self._body(resp, url, length, self.config, exact=True)
+            return await self._body(resp, url, length, self.config, exact=True, sink=sink)
 
     @staticmethod
     async def _body(
@@ -134,6 +140,7 @@ class HttpOrigin(Origin):
         config: OriginConfig,
         *,
         exact: bool = False,
+        sink: Sink | None = None,
     ) -> bytes:
         """Read a body of `limit` bytes (exact) or at most `limit` bytes, as OriginErrors.
 
@@ -144,7 +151,7 @@ class HttpOrigin(Origin):
         budget = config.read_timeout + limit / config.min_rate
         try:
             async with asyncio.timeout(budget):
-                return await HttpOrigin._read_body(resp, url, limit, exact)
+                return await HttpOrigin._read_body(resp, url, limit, exact, sink)
         except TimeoutError as err:
             if isinstance(err, OriginTimeout):
                 raise
@@ -154,10 +161,23 @@ class HttpOrigin(Origin):
             ) from None
 
     @staticmethod
-    async def _read_body(resp: aiohttp.ClientResponse, url: str, limit: int, exact: bool) -> bytes:
+    async def _read_body(
+        resp: aiohttp.ClientResponse, url: str, limit: int, exact: bool, sink: Sink | None
+    ) -> bytes:
         try:
-            if exact:
+            if exact and sink is None:
                 return await resp.content.readexactly(limit)
+            if exact and sink is not None:  # hand each piece on as it arrives
+                pieces: list[bytes] = []
+                have = 0
+                while have < limit:
+                    piece = await resp.content.read(limit - have)
+                    if not piece:
+                        raise asyncio.IncompleteReadError(b"".join(pieces), limit)
+                    pieces.append(piece)
+                    have += len(piece)
+                    sink.feed(piece)
+                return b"".join(pieces)
             parts: list[bytes] = []
             got = 0
             while got <= limit:

@@ -56,6 +56,7 @@ GATHER_TIMEOUT = 1.0  # a fetch waits this long at most for peers' states before
 HEARTBEAT = 5.0  # WebSocket ping interval; a peer silent for twice this is dead
 MAX_QUEUE = 10_000  # messages waiting for one subscriber before it is cut off
 STATIC_EVERY = 10.0  # seconds between hellos to static peers
+STREAM_HEADER = "X-Swarmcache-Stream"  # ask for a chunk + digest trailer, in flight or not
 MAINTENANCE_EVERY = 60.0  # seconds between sweeps of the peer table
 
 
@@ -532,6 +533,33 @@ class Swarm:
         except TimeoutError as err:
             raise PeerError(f"peer {node_id}: chunk {index} timed out") from err
         return data
+
+    async def read_chunk_streamed(
+        self, node_id: str, manifest: Manifest, index: int
+    ) -> tuple[bytes, bytes]:
+        """Chunk `index` from a peer that may still be reading it from the origin.
+
+        The answer is the chunk followed by its 16-byte digest (known to the peer only
+        once the chunk is in); (bytes, digest), unverified. The wait is bounded by how
+        long the peer's own origin read may take, plus peers.timeout.
+        """
+        peer = self.table.get(node_id)
+        if peer is None:
+            raise PeerError(f"peer {node_id} is not known")
+        _, length = manifest.span(index)
+        url = f"http://{peer.address}/v1/peer/images/{manifest.image_id}/chunks/{index}"
+        headers = {"If-Match": manifest.etag, STREAM_HEADER: "1"}
+        try:
+            async with asyncio.timeout(self.origin_deadline + self.config.timeout):
+                async with self.session.get(url, headers=headers) as resp:
+                    if resp.status != 200:
+                        raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
+                    body = await resp.content.readexactly(length + DIGEST_SIZE)
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
+            raise PeerError(f"peer {node_id}: chunk {index} (streamed): {err!r}") from err
+        except TimeoutError as err:
+            raise PeerError(f"peer {node_id}: chunk {index} (streamed) timed out") from err
+        return body[:length], body[length:]
 
     # -- server side: peers following our images -------------------------------------
 
