@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 
 from conftest import ImageDir, Origin, free_port, metric, sha256, start_daemon_process
+from swarmcache.manifest import chunk_digest
 from swarmcache.wire import Hello, State, Subscribe, decode, encode
 
 MIB = 1024 * 1024
@@ -181,3 +182,39 @@ async def test_peer_api_serves_held_chunks_only_and_survives_garbage(
             assert resp.status == 200
         async with s.get(a.url + "/metrics") as resp:
             assert metric(await resp.text(), "swarmcache_peer_errors_total") == 3
+
+
+async def test_chunk_in_flight_from_the_origin_is_streamed_with_its_digest(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
+) -> None:
+    data = images.add("img", 1 * MIB)
+    a = await start_daemon_process(tmp_path, origin.url, name="a")
+    daemon_processes.append(a)
+    origin.faults.delay = 1.0  # every origin answer waits: chunks stay in flight a while
+    async with aiohttp.ClientSession() as s:
+        async with s.post(a.url + "/v1/images/img/fetch") as resp:
+            assert resp.status == 202
+        taking: tuple[int, ...] = ()
+        async with s.ws_connect(a.url + "/v1/peer/ws") as ws:
+            await ws.send_bytes(encode(Hello("tester", "127.0.0.1", 9)))
+            await ws.receive(timeout=10)
+            for _ in range(50):
+                await ws.send_bytes(encode(Subscribe("img", False)))
+                state = decode((await ws.receive(timeout=10)).data)
+                assert isinstance(state, State)
+                if state.taking:
+                    taking = state.taking
+                    break
+                await asyncio.sleep(0.05)
+        assert taking, "the daemon never announced a chunk it was taking"
+        index = taking[0]
+        chunk = data[index * 64 * 1024 : (index + 1) * 64 * 1024]
+        url = f"{a.url}/v1/peer/images/img/chunks/{index}"
+        async with s.get(url) as resp:
+            assert resp.status == 404  # not held yet: only a streamed read gets it
+        async with s.get(url, headers={"X-Swarmcache-Stream": "1"}) as resp:
+            assert resp.status == 200
+            body = await resp.read()
+        assert body[: len(chunk)] == chunk
+        assert body[len(chunk) :] == chunk_digest(chunk)
+        origin.faults.delay = 0

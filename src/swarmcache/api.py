@@ -49,6 +49,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # image bytes a response sent with sendfile (for the access log)
 SENT = web.ResponseKey("swarmcache.sent", int)
 SEND_SLICE = 16 * 1024 * 1024
+STREAM_BATCH = 256 * 1024  # bytes of a chunk in flight sent to a peer at once
 
 
 class AccessLog(AbstractAccessLogger):
@@ -476,11 +477,16 @@ async def _stream_in_flight(
         while True:
             if flight.attempt != attempt or flight.failed:
                 raise ConnectionAbortedError("the origin read of this chunk started over")
-            while piece < len(flight.pieces):
-                data = flight.pieces[piece]
-                piece += 1
+            # small pieces (a slow origin trickles) go out together: fewer writes
+            pending = flight.pieces[piece:]
+            if pending and (
+                flight.over or flight.size == length or sum(map(len, pending)) >= STREAM_BATCH
+            ):
+                piece += len(pending)
+                data = pending[0] if len(pending) == 1 else b"".join(pending)
                 await resp.write(data)
                 sent += len(data)
+                continue
             if flight.digest is not None:
                 if sent != length:
                     raise ConnectionAbortedError("the chunk ended at the wrong length")
