@@ -49,7 +49,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # image bytes a response sent with sendfile (for the access log)
 SENT = web.ResponseKey("swarmcache.sent", int)
 SEND_SLICE = 16 * 1024 * 1024
-STREAM_BATCH = 256 * 1024  # bytes of a chunk in flight sent to a peer at once
 
 
 class AccessLog(AbstractAccessLogger):
@@ -477,11 +476,9 @@ async def _stream_in_flight(
         while True:
             if flight.attempt != attempt or flight.failed:
                 raise ConnectionAbortedError("the origin read of this chunk started over")
-            # small pieces (a slow origin trickles) go out together: fewer writes
+            # whatever arrived since the last look goes out in one write
             pending = flight.pieces[piece:]
-            if pending and (
-                flight.over or flight.size == length or sum(map(len, pending)) >= STREAM_BATCH
-            ):
+            if pending:
                 piece += len(pending)
                 data = pending[0] if len(pending) == 1 else b"".join(pending)
                 await resp.write(data)
