@@ -189,9 +189,18 @@ def test_plan_hosts_starting_together_split_the_origin_reads() -> None:
             if other != h:
                 plan.peer_fetching(other, True, 0.0)
     owners: dict[int, list[str]] = {}
-    for h, plan in plans.items():
-        while (i := plan.next_origin(0.0)) is not None:
+    busy = True
+    while busy:  # in turns, each host tells the others what it takes (Taking)
+        busy = False
+        for h, plan in plans.items():
+            i = plan.next_origin(0.0)
+            if i is None:
+                continue
+            busy = True
             owners.setdefault(i, []).append(h)
+            for other, other_plan in plans.items():
+                if other != h:
+                    other_plan.peer_taking(h, [i], 0.0, 10.0)
     # every chunk read from the origin by exactly one host, the work spread out
     assert sorted(owners) == list(range(400))
     assert all(len(v) == 1 for v in owners.values())
@@ -239,3 +248,20 @@ def test_plan_dropped_holder_chunks_go_back_to_the_origin_lane() -> None:
     plan.done(0)
     assert plan.state[0] == DONE
     assert plan.count == [0, 0, 0]
+
+
+def test_plan_host_done_with_its_share_takes_the_last_chunk_of_the_busiest() -> None:
+    plan = SwarmPlan(40, [], "a", "img", stall=30)
+    plan.peer_fetching("b", True, 0.0)
+    mine = [i for i in range(40) if plan.mine[i]]
+    theirs = [i for i in range(40) if not plan.mine[i]]
+    assert len(mine) == len(theirs) == 20
+    for i in mine:  # our share is read
+        assert plan.next_origin(0.0) == i
+        plan.done(i)
+    for i in theirs[:17]:  # b got most of its share
+        plan.peer_taking("b", [i], 0.0, 10.0)
+    # b still has three chunks untaken: we take its last one, then the next from the end
+    assert plan.next_origin(0.0) == theirs[-1]
+    assert plan.next_origin(0.0) == theirs[-2]
+    assert plan.next_origin(0.0) is None  # one left: b is about to read it itself

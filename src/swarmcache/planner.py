@@ -83,6 +83,7 @@ class ChunkPlan:
 
 
 ORIGIN = ""  # the source id of the origin in SwarmPlan's answers
+STEAL_BACKLOG = 2  # chunks another fetcher must have left before we take one of its
 CANDIDATES = 64  # chunks looked at per peer assignment (rarest of these first)
 
 
@@ -292,7 +293,32 @@ class SwarmPlan(ChunkPlan):
             if self.state[i] == MISSING and self._origin_ok(i, now):
                 self.state[i] = INFLIGHT
                 return i
-        return None
+        stolen = self._steal()
+        if stolen is not None:
+            self.state[stolen] = INFLIGHT
+        return stolen
+
+    def _steal(self) -> int | None:
+        """Our share is done: help the fetcher with the most chunks left untaken.
+
+        It reads its chunks in ascending order, so we take its highest one (and
+        announce it, as for any origin read): a host that started first or has a
+        slower link does not hold everyone up at the end.
+        """
+        if not self.fetchers:
+            return None
+        hosts = sorted((self.self_id, *self.fetchers))
+        count = len(hosts)
+        base = _point(self.image_key) % count
+        backlog = [0] * count
+        highest = [0] * count
+        for i in range(self._cursor, len(self.state)):
+            if self.state[i] == MISSING and not self.count[i] and i not in self.taken:
+                owner = (i + base) % count
+                backlog[owner] += 1
+                highest[owner] = i
+        most = max(range(count), key=backlog.__getitem__)
+        return highest[most] if backlog[most] >= STEAL_BACKLOG else None
 
     def next_deadline(self) -> float | None:
         """The earliest deadline of a chunk a peer is taking (when to look again)."""
