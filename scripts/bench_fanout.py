@@ -387,6 +387,16 @@ def cached_sha256(bed: Testbed, host: Host, image_id: str) -> str | None:
     return status["sha256"] if status.get("state") == "complete" else None
 
 
+def drop_big_files(root: Path, limit: int = 1 << 20) -> None:
+    """Delete the files over `limit` bytes under `root` (image copies and caches)."""
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and path.stat().st_size > limit:
+                path.unlink()
+        except OSError:
+            pass
+
+
 def proc_cpu(pid: int) -> float:
     """User + system CPU seconds a process has used (0 if it is gone)."""
     try:
@@ -517,7 +527,11 @@ def main() -> int:
         help="seconds the daemons get to find each other (default %(default)s)",
     )
     p.add_argument("--log-level", default="info", help="swarmcache daemon.log_level")
-    p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the work directory: logs, configs, results.json (image copies are deleted)",
+    )
     args = p.parse_args()
     args.rate = None if args.rate == "none" else args.rate
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -605,7 +619,9 @@ def bench(args: argparse.Namespace, modes: list[str], work: Path) -> int:
                 )
                 if not args.keep:  # cold caches for the next mode, and the disk space back
                     shutil.rmtree(mode_dir, ignore_errors=True)
-                    os.sync()
+                else:  # keep logs and configs, not 2 x hosts copies of the image
+                    drop_big_files(mode_dir)
+                os.sync()
     report(results, image, args)
     if args.keep:
         (work / "results.json").write_text(

@@ -430,7 +430,11 @@ class FetchJob:
         # slow = well behind what a peer read usually takes in this fetch
         slow = max(ENDGAME_AFTER, ENDGAME_FACTOR * self._peer_read_time)
         for index, reads in self._peer_reads.items():
-            if len(reads) != 1 or now - self._read_started[index] < slow:
+            if (
+                self.plan.state[index] == DONE  # landed; the losers are being cancelled
+                or len(reads) != 1
+                or now - self._read_started[index] < slow
+            ):
                 continue
             others = [n for n in self.plan.holders_of(index) if n not in reads]
             node = self.swarm.table.rank(others, now, limit)
@@ -471,6 +475,7 @@ class FetchJob:
                 self._read_started.pop(index, None)
         for other in list(reads.values()):
             other.cancel()
+        self._peer_reads.pop(index, None)  # the cancelled reads are no longer candidates
         if self.plan.state[index] != DONE:
             self._landed(index)
 
