@@ -113,9 +113,12 @@ def test_table_ignores_self_and_tracks_state() -> None:
     assert p.state(311.0) == "ok"
     t.gone("a")
     assert p.state(400.0) == "gone"
-    assert t.seen("a", "10.0.0.2", 7480, "inbound", 401.0) is p
+    # a Hello from anyone cannot move a peer found by mDNS elsewhere
+    assert t.seen("a", "10.6.6.6", 7480, "inbound", 401.0) is p
     assert p.state(401.0) == "ok"
     assert p.source == "mdns"
+    assert p.host == "10.0.0.1"
+    t.seen("a", "10.0.0.2", 7480, "mdns", 402.0)  # mDNS says it moved: it moved
     assert p.host == "10.0.0.2"
 
 
@@ -137,9 +140,12 @@ def test_table_ranks_free_fast_peers_first() -> None:
 def test_table_forgets_old_dynamic_peers_but_not_static_ones() -> None:
     t = PeerTable("me")
     t.seen("m", "h", 1, "mdns", 0.0)
+    t.seen("quiet", "h", 3, "mdns", 0.0)  # alive, just nothing new to say
     t.seen("s", "h", 2, "static", 0.0)
+    t.gone("m")
+    t.gone("s")
     assert t.expire(10_000.0) == ["m"]
-    assert list(t.peers) == ["s"]
+    assert sorted(t.peers) == ["quiet", "s"]
 
 
 # -- SwarmPlan ----------------------------------------------------------------------
@@ -212,7 +218,8 @@ def test_plan_waits_for_a_chunk_a_peer_is_taking_until_its_deadline() -> None:
     plan = SwarmPlan(2, [], "me", "img", stall=30)
     plan.peer_taking("a", [0, 1], now=0.0, deadline=5.0)
     assert plan.next_origin(1.0) is None
-    assert plan.next_deadline() == 5.0
+    assert plan.next_deadline(1.0) == 5.0
+    assert plan.next_deadline(6.0) is None  # a passed deadline is no reason to wake up
     plan.peer_has("a", [0], now=2.0)
     # chunk 1 is still arriving at a: streamed from a as it arrives, before held ones
     assert plan.next_peer(first_pick, 2.0, streams=True) == (1, "a", True)
@@ -265,3 +272,24 @@ def test_plan_host_done_with_its_share_takes_the_last_chunk_of_the_busiest() -> 
     assert plan.next_origin(0.0) == theirs[-1]
     assert plan.next_origin(0.0) == theirs[-2]
     assert plan.next_origin(0.0) is None  # one left: b is about to read it itself
+
+
+def test_plan_reads_a_wanted_chunk_far_ahead_now_even_if_another_host_owns_it() -> None:
+    plan = SwarmPlan(64, [], "a", "img", stall=30)
+    plan.peer_fetching("b", True, 0.0)
+    theirs = [i for i in range(64) if not plan.mine[i]]
+    plan.want([theirs[0]])  # near the front: its owner reads it first anyway
+    assert plan.next_origin(0.0) != theirs[0]
+    plan.want([theirs[-1]])  # a client reads the end of the image first
+    assert plan.next_origin(0.0) == theirs[-1]
+
+
+def test_plan_forgets_what_a_peer_was_taking_when_it_stops_fetching() -> None:
+    plan = SwarmPlan(4, [], "a", "img", stall=30)
+    plan.peer_fetching("b", True, 0.0)
+    plan.peer_taking("b", [0, 1, 2, 3], 0.0, 50.0)
+    assert plan.next_origin(1.0) is None
+    plan.peer_fetching("b", False, 1.0)  # its fetch failed or was deleted
+    assert plan.next_origin(1.0) == 0
+    plan.done(0)
+    assert 0 not in plan.taken

@@ -527,7 +527,7 @@ class FetchJob:
     async def _idle(self) -> None:
         """Wait until the plan may have work (a change, or a peer's deadline passing)."""
         timeout = IDLE_TICK
-        deadline = self.plan.next_deadline()
+        deadline = self.plan.next_deadline(time.monotonic())
         if deadline is not None:
             timeout = min(timeout, max(0.01, deadline - time.monotonic()))
         with contextlib.suppress(TimeoutError):
@@ -585,11 +585,12 @@ class FetchJob:
     async def _store(self, index: int, data: bytes, expected: bytes | None) -> None:
         """Check a chunk against `expected` and write it (in a thread)."""
         if (len(self._unhashed) + 1) * len(data) <= UNHASHED_BYTES:  # else: from the page cache
-            self._unhashed[index] = data
+            self._unhashed.setdefault(index, data)
         try:
             await self._thread(self._commit, index, data, expected)
         except BaseException:
-            self._unhashed.pop(index, None)
+            if self._unhashed.get(index) is data:  # not another read's copy of the chunk
+                del self._unhashed[index]
             raise
         self._hash_wake.set()
 
@@ -602,6 +603,8 @@ class FetchJob:
 
     def _commit(self, index: int, data: bytes, expected: bytes | None) -> None:
         """Check and write one chunk (runs in a thread)."""
+        if self.image.has(index):
+            return  # a duplicate read (endgame) lost the race: the chunk is in already
         digest = chunk_digest(data)
         if expected is not None and digest != expected:
             self.metrics.verification_failures.labels("chunk").inc()

@@ -69,6 +69,10 @@ class ChunkPlan:
         if self.state[index] != DONE:
             self.state[index] = DONE
             self.remaining -= 1
+        self._landed_chunk(index)
+
+    def _landed_chunk(self, index: int) -> None:
+        """Hook for subclasses: chunk `index` is done."""
 
     def hold(self, index: int) -> None:
         """Keep workers off a MISSING chunk that something else settles (done or failed)."""
@@ -83,6 +87,7 @@ class ChunkPlan:
 
 
 ORIGIN = ""  # the source id of the origin in SwarmPlan's answers
+FAR_AHEAD = 4  # chunks per fetcher past the first missing one: "far ahead" for a reader
 STEAL_BACKLOG = 2  # chunks another fetcher must have left before we take one of its
 CANDIDATES = 64  # chunks looked at per peer assignment (rarest of these first)
 
@@ -181,9 +186,12 @@ class SwarmPlan(ChunkPlan):
         if fetching and node not in self.fetchers:
             self.fetchers[node] = now
             self._place()
-        elif not fetching and node in self.fetchers:
-            del self.fetchers[node]
-            self._place()
+        elif not fetching:
+            # what it was taking will not come
+            self.taken = {i: t for i, t in self.taken.items() if t[0] != node}
+            if node in self.fetchers:
+                del self.fetchers[node]
+                self._place()
 
     def drop_peer(self, node: str) -> None:
         """The peer is gone, down or quarantined: nothing of it counts any more."""
@@ -191,6 +199,9 @@ class SwarmPlan(ChunkPlan):
         self.taken = {i: t for i, t in self.taken.items() if t[0] != node}
         if self.fetchers.pop(node, None) is not None:
             self._place()
+
+    def _landed_chunk(self, index: int) -> None:
+        self.taken.pop(index, None)
 
     def holders_of(self, index: int) -> list[str]:
         """Peers that hold chunk `index`."""
@@ -282,8 +293,16 @@ class SwarmPlan(ChunkPlan):
     def next_origin(self, now: float) -> int | None:
         """A missing chunk to read from the origin (now INFLIGHT), or None for now."""
         self._drop_stalled(now)
+        # A client waits for these. Its owner gets to a chunk near the front of the
+        # image soon (in a boot storm every reader wants those: no extra origin reads);
+        # one far ahead (a VM reading its disk's last sector first) is read now unless
+        # a peer holds it or is taking it.
+        far = self._cursor + FAR_AHEAD * (1 + len(self.fetchers))
         for i in self._urgent_missing():
-            if self._origin_ok(i, now):
+            taken = self.taken.get(i)
+            if self._origin_ok(i, now) or (
+                i >= far and not self.count[i] and (taken is None or taken[1] <= now)
+            ):
                 self.state[i] = INFLIGHT
                 return i
         n = len(self.state)
@@ -320,9 +339,9 @@ class SwarmPlan(ChunkPlan):
         most = max(range(count), key=backlog.__getitem__)
         return highest[most] if backlog[most] >= STEAL_BACKLOG else None
 
-    def next_deadline(self) -> float | None:
-        """The earliest deadline of a chunk a peer is taking (when to look again)."""
-        return min((d for _, d in self.taken.values()), default=None)
+    def next_deadline(self, now: float) -> float | None:
+        """The earliest deadline still ahead of a chunk a peer is taking (when to look again)."""
+        return min((d for _, d in self.taken.values() if d > now), default=None)
 
     def _origin_ok(self, index: int, now: float) -> bool:
         if self.count[index]:

@@ -57,6 +57,7 @@ HEARTBEAT = 5.0  # WebSocket ping interval; a peer silent for twice this is dead
 MAX_QUEUE = 10_000  # messages waiting for one subscriber before it is cut off
 STATIC_EVERY = 10.0  # seconds between hellos to static peers
 STREAM_HEADER = "X-Swarmcache-Stream"  # ask for a chunk + digest trailer, in flight or not
+MAX_REQUEST = 64 * 1024  # largest message a subscriber may send us
 MAINTENANCE_EVERY = 60.0  # seconds between sweeps of the peer table
 
 
@@ -104,13 +105,14 @@ class PeerLink:
             raise PeerError(f"peer {self.node_id} is not known")
         url = f"http://{peer.address}/v1/peer/ws"
         try:
-            ws = await self.swarm.session.ws_connect(
-                url,
-                heartbeat=HEARTBEAT,
-                max_msg_size=MAX_MESSAGE,
-                timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
-            )
-            await ws.send_bytes(encode(self.swarm.hello()))
+            async with asyncio.timeout(self.swarm.config.timeout):  # a hung peer costs this
+                ws = await self.swarm.session.ws_connect(
+                    url,
+                    heartbeat=HEARTBEAT,
+                    max_msg_size=MAX_MESSAGE,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+                )
+                await ws.send_bytes(encode(self.swarm.hello()))
         except (TimeoutError, aiohttp.ClientError, OSError) as err:
             raise PeerError(f"cannot connect to peer {self.node_id} at {url}: {err!r}") from err
         self.ws = ws
@@ -305,7 +307,7 @@ class Swarm:
         if node_id in self.table.peers:
             log.info("peer %s left", node_id)
         self.table.gone(node_id)
-        self._drop(node_id)
+        self.gone_for_now(node_id)
 
     async def _maintenance(self) -> None:
         """Forget peers long gone, and close our sockets to peers that left."""
@@ -348,6 +350,8 @@ class Swarm:
                 f"http://{address}/v1/peer/hello", timeout=aiohttp.ClientTimeout(total=5)
             ) as resp:
                 info = await resp.json()
+            if not isinstance(info, dict):
+                raise ValueError("hello is not a JSON object")
             node = info["node"]
             if info.get("version") != PROTOCOL_VERSION or not isinstance(node, str):
                 log.warning("static peer %s speaks protocol %r", address, info.get("version"))
@@ -355,15 +359,11 @@ class Swarm:
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError) as err:
             log.debug("static peer %s does not answer: %r", address, err)
             return False
-        inventory = (info.get("images"), info.get("chunks"))
-        self.seen(
-            node,
-            host,
-            int(port),
-            "static",
-            info.get("generation") if isinstance(info.get("generation"), int) else None,
-            inventory if all(isinstance(n, int) for n in inventory) else None,
+        images, chunks, gen = info.get("images"), info.get("chunks"), info.get("generation")
+        inventory = (
+            (images, chunks) if isinstance(images, int) and isinstance(chunks, int) else None
         )
+        self.seen(node, host, int(port), "static", gen if isinstance(gen, int) else None, inventory)
         return True
 
     # -- client side: our fetches ----------------------------------------------------
@@ -409,20 +409,26 @@ class Swarm:
         if job.image_id in link.images and link.open:
             return link.answered.get(job.image_id)
         try:
-            return await link.subscribe(job.image_id, fetching=True)
+            event = await link.subscribe(job.image_id, fetching=True)
         except (PeerError, ConnectionError, RuntimeError, aiohttp.ClientError) as err:
             log.info("cannot subscribe to %s on peer %s: %s", job.image_id, node_id, err)
             self.metrics.peer_errors.inc()
             self.table.failed(node_id, self.clock())
             return None
+        if self.jobs.get(job.image_id) is not job:  # the fetch ended meanwhile
+            await link.unsubscribe(job.image_id)
+            return None
+        return event
 
     async def refresh(self, job: FetchJob) -> None:
         """Subscribe to peers that came up since the fetch joined (called now and then)."""
         now = self.clock()
+        todo = []
         for peer in self.table.usable(now):
             link = self.links.get(peer.node_id)
             if link is None or not link.open or job.image_id not in link.images:
-                await self._subscribe(job, peer.node_id)
+                todo.append(self._subscribe(job, peer.node_id))
+        await asyncio.gather(*todo)
 
     def leave(self, job: FetchJob) -> None:
         """The fetch ended: tell subscribers, unsubscribe everywhere (in the background)."""
@@ -439,8 +445,9 @@ class Swarm:
         """A message from a peer we subscribed to."""
         now = self.clock()
         peer = self.table.get(node_id)
-        if peer is not None:
-            peer.last_seen = now
+        if peer is None or not peer.usable(now):
+            return  # quarantined, down or gone: what it says does not count
+        peer.last_seen = now
         job = self.jobs.get(getattr(msg, "image_id", ""))
         if job is None:
             return
@@ -480,6 +487,8 @@ class Swarm:
     def on_link_closed(self, link: PeerLink) -> None:
         """Our socket to a peer closed: forget what it told us."""
         link.images.clear()
+        for event in link.answered.values():
+            event.set()  # nobody waits for a State that will not come
         link.answered.clear()
         self._drop(link.node_id)
 
@@ -491,7 +500,7 @@ class Swarm:
         self.table.quarantine(node_id, self.clock(), self.config.quarantine)
         self.metrics.peer_quarantines.inc()
         log.warning("peer %s quarantined for %.0fs", node_id, self.config.quarantine)
-        self._drop(node_id)
+        self.gone_for_now(node_id)
 
     def gone_for_now(self, node_id: str) -> None:
         """The peer is down: forget what it told us (it is asked again once back up)."""
@@ -565,7 +574,8 @@ class Swarm:
 
     async def serve(self, request: web.Request) -> web.WebSocketResponse:
         """The `/v1/peer/ws` handler: one peer's subscriptions to our images."""
-        ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=MAX_MESSAGE)
+        # subscribers send only Hello/Subscribe/Unsubscribe: tiny messages
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=MAX_REQUEST)
         if self._closed:
             raise web.HTTPServiceUnavailable(text="the daemon is stopping")
         await ws.prepare(request)
@@ -580,6 +590,8 @@ class Swarm:
                 if sub is None:
                     if not isinstance(msg, Hello):
                         raise WireError("the first message must be a hello")
+                    if msg.node == self.node_id:
+                        raise WireError("a peer uses our own node id (a copied cache dir?)")
                     host = msg.host or (request.remote or "")
                     self.seen(msg.node, host, msg.port, "inbound")
                     sub = Subscriber(msg.node, ws)

@@ -107,10 +107,12 @@ class PeerTable:
         peer = self.peers.get(node_id)
         if peer is None:
             peer = self.peers[node_id] = Peer(node_id, host, port, source, now)
+        elif source == "inbound" and peer.source != "inbound":
+            # a Hello must not move a peer we found ourselves (mDNS, static) elsewhere
+            peer.last_seen = now
         else:
             peer.host, peer.port, peer.last_seen = host, port, now
-            if source != "inbound":  # a peer we found ourselves stays found that way
-                peer.source = source
+            peer.source = source
         peer.gone = False
         if generation is not None:
             peer.generation = generation
@@ -166,11 +168,18 @@ class PeerTable:
             peer.quarantines += 1
 
     def expire(self, now: float) -> list[str]:
-        """Forget peers not seen for FORGET_AFTER (static ones stay); returns their ids."""
+        """Forget peers gone or down and not seen for FORGET_AFTER; returns their ids.
+
+        Static peers stay; a live peer that is merely quiet (mDNS does not report
+        unchanged records) is never forgotten.
+        """
         old = [
             n
             for n, p in self.peers.items()
-            if p.source != "static" and now - p.last_seen > FORGET_AFTER and p.inflight == 0
+            if p.source != "static"
+            and (p.gone or p.down_until > 0)
+            and now - p.last_seen > FORGET_AFTER
+            and p.inflight == 0
         ]
         for node_id in old:
             del self.peers[node_id]
