@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from swarmcache.config import build_config, parse_duration, parse_size
@@ -19,6 +21,8 @@ from swarmcache.manifest import (
     chunk_span,
     decode_log,
     encode_log_record,
+    pieces_digest,
+    pieces_size,
     validate_image_id,
 )
 from swarmcache.origin import backoff_delay, parse_sha256_sidecar
@@ -192,6 +196,16 @@ def test_manifest_decode_rejects_wrong_digest_count_and_bad_id() -> None:
     ):
         with pytest.raises(IntegrityError):
             Manifest.decode(msgpack.packb({**good, **change}))
+
+
+@pytest.mark.parametrize("cuts", [[], [0], [1], [7, 8, 9], [100, 4095], [5000]])
+def test_pieces_digest_is_the_digest_of_the_joined_chunk(cuts: list[int]) -> None:
+    data = bytes(range(256)) * 20
+    bounds = [0, *cuts, len(data)]
+    pieces = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    assert pieces_size(pieces) == len(data)
+    assert pieces_digest(pieces) == chunk_digest(data)
+    assert pieces_digest([memoryview(p) for p in pieces]) == chunk_digest(data)
 
 
 def test_chunk_log_stops_at_torn_or_corrupt_record() -> None:

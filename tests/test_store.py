@@ -10,7 +10,7 @@ import pytest
 
 from swarmcache.errors import StorageError
 from swarmcache.manifest import LOG_RECORD_SIZE, Manifest, chunk_digest
-from swarmcache.store import Store
+from swarmcache.store import Store, pwrite_all
 
 CHUNK = 64 * 1024
 
@@ -188,3 +188,47 @@ def test_failed_sync_forgets_unlogged_chunks(
     assert [image.has(i) for i in range(3)] == [True, False, False]
     assert image.present_chunks == 1
     store.close()
+
+
+def test_write_chunk_in_pieces_reads_back_whole(tmp_path: Path) -> None:
+    store = Store(tmp_path, 1 << 30)
+    store.open()
+    image = _new(store, Manifest("img", size=2 * CHUNK, chunk_size=CHUNK))
+    data = os.urandom(CHUNK)
+    pieces = [data[:1], data[1:1000], b"", data[1000:]]
+    image.write_chunk(1, pieces, chunk_digest(data))
+    assert image.read_chunk(1) == data
+    with pytest.raises(Exception, match="bytes, want"):
+        image.write_chunk(0, pieces[:2], chunk_digest(data))
+    store.close()
+
+
+@pytest.mark.parametrize("most", [1, 7, 4096, 1 << 20])
+def test_pwrite_all_finishes_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, most: int
+) -> None:
+    """pwritev may write less than asked (signals, quotas): the rest still lands in order."""
+    real = os.pwritev
+    calls = []
+
+    def short(fd: int, buffers: list, offset: int) -> int:
+        calls.append(len(buffers))
+        room, capped = most, []
+        for b in buffers:
+            if room <= 0:
+                break
+            capped.append(memoryview(b)[:room])
+            room -= len(capped[-1])
+        return real(fd, capped, offset)
+
+    monkeypatch.setattr(os, "pwritev", short)
+    data = os.urandom(3 * 4096 + 5)
+    pieces = [data[:3], data[3:5000], data[5000:5001], data[5001:]]
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        pwrite_all(fd, pieces, 10)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(10) + data
+    assert len(calls) >= min(len(pieces), -(-len(data) // most))

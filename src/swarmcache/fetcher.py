@@ -36,7 +36,7 @@ from .errors import (
     StorageError,
     SwarmcacheError,
 )
-from .manifest import Manifest, chunk_digest
+from .manifest import Manifest, Pieces, pieces_digest, pieces_size
 from .metrics import Metrics
 from .origin import Origin, Sink
 from .planner import DONE, SwarmPlan
@@ -62,8 +62,10 @@ class ChunkSource(Protocol):
 
     name: str
 
-    async def read_chunk(self, manifest: Manifest, index: int, sink: Sink | None = None) -> bytes:
-        """The bytes of chunk `index` (unverified: the caller checks them)."""
+    async def read_chunk(
+        self, manifest: Manifest, index: int, sink: Sink | None = None
+    ) -> list[bytes]:
+        """The bytes of chunk `index`, in pieces (unverified: the caller checks them)."""
         ...
 
 
@@ -75,7 +77,9 @@ class OriginSource:
     def __init__(self, origin: Origin) -> None:
         self.origin = origin
 
-    async def read_chunk(self, manifest: Manifest, index: int, sink: Sink | None = None) -> bytes:
+    async def read_chunk(
+        self, manifest: Manifest, index: int, sink: Sink | None = None
+    ) -> list[bytes]:
         """Read the chunk's byte range from the origin (retries inside)."""
         offset, length = manifest.span(index)
         return await self.origin.read(
@@ -196,7 +200,8 @@ class FetchJob:
         self._sha = hashlib.sha256()
         self._hashed = 0  # chunks 0.._hashed-1 are in _sha
         self._hash_wake = asyncio.Event()
-        self._unhashed: dict[int, bytes] = {}  # written chunks the hasher has not seen yet
+        self._unhashed: dict[int, Pieces] = {}  # written chunks the hasher has not seen yet
+        self._unhashed_bytes = 0
 
     @property
     def image_id(self) -> str:
@@ -519,10 +524,11 @@ class FetchJob:
             self._peer_read_time = (
                 seconds if not self._peer_read_time else 0.8 * self._peer_read_time + 0.2 * seconds
             )
-        swarm.table.succeeded(node, len(data), 0.0 if streamed else seconds, time.monotonic())
+        size = pieces_size(data)
+        swarm.table.succeeded(node, size, 0.0 if streamed else seconds, time.monotonic())
         self.peers_used.add(node)
         log.debug("%s: chunk %d from %s%s", self.image_id, index, node, " (streamed)" * streamed)
-        self._account("peer", len(data), seconds)
+        self._account("peer", size, seconds)
 
     async def _idle(self) -> None:
         """Wait until the plan may have work (a change, or a peer's deadline passing)."""
@@ -580,17 +586,21 @@ class FetchJob:
             self.metrics.source_errors.labels(source.name).inc()
             raise
         await self._store(index, data, expected)
-        self._account(source.name, len(data), time.monotonic() - t0)
+        self._account(source.name, pieces_size(data), time.monotonic() - t0)
 
-    async def _store(self, index: int, data: bytes, expected: bytes | None) -> None:
+    async def _store(self, index: int, data: Pieces, expected: bytes | None) -> None:
         """Check a chunk against `expected` and write it (in a thread)."""
-        if (len(self._unhashed) + 1) * len(data) <= UNHASHED_BYTES:  # else: from the page cache
-            self._unhashed.setdefault(index, data)
+        size = pieces_size(data)
+        # the hasher takes it from memory, or (past the cap) from the page cache
+        if index not in self._unhashed and self._unhashed_bytes + size <= UNHASHED_BYTES:
+            self._unhashed[index] = data
+            self._unhashed_bytes += size
         try:
             await self._thread(self._commit, index, data, expected)
         except BaseException:
             if self._unhashed.get(index) is data:  # not another read's copy of the chunk
                 del self._unhashed[index]
+                self._unhashed_bytes -= size
             raise
         self._hash_wake.set()
 
@@ -601,11 +611,11 @@ class FetchJob:
         self.metrics.bytes_fetched.labels(source).inc(nbytes)
         self.bytes_by_source[source] += nbytes
 
-    def _commit(self, index: int, data: bytes, expected: bytes | None) -> None:
+    def _commit(self, index: int, data: Pieces, expected: bytes | None) -> None:
         """Check and write one chunk (runs in a thread)."""
         if self.image.has(index):
             return  # a duplicate read (endgame) lost the race: the chunk is in already
-        digest = chunk_digest(data)
+        digest = pieces_digest(data)
         if expected is not None and digest != expected:
             self.metrics.verification_failures.labels("chunk").inc()
             raise IntegrityError(f"chunk {index} of {self.image_id} does not match its digest")
@@ -619,16 +629,24 @@ class FetchJob:
                 self._hash_wake.clear()
                 await self._hash_wake.wait()
                 continue
-            await self._thread(self._hash_prefix)
+            self._unhashed_bytes -= await self._thread(self._hash_prefix)
 
-    def _hash_prefix(self) -> None:
-        """Hash every readable chunk from `_hashed` on (in a thread)."""
+    def _hash_prefix(self) -> int:
+        """Hash every readable chunk from `_hashed` on (in a thread); the bytes it took
+        from memory (counted off on the loop)."""
         chunks = self.image.manifest.chunks
+        freed = 0
         while self._hashed < chunks and self.image.has(self._hashed):
             i = self._hashed
             data = self._unhashed.pop(i, None)
-            self._sha.update(data if data is not None else self.image.read_chunk(i))
+            if data is None:
+                self._sha.update(self.image.read_chunk(i))
+            else:
+                freed += pieces_size(data)
+                for piece in data:
+                    self._sha.update(piece)
             self._hashed += 1
+        return freed
 
     def _verify(self) -> None:
         manifest = self.image.manifest

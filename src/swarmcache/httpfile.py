@@ -1,12 +1,34 @@
-"""Sending file ranges on an aiohttp response with sendfile (shared by the API and origin)."""
+"""HTTP bodies without needless copies, shared by the API, the origin and peer reads:
+file ranges go out with sendfile, and chunk bodies come in as the pieces the socket
+gave (never joined: see manifest.Pieces)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from typing import IO
 
+import aiohttp
 from aiohttp import web
+
+
+async def read_pieces(
+    stream: aiohttp.StreamReader, length: int, feed: Callable[[bytes], None] | None = None
+) -> list[bytes]:
+    """Exactly `length` bytes of `stream` in the pieces they arrived in; each is also
+    passed to `feed` as it arrives. asyncio.IncompleteReadError if the body ends early."""
+    pieces: list[bytes] = []
+    have = 0
+    while have < length:
+        piece = await stream.read(length - have)
+        if not piece:
+            raise asyncio.IncompleteReadError(b"".join(pieces), length)
+        pieces.append(piece)
+        have += len(piece)
+        if feed is not None:
+            feed(piece)
+    return pieces
 
 
 async def sendfile(

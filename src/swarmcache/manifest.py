@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,9 +41,30 @@ def validate_image_id(image_id: str) -> str:
     return image_id
 
 
-def chunk_digest(data: bytes | bytearray | memoryview) -> bytes:
+Buffer = bytes | bytearray | memoryview
+
+# A chunk's bytes as they came off the socket, not joined: joining 4 MiB means a copy
+# into freshly mapped memory, which cost more CPU than receiving it (profiled: a third
+# of a daemon's CPU in an 8-host fan-out went to such joins and slices).
+Pieces = Sequence[Buffer]
+
+
+def chunk_digest(data: Buffer) -> bytes:
     """xxh3-128 digest of one chunk."""
     return xxhash.xxh3_128_digest(data)
+
+
+def pieces_digest(pieces: Iterable[Buffer]) -> bytes:
+    """xxh3-128 digest of a chunk held in pieces: chunk_digest of their concatenation."""
+    h = xxhash.xxh3_128()
+    for piece in pieces:
+        h.update(piece)
+    return h.digest()
+
+
+def pieces_size(pieces: Iterable[Buffer]) -> int:
+    """Total bytes in `pieces`."""
+    return sum(len(p) for p in pieces)
 
 
 def chunk_count(size: int, chunk_size: int) -> int:

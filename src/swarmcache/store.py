@@ -43,7 +43,9 @@ from .errors import ImageBusy, ImageNotFound, IntegrityError, StorageError, Swar
 from .eviction import Candidate, plan_eviction
 from .manifest import (
     LOG_RECORD_SIZE,
+    Buffer,
     Manifest,
+    Pieces,
     bitmap_count,
     bitmap_get,
     bitmap_new,
@@ -51,10 +53,12 @@ from .manifest import (
     chunk_digest,
     decode_log,
     encode_log_record,
+    pieces_size,
     validate_image_id,
 )
 
 log = logging.getLogger(__name__)
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 META_SAVE_INTERVAL = 30.0  # seconds between saves of access stats
 
 
@@ -152,19 +156,16 @@ class CachedImage:
 
     # -- blocking I/O: call through asyncio.to_thread --------------------------------
 
-    def write_chunk(self, index: int, data: bytes | bytearray | memoryview, digest: bytes) -> None:
-        """Write a checked chunk: readable now, durable after sync_chunks. Blocking."""
+    def write_chunk(self, index: int, data: Buffer | Pieces, digest: bytes) -> None:
+        """Write a checked chunk (whole or in pieces): readable now, durable after
+        sync_chunks. Blocking."""
         offset, length = self.manifest.span(index)
-        if len(data) != length:
-            raise IntegrityError(
-                f"chunk {index} of {self.image_id}: {len(data)} bytes, want {length}"
-            )
+        pieces = [data] if isinstance(data, Buffer) else data
+        size = pieces_size(pieces)
+        if size != length:
+            raise IntegrityError(f"chunk {index} of {self.image_id}: {size} bytes, want {length}")
         try:
-            fd = self._data_fd()
-            view = memoryview(data)
-            done = 0
-            while done < length:
-                done += os.pwrite(fd, view[done:], offset + done)
+            pwrite_all(self._data_fd(), pieces, offset)
         except OSError as err:
             raise _storage_error(f"cannot store chunk {index} of {self.image_id}", err) from err
         with self._bits_lock:
@@ -459,3 +460,19 @@ class Store:
         if over > 0:
             log.warning("cache over max_size by %d bytes: the rest is pinned or in use", over)
         return trash
+
+
+def pwrite_all(fd: int, pieces: Pieces, offset: int) -> None:
+    """Write `pieces` back to back at `offset` with pwritev (no join). Blocking."""
+    views = [memoryview(p) for p in pieces if len(p)]
+    first = 0
+    while first < len(views):
+        n = os.pwritev(fd, views[first : first + _IOV_MAX], offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        offset += n
+        while first < len(views) and n >= len(views[first]):
+            n -= len(views[first])
+            first += 1
+        if n:  # a short write ended inside this piece
+            views[first] = views[first][n:]

@@ -21,6 +21,7 @@ from typing import Protocol, TypeVar
 
 from ..config import OriginConfig
 from ..errors import OriginError
+from ..manifest import pieces_size
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -93,7 +94,7 @@ class Origin(ABC):
         validator: str,
         size: int | None,
         sink: Sink | None,
-    ) -> bytes: ...
+    ) -> list[bytes]: ...
 
     async def stat(self, image_id: str) -> OriginImage:
         """Size, version validator and published checksum of an image (with retries)."""
@@ -107,21 +108,23 @@ class Origin(ABC):
         validator: str = "",
         size: int | None = None,
         sink: Sink | None = None,
-    ) -> bytes:
-        """Exactly `length` bytes at `offset` of the version `validator` (and `size`) names.
+    ) -> list[bytes]:
+        """Exactly `length` bytes at `offset` of the version `validator` (and `size`) names,
+        in the pieces they arrived in.
 
         `sink` gets the bytes as they arrive; each retry restarts it.
         """
 
-        async def attempt() -> bytes:
+        async def attempt() -> list[bytes]:
             if sink is not None:
                 sink.restart()
-            data = await self._read(image_id, offset, length, validator, size, sink)
-            if len(data) != length:
+            pieces = await self._read(image_id, offset, length, validator, size, sink)
+            got = pieces_size(pieces)
+            if got != length:
                 raise OriginError(
-                    f"{self.describe(image_id)}: got {len(data)} bytes at {offset}, want {length}"
+                    f"{self.describe(image_id)}: got {got} bytes at {offset}, want {length}"
                 )
-            return data
+            return pieces
 
         return await self._retry(f"read {image_id}@{offset}+{length}", attempt)
 

@@ -51,14 +51,15 @@ class DirectoryOrigin(Origin):
         validator: str,
         size: int | None,
         sink: Sink | None,
-    ) -> bytes:
+    ) -> list[bytes]:
         # validator (mtime and size) already pins the size
-        data = await asyncio.to_thread(self._read_sync, image_id, offset, length, validator)
+        pieces = await asyncio.to_thread(self._read_sync, image_id, offset, length, validator)
         if sink is not None:
-            sink.feed(data)
-        return data
+            for piece in pieces:
+                sink.feed(piece)
+        return pieces
 
-    def _read_sync(self, image_id: str, offset: int, length: int, validator: str) -> bytes:
+    def _read_sync(self, image_id: str, offset: int, length: int, validator: str) -> list[bytes]:
         path = self._file(image_id)
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -77,7 +78,7 @@ class DirectoryOrigin(Origin):
                     break
                 parts.append(part)
                 got += len(part)
-            return parts[0] if len(parts) == 1 else b"".join(parts)
+            return parts
         except OSError as err:
             raise OriginError(f"cannot read {path}: {err.strerror}") from err
         finally:

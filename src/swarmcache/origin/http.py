@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable
 from types import TracebackType
+from typing import TypeVar
 from urllib.parse import quote
 
 import aiohttp
 
 from ..config import OriginConfig
 from ..errors import OriginChanged, OriginError, OriginInvalid, OriginNotFound, OriginTimeout
+from ..httpfile import read_pieces
 from ..manifest import validate_image_id
 from . import MAX_SIDECAR_BYTES, Origin, OriginImage, Sink, parse_sha256_sidecar
+
+T = TypeVar("T")
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -102,7 +107,7 @@ class HttpOrigin(Origin):
         validator: str,
         size: int | None,
         sink: Sink | None,
-    ) -> bytes:
+    ) -> list[bytes]:
         url = self.describe(image_id)
         end = offset + length - 1
         headers = {"Range": f"bytes={offset}-{end}"}
@@ -130,54 +135,15 @@ class HttpOrigin(Origin):
                 raise OriginChanged(
                     f"{url}: the image is now {m.group(3)} bytes, not {size}: it changed"
                 )
-            return await self._body(resp, url, length, self.config, exact=True, sink=sink)
+            return await self._pieces(resp, url, length, self.config, sink)
 
     @staticmethod
     async def _body(
-        resp: aiohttp.ClientResponse,
-        url: str,
-        limit: int,
-        config: OriginConfig,
-        *,
-        exact: bool = False,
-        sink: Sink | None = None,
+        resp: aiohttp.ClientResponse, url: str, limit: int, config: OriginConfig
     ) -> bytes:
-        """Read a body of `limit` bytes (exact) or at most `limit` bytes, as OriginErrors.
+        """A body of at most `limit` bytes (a sidecar), as OriginErrors."""
 
-        read_timeout catches an origin that goes silent; the deadline here catches one
-        that trickles (slower on average than min_rate bytes/s). It starts once the
-        answer's headers are in, so waiting for a pooled connection does not count.
-        """
-        budget = config.read_timeout + limit / config.min_rate
-        try:
-            async with asyncio.timeout(budget):
-                return await HttpOrigin._read_body(resp, url, limit, exact, sink)
-        except TimeoutError as err:
-            if isinstance(err, OriginTimeout):
-                raise
-            raise OriginTimeout(
-                f"{url}: {limit} bytes not read in {budget:.0f}s "
-                f"(slower than origin.min_rate, {config.min_rate} bytes/s)"
-            ) from None
-
-    @staticmethod
-    async def _read_body(
-        resp: aiohttp.ClientResponse, url: str, limit: int, exact: bool, sink: Sink | None
-    ) -> bytes:
-        try:
-            if exact and sink is None:
-                return await resp.content.readexactly(limit)
-            if exact and sink is not None:  # hand each piece on as it arrives
-                pieces: list[bytes] = []
-                have = 0
-                while have < limit:
-                    piece = await resp.content.read(limit - have)
-                    if not piece:
-                        raise asyncio.IncompleteReadError(b"".join(pieces), limit)
-                    pieces.append(piece)
-                    have += len(piece)
-                    sink.feed(piece)
-                return b"".join(pieces)
+        async def read() -> bytes:
             parts: list[bytes] = []
             got = 0
             while got <= limit:
@@ -187,6 +153,50 @@ class HttpOrigin(Origin):
                 parts.append(part)
                 got += len(part)
             raise OriginInvalid(f"{url}: body larger than {limit} bytes")
+
+        return await HttpOrigin._guard_body(read(), url, limit, config)
+
+    @staticmethod
+    async def _pieces(
+        resp: aiohttp.ClientResponse,
+        url: str,
+        length: int,
+        config: OriginConfig,
+        sink: Sink | None,
+    ) -> list[bytes]:
+        """Exactly `length` bytes of body in the pieces they arrived in, each handed to
+        `sink` as it arrives; as OriginErrors."""
+        return await HttpOrigin._guard_body(
+            read_pieces(resp.content, length, sink.feed if sink is not None else None),
+            url,
+            length,
+            config,
+        )
+
+    @staticmethod
+    async def _guard_body(read: Awaitable[T], url: str, limit: int, config: OriginConfig) -> T:
+        """Await a body read of up to `limit` bytes with a deadline, as OriginErrors.
+
+        read_timeout catches an origin that goes silent; the deadline here catches one
+        that trickles (slower on average than min_rate bytes/s). It starts once the
+        answer's headers are in, so waiting for a pooled connection does not count.
+        """
+        budget = config.read_timeout + limit / config.min_rate
+        try:
+            async with asyncio.timeout(budget):
+                return await HttpOrigin._converted(read, url, limit)
+        except TimeoutError as err:
+            if isinstance(err, OriginTimeout):
+                raise
+            raise OriginTimeout(
+                f"{url}: {limit} bytes not read in {budget:.0f}s "
+                f"(slower than origin.min_rate, {config.min_rate} bytes/s)"
+            ) from None
+
+    @staticmethod
+    async def _converted(read: Awaitable[T], url: str, limit: int) -> T:
+        try:
+            return await read
         except asyncio.IncompleteReadError as err:
             raise OriginError(
                 f"{url}: connection closed after {len(err.partial)} of {limit} bytes"

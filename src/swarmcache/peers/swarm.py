@@ -27,6 +27,7 @@ from aiohttp import web
 
 from ..config import PeersConfig
 from ..errors import PeerError
+from ..httpfile import read_pieces
 from ..manifest import DIGEST_SIZE, Manifest, bitmap_new, bitmap_set
 from ..metrics import Metrics
 from ..planner import SwarmPlan
@@ -522,8 +523,8 @@ class Swarm:
         d = bytes(digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE])
         return d if any(d) else None
 
-    async def read_chunk(self, node_id: str, manifest: Manifest, index: int) -> bytes:
-        """Chunk `index` from a peer (unverified); PeerError on any failure."""
+    async def read_chunk(self, node_id: str, manifest: Manifest, index: int) -> list[bytes]:
+        """Chunk `index` from a peer, in pieces (unverified); PeerError on any failure."""
         peer = self.table.get(node_id)
         if peer is None:
             raise PeerError(f"peer {node_id} is not known")
@@ -536,7 +537,7 @@ class Swarm:
                         raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
                     if resp.content_length is not None and resp.content_length != length:
                         raise PeerError(f"peer {node_id}: chunk {index} has the wrong length")
-                    data = await resp.content.readexactly(length)
+                    data = await read_pieces(resp.content, length)
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
             raise PeerError(f"peer {node_id}: chunk {index}: {err!r}") from err
         except TimeoutError as err:
@@ -545,11 +546,11 @@ class Swarm:
 
     async def read_chunk_streamed(
         self, node_id: str, manifest: Manifest, index: int
-    ) -> tuple[bytes, bytes]:
+    ) -> tuple[list[bytes], bytes]:
         """Chunk `index` from a peer that may still be reading it from the origin.
 
         The answer is the chunk followed by its 16-byte digest (known to the peer only
-        once the chunk is in); (bytes, digest), unverified. The wait is bounded by how
+        once the chunk is in); (pieces, digest), unverified. The wait is bounded by how
         long the peer's own origin read may take, plus peers.timeout.
         """
         peer = self.table.get(node_id)
@@ -563,12 +564,13 @@ class Swarm:
                 async with self.session.get(url, headers=headers) as resp:
                     if resp.status != 200:
                         raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
-                    body = await resp.content.readexactly(length + DIGEST_SIZE)
+                    data = await read_pieces(resp.content, length)
+                    digest = await resp.content.readexactly(DIGEST_SIZE)
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
             raise PeerError(f"peer {node_id}: chunk {index} (streamed): {err!r}") from err
         except TimeoutError as err:
             raise PeerError(f"peer {node_id}: chunk {index} (streamed) timed out") from err
-        return body[:length], body[length:]
+        return data, digest
 
     # -- server side: peers following our images -------------------------------------
 
