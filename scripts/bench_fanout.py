@@ -13,9 +13,10 @@ SIZE MiB at the origin. In the same run, each mode starts with cold caches:
               http://127.0.0.1:7480/v1/images/<id> to a file at once (the daemon's
               cached copy plus the client's copy: two writes of the image per host)
   swarmcache-cache
-              the same daemons, every host runs `swarmcache fetch <id>` (no -o) at
-              once: done when its daemon holds the image complete (verified against
-              the origin's sha256, durable); one copy per host, as aria2c leaves
+              the same daemons, every host asks its daemon to fetch the image at once
+              (curl -X POST .../fetch?wait=...): done when the daemon answers 200, i.e.
+              holds the image complete (verified against the origin's sha256,
+              durable); one copy per host, as aria2c leaves
 
 Every host writes the image to its local disk and it is checked (sha256) afterwards;
 a host with wrong or missing bytes, or one not done within 10x the physical limit
@@ -54,7 +55,6 @@ from swarmcache.testbed import (
     make_image,
     origin_stats,
     origin_url,
-    python_argv,
     rate_bits_per_s,
     reset_origin_stats,
     spawn_daemon,
@@ -334,8 +334,17 @@ def run_swarmcache(
         url = f"http://127.0.0.1:{DAEMON_PORT}/v1/images/{image.id}"
         cmds = {h: [*CURL, "-o", str(files[h.name]), url] for h in bed.hosts}
         if sink == "cache":
-            api = f"http://127.0.0.1:{DAEMON_PORT}"
-            fetch = python_argv("-m", "swarmcache", "--daemon", api, "fetch", image.id, "-q")
+            # what a pre-warm script does: POST .../fetch?wait, answered 200 once the
+            # daemon holds the image verified and durable (curl: no Python start-up
+            # per host competing for the daemons' CPU)
+            fetch = [
+                *CURL,
+                "-o",
+                "/dev/null",
+                "-X",
+                "POST",
+                f"{url}/fetch?wait={min(timeout, 3600):.0f}",
+            ]
             cmds = {h: fetch for h in bed.hosts}
         cpu0 = {n: proc_cpu(p.pid) for n, p in daemons.items()}
         busy0 = machine_busy()

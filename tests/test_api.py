@@ -357,6 +357,39 @@ async def test_fetch_is_idempotent_and_lists(
         assert key in listing[0]
 
 
+async def test_fetch_and_status_wait_for_the_end_of_the_fetch(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin
+) -> None:
+    images.add("img", SIZE)
+    images.add("bad", SIZE, wrong_sidecar=True)
+    client = await daemon(origin={"concurrency": 1})
+    origin.faults.delay = 0.01  # 18 chunks: the fetch is still running when we ask
+    started = await client.post("/v1/images/img/fetch")
+    assert started.status == 202
+    assert (await started.json())["state"] == "fetching"
+    st = await (await client.get("/v1/images/img/status?wait=60")).json()
+    assert st["state"] == "complete"
+    assert st["sha256"] == st["origin_sha256"]
+    # POST ?wait: 200 once complete (at once for a cached image), the failure otherwise
+    done = await client.post("/v1/images/img/fetch?wait=60s")
+    assert done.status == 200
+    assert (await done.json())["state"] == "complete"
+    failed = await client.post("/v1/images/bad/fetch?wait=60")
+    assert failed.status == 502, await failed.text()
+    assert "does not match" in (await failed.json())["detail"]
+    # a short wait on a running fetch answers 202 with its progress
+    images.add("slow", SIZE)
+    origin.faults.delay = 0.2
+    running = await client.post("/v1/images/slow/fetch?wait=0.05")
+    assert running.status == 202
+    assert (await running.json())["state"] == "fetching"
+    for bad in ("x", "-1", "2h", "1e3"):
+        resp = await client.get(f"/v1/images/img/status?wait={bad}")
+        assert resp.status == 400, bad
+        assert "wait must be" in (await resp.json())["detail"]
+    origin.faults.delay = 0
+
+
 async def test_status_shows_progress_of_running_fetch(
     daemon: DaemonFactory, images: ImageDir, origin: Origin
 ) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from .config import parse_duration
 from .errors import (
     BadRequest,
     ImageNotFound,
@@ -49,6 +50,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # image bytes a response sent with sendfile (for the access log)
 SENT = web.ResponseKey("swarmcache.sent", int)
 SEND_SLICE = 16 * 1024 * 1024
+MAX_WAIT = 3600.0  # longest ?wait= on status and fetch
 
 
 class AccessLog(AbstractAccessLogger):
@@ -181,16 +183,50 @@ async def list_images(request: web.Request) -> web.Response:
     return web.json_response({"images": [describe(fetcher, i, progress=False) for i in ids]})
 
 
+def _wait_seconds(request: web.Request) -> float:
+    """The `wait` query parameter: how long to wait for a running fetch to end."""
+    raw = request.query.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        seconds = parse_duration(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_WAIT:
+        raise BadRequest(
+            f"wait must be a duration of at most {MAX_WAIT:.0f}s (e.g. 30 or 30s), got {raw!r}"
+        )
+    return seconds
+
+
 async def image_status(request: web.Request) -> web.Response:
-    """GET /v1/images/{id}/status."""
-    return web.json_response(describe(request.app[FETCHER], _image_id(request), progress=True))
+    """GET /v1/images/{id}/status[?wait=S]: with wait, answers once a running fetch has
+    ended or S seconds have passed (a progress poll that hears the end at once)."""
+    image_id = _image_id(request)
+    seconds = _wait_seconds(request)
+    fetcher = request.app[FETCHER]
+    await fetcher.wait(image_id, seconds)
+    return web.json_response(describe(fetcher, image_id, progress=True))
 
 
 async def start_fetch(request: web.Request) -> web.Response:
-    """POST /v1/images/{id}/fetch: start a background fetch (idempotent)."""
+    """POST /v1/images/{id}/fetch[?wait=S]: start a background fetch (idempotent).
+
+    202 while it runs. With wait, the answer waits up to S seconds for the fetch to
+    end: 200 once the image is complete, the fetch's own error if it failed.
+    """
     image_id = _image_id(request)
+    seconds = _wait_seconds(request)
     fetcher = request.app[FETCHER]
     await fetcher.start(image_id)
+    if seconds:
+        await fetcher.wait(image_id, seconds)
+        image = fetcher.store.get(image_id)
+        if image is not None and image.complete:
+            return web.json_response(describe(fetcher, image_id, progress=True))
+        failure = fetcher.failures.get(image_id)
+        if failure is not None and image_id not in fetcher.jobs:
+            raise failure.error
     return web.json_response(describe(fetcher, image_id, progress=True), status=202)
 
 

@@ -298,8 +298,12 @@ def _wait_cached(client: Client, image_id: str, progress: Progress) -> None:
             status = client.json("POST", _path(image_id, "/fetch"))
             continue
         progress.update(status.get("bytes", 0), status.get("size"))
-        time.sleep(_POLL_SECONDS)
-        status = client.json("GET", _path(image_id, "/status"))
+        # the daemon answers as soon as the fetch ends, else after _POLL_SECONDS (an
+        # older daemon ignores wait: then the sleep keeps the pace)
+        asked = time.monotonic()
+        status = client.json("GET", _path(image_id, f"/status?wait={_POLL_SECONDS}"))
+        if status["state"] not in ("complete", "failed"):
+            time.sleep(max(0.0, _POLL_SECONDS - (time.monotonic() - asked)))
     progress.update(status["size"], status["size"], force=True)
 
 

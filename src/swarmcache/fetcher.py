@@ -956,6 +956,14 @@ class Fetcher:
             self._gone(image_id)
             self.failures.pop(image_id, None)
 
+    async def wait(self, image_id: str, seconds: float) -> None:
+        """Return once the image's running fetch has ended (its outcome recorded), or
+        after `seconds`; at once if none runs."""
+        task = self._tasks.get(image_id)
+        if task is not None and seconds > 0:
+            # wait() neither cancels the fetch on timeout nor raises its failure
+            await asyncio.wait({task}, timeout=seconds)
+
     async def resume_partial(self) -> None:
         """Restart the fetch of every partial image (after a restart or crash)."""
         for image_id, image in list(self.store.images.items()):
