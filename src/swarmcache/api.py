@@ -512,11 +512,9 @@ async def _stream_in_flight(
         while True:
             if flight.attempt != attempt or flight.failed:
                 raise ConnectionAbortedError("the origin read of this chunk started over")
-            # whatever arrived since the last look goes out in one write
-            pending = flight.pieces[piece:]
-            if pending:
-                piece += len(pending)
-                data = pending[0] if len(pending) == 1 else b"".join(pending)
+            if piece < len(flight.pieces):  # a batch (see InFlight) goes out as it is
+                data = flight.pieces[piece]
+                piece += 1
                 await resp.write(data)
                 sent += len(data)
                 continue

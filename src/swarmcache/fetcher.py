@@ -55,6 +55,7 @@ IDLE_TICK = 1.0  # longest sleep of an idle worker (deadlines of peers' chunks e
 ENDGAME_CHUNKS = 8  # with this few chunks left, slow peer reads get a second source
 ENDGAME_AFTER = 1.0  # seconds a peer read runs at least before the endgame doubles it
 ENDGAME_FACTOR = 3.0  # ... and this many times the usual peer read time of the fetch
+STREAM_BATCH = 256 * 1024  # bytes of a chunk in flight handed to streaming peers at once
 
 
 class ChunkSource(Protocol):
@@ -90,29 +91,41 @@ class OriginSource:
 class InFlight:
     """A chunk on its way from the origin, which peers may stream before it landed.
 
-    The origin read feeds it piece by piece (a retry restarts it); once the chunk is
-    checked and written, `finish` records its digest. Readers wait on `changed()`.
+    The origin read feeds it piece by piece (a retry restarts it); pieces are handed
+    to readers in batches of STREAM_BATCH bytes, joined once for all of them, so each
+    of the peers streaming the chunk wakes and writes once per batch, not once per
+    socket read. Once the chunk is checked and written, `finish` records its digest.
+    Readers wait on `changed()`.
     """
 
-    def __init__(self) -> None:
-        self.pieces: list[bytes] = []
-        self.size = 0
+    def __init__(self, length: int) -> None:
+        self.length = length
+        self.pieces: list[bytes] = []  # batches ready for readers
+        self.size = 0  # bytes in pieces
         self.attempt = 0  # moves on restart: a reader mid-way must give up
         self.digest: bytes | None = None
         self.failed = False
         self._event = asyncio.Event()
+        self._pending: list[bytes] = []
+        self._pending_size = 0
 
     def restart(self) -> None:
         """A new origin attempt: the bytes fed so far are void."""
         self.pieces, self.size = [], 0
+        self._pending, self._pending_size = [], 0
         self.attempt += 1
         self._wake()
 
     def feed(self, data: bytes) -> None:
         """The next piece from the origin."""
-        self.pieces.append(data)
-        self.size += len(data)
-        self._wake()
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size >= STREAM_BATCH or self.size + self._pending_size >= self.length:
+            batch = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+            self.pieces.append(batch)
+            self.size += len(batch)
+            self._pending, self._pending_size = [], 0
+            self._wake()
 
     def finish(self, digest: bytes | None) -> None:
         """The chunk landed with this digest (None: it failed)."""
@@ -184,8 +197,10 @@ class FetchJob:
         self.taking: set[int] = set()  # chunks being read from the origin
         self.inflight: dict[int, InFlight] = {}  # the same, streamable to peers
         self._peer_reads: dict[int, dict[str, asyncio.Task[None]]] = {}
-        self._read_started: dict[int, float] = {}
-        self._peer_read_time = 0.0  # EWMA of successful peer read durations
+        self._read_started: dict[int, tuple[float, bool]] = {}  # first read: when, streamed
+        # EWMA of successful peer read durations: held chunks (the peer's pace), streamed
+        # ones (the origin's pace, set by the host reading it)
+        self._read_time = {False: 0.0, True: 0.0}
         self.peers_used: set[str] = set()
         self.started = time.monotonic()
         self.bytes_by_source: Counter[str] = Counter()
@@ -378,7 +393,7 @@ class FetchJob:
                 await self._idle()
                 continue
             self.taking.add(index)
-            flight = self.inflight[index] = InFlight()
+            flight = self.inflight[index] = InFlight(self.image.manifest.span(index)[1])
             if self.swarm is not None:
                 self.swarm.announce_taking(self.image_id, index)
             try:
@@ -432,13 +447,16 @@ class FetchJob:
         if self.plan.remaining > ENDGAME_CHUNKS:
             return None
         now = time.monotonic()
-        # slow = well behind what a peer read usually takes in this fetch
-        slow = max(ENDGAME_AFTER, ENDGAME_FACTOR * self._peer_read_time)
         for index, reads in self._peer_reads.items():
+            started, streamed = self._read_started[index]
+            # slow = well behind what such a read usually takes in this fetch; a streamed
+            # chunk comes at the origin's pace, and doubling it early only splits our own
+            # link between two copies
+            slow = max(ENDGAME_AFTER, ENDGAME_FACTOR * self._read_time[streamed])
             if (
                 self.plan.state[index] == DONE  # landed; the losers are being cancelled
                 or len(reads) != 1
-                or now - self._read_started[index] < slow
+                or now - started < slow
             ):
                 continue
             others = [n for n in self.plan.holders_of(index) if n not in reads]
@@ -453,7 +471,7 @@ class FetchJob:
         assert self.swarm is not None
         reads = self._peer_reads.setdefault(index, {})
         if not reads:
-            self._read_started[index] = time.monotonic()
+            self._read_started[index] = (time.monotonic(), streamed)
         read = asyncio.create_task(self._fetch_from_peer(index, node, streamed))
         reads[node] = read
         peer = self.swarm.table.get(node)
@@ -520,10 +538,8 @@ class FetchJob:
             swarm.quarantine(node)
             raise
         seconds = time.monotonic() - t0
-        if not streamed:  # a streamed read goes at the origin's pace, not the peer's
-            self._peer_read_time = (
-                seconds if not self._peer_read_time else 0.8 * self._peer_read_time + 0.2 * seconds
-            )
+        usual = self._read_time[streamed]
+        self._read_time[streamed] = seconds if not usual else 0.8 * usual + 0.2 * seconds
         size = pieces_size(data)
         swarm.table.succeeded(node, size, 0.0 if streamed else seconds, time.monotonic())
         self.peers_used.add(node)

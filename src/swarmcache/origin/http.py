@@ -167,7 +167,9 @@ class HttpOrigin(Origin):
         """Exactly `length` bytes of body in the pieces they arrived in, each handed to
         `sink` as it arrives; as OriginErrors."""
         return await HttpOrigin._guard_body(
-            read_pieces(resp.content, length, sink.feed if sink is not None else None),
+            # no SO_RCVLOWAT: aiohttp's read_timeout counts the silence between wake-ups,
+            # and must see an origin that trickles (below min_rate) as trickling
+            read_pieces(resp, length, sink.feed if sink is not None else None, lowat=False),
             url,
             length,
             config,

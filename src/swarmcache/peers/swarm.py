@@ -537,7 +537,7 @@ class Swarm:
                         raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
                     if resp.content_length is not None and resp.content_length != length:
                         raise PeerError(f"peer {node_id}: chunk {index} has the wrong length")
-                    data = await read_pieces(resp.content, length)
+                    data = await read_pieces(resp, length)
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
             raise PeerError(f"peer {node_id}: chunk {index}: {err!r}") from err
         except TimeoutError as err:
@@ -564,7 +564,7 @@ class Swarm:
                 async with self.session.get(url, headers=headers) as resp:
                     if resp.status != 200:
                         raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
-                    data = await read_pieces(resp.content, length)
+                    data = await read_pieces(resp, length, then=DIGEST_SIZE)
                     digest = await resp.content.readexactly(DIGEST_SIZE)
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
             raise PeerError(f"peer {node_id}: chunk {index} (streamed): {err!r}") from err
