@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from conftest import metric
 from swarmcache.testbed import (
     Host,
     Testbed,
@@ -63,7 +64,9 @@ class Swarm:
         self.work = work / name
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, host: Host, **extra: dict[str, Any]) -> subprocess.Popen[bytes]:
+    def start(
+        self, host: Host, env: dict[str, str] | None = None, **extra: dict[str, Any]
+    ) -> subprocess.Popen[bytes]:
         """Start a daemon on `host` (mDNS on unless `discovery` says otherwise)."""
         sections: dict[str, dict[str, Any]] = {
             "discovery": {"mdns": True},
@@ -78,7 +81,7 @@ class Swarm:
                 host, self.work / host.name / "cache", origin_url(self.bed), extra=sections
             ),
         )
-        proc = start_daemon(self.bed, host, config, log=self.work / f"{host.name}.log")
+        proc = start_daemon(self.bed, host, config, log=self.work / f"{host.name}.log", env=env)
         self.procs[host.name] = proc
         return proc
 
@@ -225,6 +228,28 @@ def test_five_hosts_at_once_then_a_late_joiner(swarm: Swarm) -> None:
     wait_for("the late joiner sees the five", lambda: len(ok_peers(swarm, late)) >= 5)
     assert fetch_all(swarm, [late], "storm-img") == {late.name: sha}
     assert image_bytes_sent(bed, "storm-img") == sent  # nothing more from the origin
+
+
+def test_peer_serving_corrupt_chunks_is_quarantined_and_image_still_correct(
+    swarm: Swarm,
+) -> None:
+    bed = swarm.bed
+    bad, good = bed.hosts[:2]
+    # the bad host keeps a good copy but flips a byte in every chunk it serves to peers
+    swarm.start(bad, env={"SWARMCACHE_TEST_CORRUPT_PEER_CHUNKS": "1"})
+    swarm.start(good)
+    wait_for("good sees bad over mDNS", lambda: f"{bad.addr}:7480" in ok_peers(swarm, good))
+    sha = add_image(swarm.work.parent, "corrupt-img", 4)
+    assert fetch_all(swarm, [bad], "corrupt-img") == {bad.name: sha}
+    assert fetch_all(swarm, [good], "corrupt-img") == {good.name: sha}
+    states = {p["address"]: p["state"] for p in swarm.peers(good)}
+    assert states[f"{bad.addr}:7480"] == "quarantined"
+    metrics = http_request(bed, good, API + "/metrics").decode()
+    assert metric(metrics, "swarmcache_peer_quarantines_total") == 1
+    assert metric(metrics, "swarmcache_verification_failures_total", kind="chunk") >= 1
+    assert "does not match its digest; peer quarantined" in swarm.log(good)
+    # every chunk the bad peer sent was thrown away and read from the origin instead
+    assert image_bytes_sent(bed, "corrupt-img") >= 2 * 4 * MIB
 
 
 def test_peer_killed_mid_transfer_costs_a_timeout_not_the_fetch(

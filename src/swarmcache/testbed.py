@@ -609,9 +609,11 @@ def write_toml(path: Path, sections: Mapping[str, Mapping[str, object]]) -> Path
     return path
 
 
-def daemon_env() -> dict[str, str]:
-    """This environment without SWARMCACHE_* variables, which would override the file."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("SWARMCACHE_")}
+def daemon_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This environment without SWARMCACHE_* variables, which would override the file,
+    plus `extra` (e.g. a test-only SWARMCACHE_TEST_* fault switch)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWARMCACHE_")}
+    return {**env, **(extra or {})}
 
 
 def start_daemon(
@@ -621,19 +623,25 @@ def start_daemon(
     port: int = DAEMON_PORT,
     log: Path | None = None,
     timeout: float = 30,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start `swarmcache serve` with `config` in `host` and wait until /healthz answers."""
-    proc = spawn_daemon(bed, host, config, log)
+    proc = spawn_daemon(bed, host, config, log, env)
     wait_daemon(bed, host, proc, port, log, timeout)
     return proc
 
 
 def spawn_daemon(
-    bed: Testbed, host: Host, config: Path, log: Path | None = None
+    bed: Testbed,
+    host: Host,
+    config: Path,
+    log: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start `swarmcache serve` with `config` in `host` without waiting for it."""
+    """Start `swarmcache serve` with `config` in `host` without waiting for it (`env`:
+    variables to add to its environment)."""
     argv = python_argv("-m", "swarmcache", "--config", str(config), "serve")
-    return _start_logged(bed, host, argv, log, env=daemon_env())
+    return _start_logged(bed, host, argv, log, env=daemon_env(env))
 
 
 def wait_daemon(
