@@ -512,8 +512,8 @@ async def _stream_in_flight(
         while True:
             if flight.attempt != attempt or flight.failed:
                 raise ConnectionAbortedError("the origin read of this chunk started over")
-            if piece < len(flight.pieces):  # a batch (see InFlight) goes out as it is
-                data = flight.pieces[piece]
+            if piece < flight.batches:  # a batch (see InFlight) goes out as it is
+                data = flight.batch(piece)
                 piece += 1
                 await resp.write(data)
                 sent += len(data)

@@ -91,40 +91,53 @@ class OriginSource:
 class InFlight:
     """A chunk on its way from the origin, which peers may stream before it landed.
 
-    The origin read feeds it piece by piece (a retry restarts it); pieces are handed
-    to readers in batches of STREAM_BATCH bytes, joined once for all of them, so each
-    of the peers streaming the chunk wakes and writes once per batch, not once per
-    socket read. Once the chunk is checked and written, `finish` records its digest.
-    Readers wait on `changed()`.
+    The origin read feeds it piece by piece (a retry restarts it); readers get the
+    pieces in batches of STREAM_BATCH bytes, each joined on first use and then shared,
+    so each of the peers streaming the chunk wakes and writes once per batch, not once
+    per socket read (and a chunk nobody streams is never joined). Once the chunk is
+    checked and written, `finish` records its digest. Readers wait on `changed()`.
     """
 
     def __init__(self, length: int) -> None:
         self.length = length
-        self.pieces: list[bytes] = []  # batches ready for readers
-        self.size = 0  # bytes in pieces
         self.attempt = 0  # moves on restart: a reader mid-way must give up
         self.digest: bytes | None = None
         self.failed = False
         self._event = asyncio.Event()
-        self._pending: list[bytes] = []
-        self._pending_size = 0
+        self._pieces: list[bytes] = []  # as fed
+        self._fed = 0  # bytes in _pieces
+        self._ends: list[int] = []  # batch k is _pieces[_ends[k-1]:_ends[k]]
+        self._pending = 0  # bytes fed since the last batch
+        self._joined: dict[int, bytes] = {}
+
+    @property
+    def batches(self) -> int:
+        """Batches ready for readers."""
+        return len(self._ends)
+
+    def batch(self, k: int) -> bytes:
+        """The bytes of batch `k` (< batches)."""
+        joined = self._joined.get(k)
+        if joined is None:
+            parts = self._pieces[self._ends[k - 1] if k else 0 : self._ends[k]]
+            joined = self._joined[k] = parts[0] if len(parts) == 1 else b"".join(parts)
+        return joined
 
     def restart(self) -> None:
         """A new origin attempt: the bytes fed so far are void."""
-        self.pieces, self.size = [], 0
-        self._pending, self._pending_size = [], 0
+        self._pieces, self._fed, self._ends, self._pending = [], 0, [], 0
+        self._joined = {}
         self.attempt += 1
         self._wake()
 
     def feed(self, data: bytes) -> None:
         """The next piece from the origin."""
-        self._pending.append(data)
-        self._pending_size += len(data)
-        if self._pending_size >= STREAM_BATCH or self.size + self._pending_size >= self.length:
-            batch = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
-            self.pieces.append(batch)
-            self.size += len(batch)
-            self._pending, self._pending_size = [], 0
+        self._pieces.append(data)
+        self._fed += len(data)
+        self._pending += len(data)
+        if self._pending >= STREAM_BATCH or self._fed >= self.length:
+            self._ends.append(len(self._pieces))
+            self._pending = 0
             self._wake()
 
     def finish(self, digest: bytes | None) -> None:
@@ -214,6 +227,7 @@ class FetchJob:
         self._closing = False
         self._sha = hashlib.sha256()
         self._hashed = 0  # chunks 0.._hashed-1 are in _sha
+        self._hash_next = 0  # chunks before this one are in _sha or being added
         self._hash_wake = asyncio.Event()
         self._unhashed: dict[int, Pieces] = {}  # written chunks the hasher has not seen yet
         self._unhashed_bytes = 0
@@ -607,8 +621,14 @@ class FetchJob:
     async def _store(self, index: int, data: Pieces, expected: bytes | None) -> None:
         """Check a chunk against `expected` and write it (in a thread)."""
         size = pieces_size(data)
-        # the hasher takes it from memory, or (past the cap) from the page cache
-        if index not in self._unhashed and self._unhashed_bytes + size <= UNHASHED_BYTES:
+        # the hasher takes it from memory, or (past the cap) from the page cache; a late
+        # duplicate (endgame) of a chunk that is in or already hashed is not kept
+        if (
+            index >= self._hash_next
+            and index not in self._unhashed
+            and not self.image.has(index)
+            and self._unhashed_bytes + size <= UNHASHED_BYTES
+        ):
             self._unhashed[index] = data
             self._unhashed_bytes += size
         try:
@@ -638,31 +658,34 @@ class FetchJob:
         self.image.write_chunk(index, data, digest)
 
     async def _hasher(self) -> None:
-        """Advance the image's sha256 over the readable prefix, as chunks land."""
+        """Advance the image's sha256 over the readable prefix, as chunks land.
+
+        The loop takes the run of readable chunks (with what memory holds of them) and
+        a thread hashes it: only the loop touches `_unhashed` and its byte count.
+        """
         chunks = self.image.manifest.chunks
         while self._hashed < chunks:
             if not self.image.has(self._hashed):
                 self._hash_wake.clear()
                 await self._hash_wake.wait()
                 continue
-            self._unhashed_bytes -= await self._thread(self._hash_prefix)
-
-    def _hash_prefix(self) -> int:
-        """Hash every readable chunk from `_hashed` on (in a thread); the bytes it took
-        from memory (counted off on the loop)."""
-        chunks = self.image.manifest.chunks
-        freed = 0
-        while self._hashed < chunks and self.image.has(self._hashed):
+            run: list[tuple[int, Pieces | None]] = []
             i = self._hashed
-            data = self._unhashed.pop(i, None)
-            if data is None:
-                self._sha.update(self.image.read_chunk(i))
-            else:
-                freed += pieces_size(data)
-                for piece in data:
-                    self._sha.update(piece)
-            self._hashed += 1
-        return freed
+            while i < chunks and self.image.has(i):
+                data = self._unhashed.pop(i, None)
+                if data is not None:
+                    self._unhashed_bytes -= pieces_size(data)
+                run.append((i, data))
+                i += 1
+            self._hash_next = i
+            await self._thread(self._hash_run, run)
+            self._hashed = i
+
+    def _hash_run(self, run: list[tuple[int, Pieces | None]]) -> None:
+        """Add chunks to the sha256 in order, from memory or the page cache (in a thread)."""
+        for index, data in run:
+            for piece in data if data is not None else (self.image.read_chunk(index),):
+                self._sha.update(piece)
 
     def _verify(self) -> None:
         manifest = self.image.manifest

@@ -32,7 +32,7 @@ async def read_pieces(
     256 KiB instead of one per TCP burst (at a few Mbit/s per stream, a few KiB).
     (`lowat=False`: plain wake-ups.)
     """
-    stream = resp.content
+    stream = resp.content  # total_bytes counts body bytes as sent: no decompression here
     water = _LowWater(resp if lowat else None)
     body = length + then
     pieces: list[bytes] = []

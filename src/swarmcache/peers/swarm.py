@@ -27,7 +27,7 @@ from aiohttp import web
 
 from ..config import PeersConfig
 from ..errors import PeerError
-from ..httpfile import read_pieces
+from ..httpfile import RCVLOWAT, read_pieces
 from ..manifest import DIGEST_SIZE, Manifest, bitmap_new, bitmap_set
 from ..metrics import Metrics
 from ..planner import SwarmPlan
@@ -234,7 +234,10 @@ class Swarm:
             # with peers.timeout as a whole instead
             timeout=aiohttp.ClientTimeout(total=None, connect=min(5.0, self.config.timeout)),
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+            # bodies as sent (read_pieces counts body bytes against SO_RCVLOWAT)
             auto_decompress=False,
+            # room for what one SO_RCVLOWAT wake-up brings, so reading is not paused
+            read_bufsize=RCVLOWAT,
         )
         if self.static_peers:
             self.spawn(self._static_loop(), "static-peers")
@@ -564,6 +567,8 @@ class Swarm:
                 async with self.session.get(url, headers=headers) as resp:
                     if resp.status != 200:
                         raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
+                    if resp.content_length not in (None, length + DIGEST_SIZE):
+                        raise PeerError(f"peer {node_id}: chunk {index} has the wrong length")
                     data = await read_pieces(resp, length, then=DIGEST_SIZE)
                     digest = await resp.content.readexactly(DIGEST_SIZE)
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
