@@ -223,6 +223,13 @@ def test_five_hosts_at_once_then_a_late_joiner(swarm: Swarm) -> None:
     # every host took part of the image from the origin and the rest from peers
     for h in five:
         assert "sources {'origin'" in swarm.log(h) or "'peer'" in swarm.log(h)
+    # with 5 fetchers, 2 of the 4 others stream each chunk from its reader and pass it
+    # on to the other 2 as it arrives (SwarmPlan.stream_source)
+    relayed = [
+        metric(http_request(bed, h, API + "/metrics").decode(), "swarmcache_relayed_bytes_total")
+        for h in five
+    ]
+    assert sum(relayed) > 0, relayed
 
     swarm.start(late)
     wait_for("the late joiner sees the five", lambda: len(ok_peers(swarm, late)) >= 5)

@@ -293,3 +293,39 @@ def test_plan_forgets_what_a_peer_was_taking_when_it_stops_fetching() -> None:
     assert plan.next_origin(1.0) == 0
     plan.done(0)
     assert 0 not in plan.taken
+
+
+@pytest.mark.parametrize(
+    ("me", "source"),
+    [
+        # fetchers a..h; c reads chunk 0 from the origin. Ring after c: d e f g h a b.
+        ("d", "c"),  # the first two stream it from its reader
+        ("e", "c"),
+        ("f", "d"),  # the rest from those two, in turn: d relays to f, h, b
+        ("g", "e"),  # ... and e to g, a
+        ("h", "d"),
+        ("a", "e"),
+        ("b", "d"),
+    ],
+)
+def test_stream_source_is_a_two_level_tree_below_the_reader(me: str, source: str) -> None:
+    plan = SwarmPlan(4, [], me, "img", stall=30)
+    for other in "abcdefgh":
+        if other != me:
+            plan.peer_fetching(other, True, 0.0)
+    plan.peer_taking("c", [0], now=0.0, deadline=50.0)
+    assert plan.stream_source(0) == source
+    assert plan.next_peer(first_pick, 1.0, streams=True) == (0, source, True)
+
+
+def test_stream_source_falls_back_to_the_reader() -> None:
+    plan = SwarmPlan(4, [], "f", "img", stall=30)
+    for other in "cde":
+        plan.peer_fetching(other, True, 0.0)
+    plan.peer_taking("c", [0, 1], now=0.0, deadline=50.0)
+    assert plan.stream_source(0) == "d"  # ring after c: d e f -> f streams from d
+    plan.relay_failed(0)  # d had nothing of it to stream
+    assert plan.stream_source(0) == "c"
+    assert plan.stream_source(1) == "d"  # other chunks still go through the relay
+    plan.peer_taking("x", [2], now=0.0, deadline=50.0)  # a reader we do not see fetching
+    assert plan.stream_source(2) == "x"

@@ -51,6 +51,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SENT = web.ResponseKey("swarmcache.sent", int)
 SEND_SLICE = 16 * 1024 * 1024
 MAX_WAIT = 3600.0  # longest ?wait= on status and fetch
+RELAY_WAIT = 0.5  # seconds a stream request waits for the chunk to start arriving here
 
 
 class AccessLog(AbstractAccessLogger):
@@ -448,11 +449,13 @@ async def peer_chunk(request: web.Request) -> web.StreamResponse:
     streamed = request.headers.get(STREAM_HEADER) == "1"
     if image is None or not 0 <= index < image.manifest.chunks:
         raise ImageNotFound(f"chunk {index} of {image_id!r} is not held here")
+    flight: InFlight | None = None
     if not image.has(index):
         job = request.app[FETCHER].jobs.get(image_id)
-        flight = job.inflight.get(index) if job is not None and streamed else None
-        if flight is None:
+        flight = await _in_flight(image, job, index) if job is not None and streamed else None
+        if flight is None and not image.has(index):
             raise ImageNotFound(f"chunk {index} of {image_id!r} is not held here")
+    if flight is not None:
         if request.headers.get("If-Match", image.manifest.etag) != image.manifest.etag:
             raise PreconditionFailed(f"{image_id!r} here is another version")
         return await _stream_in_flight(request, image, index, flight)
@@ -494,12 +497,27 @@ async def peer_chunk(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _in_flight(image: CachedImage, job: FetchJob, index: int) -> InFlight | None:
+    """The chunk on its way here (from the origin, or from a peer: we relay it), waiting
+    up to RELAY_WAIT for it to start, since a peer may ask us a moment before our own
+    read of it began; None if it did not start (or landed meanwhile)."""
+    deadline = time.monotonic() + RELAY_WAIT
+    while True:
+        flight = job.inflight.get(index)
+        if flight is not None and not flight.relayable:
+            return None
+        if flight is not None or image.has(index) or time.monotonic() >= deadline:
+            return flight
+        await asyncio.sleep(0.02)
+
+
 async def _stream_in_flight(
     request: web.Request, image: CachedImage, index: int, flight: InFlight
 ) -> web.StreamResponse:
-    """Send a chunk while it arrives from the origin, then its digest (cut-through).
+    """Send a chunk while it arrives (from the origin, or from its reader: we relay
+    it), then its digest (cut-through).
 
-    If the origin read restarts or fails, the connection is cut: the peer must not
+    If the read here restarts or fails, the connection is cut: the peer must not
     mistake a partial answer for the chunk (its digest check would catch it anyway).
     """
     _, length = image.manifest.span(index)
@@ -527,6 +545,8 @@ async def _stream_in_flight(
         await resp.write_eof()
         resp[SENT] = sent
         request.app[METRICS].bytes_served_peers.inc(sent)
+        if flight.relayed:
+            request.app[METRICS].bytes_relayed.inc(sent)
     except ConnectionError:
         if request.transport is not None:
             request.transport.abort()

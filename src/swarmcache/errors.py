@@ -166,3 +166,7 @@ class PeerError(SwarmcacheError):
 
     status = 502
     error = "peer error"
+
+
+class StreamRefused(PeerError):
+    """A peer does not have a chunk to stream to us (yet): not a failure of the peer."""

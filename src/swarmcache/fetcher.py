@@ -34,6 +34,7 @@ from .errors import (
     PeerError,
     ShuttingDown,
     StorageError,
+    StreamRefused,
     SwarmcacheError,
 )
 from .manifest import Manifest, Pieces, pieces_digest, pieces_size
@@ -103,6 +104,8 @@ class InFlight:
         self.attempt = 0  # moves on restart: a reader mid-way must give up
         self.digest: bytes | None = None
         self.failed = False
+        self.relayable = True  # peers may stream it from us (see SwarmPlan.stream_source)
+        self.relayed = False  # it comes from a peer, not from the origin
         self._event = asyncio.Event()
         self._pieces: list[bytes] = []  # as fed
         self._fed = 0  # bytes in _pieces
@@ -517,19 +520,46 @@ class FetchJob:
             self._landed(index)
 
     async def _fetch_from_peer(self, index: int, node: str, streamed: bool) -> None:
+        relay = None
+        if streamed and index not in self.inflight:
+            # pass it on as it arrives: we may be other hosts' relay (stream_source)
+            relay = self.inflight[index] = InFlight(self.image.manifest.span(index)[1])
+            # only a chunk that comes straight from its origin reader is passed on
+            relay.relayable = self.plan.taken.get(index, ("", 0.0))[0] == node
+            relay.relayed = True
+        try:
+            await self._fetch_from_peer_into(index, node, streamed, relay)
+        finally:
+            if relay is not None:
+                if self.inflight.get(index) is relay:
+                    del self.inflight[index]
+                # our digest only once the bytes are checked and written (ours or a
+                # duplicate's that landed first)
+                written = self.image.has(index)
+                relay.finish(self.image.manifest.digest(index) if written else None)
+
+    async def _fetch_from_peer_into(
+        self, index: int, node: str, streamed: bool, relay: InFlight | None
+    ) -> None:
         assert self.swarm is not None
         swarm = self.swarm
         t0 = time.monotonic()
         try:
             if streamed:
                 # the digest comes after the bytes: the peer knows it once they are in
-                data, expected = await swarm.read_chunk_streamed(node, self.image.manifest, index)
+                data, expected = await swarm.read_chunk_streamed(
+                    node, self.image.manifest, index, relay.feed if relay is not None else None
+                )
             else:
                 announced = swarm.digest(self.image_id, node, index)
                 if announced is None:
                     raise PeerError(f"peer {node} announced chunk {index} without a digest")
                 expected = announced
                 data = await swarm.read_chunk(node, self.image.manifest, index)
+        except StreamRefused as err:
+            log.debug("%s: chunk %d: %s", self.image_id, index, err)
+            self.plan.relay_failed(index)  # from its reader next time
+            raise
         except PeerError as err:
             log.info("%s: chunk %d from peer %s failed: %s", self.image_id, index, node, err)
             self.metrics.peer_errors.inc()

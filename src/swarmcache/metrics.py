@@ -32,6 +32,11 @@ class Metrics:
         self.bytes_served_peers = Counter(
             "swarmcache_served_peer_bytes", "Chunk bytes sent to peers", registry=r
         )
+        self.bytes_relayed = Counter(
+            "swarmcache_relayed_bytes",
+            "Chunk bytes sent to peers while they still arrived here from another peer",
+            registry=r,
+        )
         self.fetch_duration = Histogram(
             "swarmcache_fetch_duration_seconds",
             "Time from fetch start to verified image",

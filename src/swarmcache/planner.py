@@ -90,6 +90,7 @@ ORIGIN = ""  # the source id of the origin in SwarmPlan's answers
 FAR_AHEAD = 4  # chunks per fetcher past the first missing one: "far ahead" for a reader
 STEAL_BACKLOG = 2  # chunks another fetcher must have left before we take one of its
 CANDIDATES = 64  # chunks looked at per peer assignment (rarest of these first)
+RELAY_FANOUT = 2  # peers that stream a chunk from its reader (see stream_source)
 
 
 def _point(key: str) -> int:
@@ -133,6 +134,7 @@ class SwarmPlan(ChunkPlan):
         self.fetchers: dict[str, float] = {}  # peer fetching this image -> last progress
         self.taken: dict[int, tuple[str, float]] = {}  # chunk -> (peer, deadline)
         self.mine = bytearray(b"\x01" * chunks)  # 1: this host reads the chunk from the origin
+        self.no_relay: set[int] = set()  # chunks our relay could not stream: ask the taker
 
     # -- what peers tell us ------------------------------------------------------
 
@@ -276,7 +278,7 @@ class SwarmPlan(ChunkPlan):
         if streams:
             if self.count[index] or not self._streamable(index, now):
                 return None
-            node = pick([self.taken[index][0]])
+            node = pick([self.stream_source(index)])
         elif self.count[index]:
             node = pick(self.holders_of(index))
         else:
@@ -285,6 +287,31 @@ class SwarmPlan(ChunkPlan):
             return None
         self.state[index] = INFLIGHT
         return index, node, streams
+
+    def stream_source(self, index: int) -> str:
+        """Whom to stream chunk `index` from while a peer reads it from the origin.
+
+        Not always the peer reading it: then its uplink would carry the chunk once per
+        other fetcher, which near the end (when origin reads speed up) takes seconds.
+        The other fetchers, in ring order after the reader: the first RELAY_FANOUT
+        stream it from the reader and pass it on as it arrives to the rest, in turn
+        (cut-through at both hops). Every host with the same view computes the same
+        tree; a relay serves only what it streams from the reader itself (no chains,
+        so differing views cannot make a cycle), and one that cannot serve it
+        (`relay_failed`) sends us to the reader.
+        """
+        taker = self.taken[index][0]
+        hosts = sorted({self.self_id, *self.fetchers})
+        if index in self.no_relay or taker not in hosts:
+            return taker
+        at = hosts.index(taker)
+        ring = [hosts[(at + j) % len(hosts)] for j in range(1, len(hosts))]
+        place = ring.index(self.self_id)
+        return taker if place < RELAY_FANOUT else ring[(place - RELAY_FANOUT) % RELAY_FANOUT]
+
+    def relay_failed(self, index: int) -> None:
+        """Our relay for chunk `index` could not stream it: use its reader."""
+        self.no_relay.add(index)
 
     def _streamable(self, index: int, now: float) -> bool:
         taken = self.taken.get(index)

@@ -26,7 +26,7 @@ import aiohttp
 from aiohttp import web
 
 from ..config import PeersConfig
-from ..errors import PeerError
+from ..errors import PeerError, StreamRefused
 from ..httpfile import RCVLOWAT, read_pieces
 from ..manifest import DIGEST_SIZE, Manifest, bitmap_new, bitmap_set
 from ..metrics import Metrics
@@ -548,13 +548,18 @@ class Swarm:
         return data
 
     async def read_chunk_streamed(
-        self, node_id: str, manifest: Manifest, index: int
+        self,
+        node_id: str,
+        manifest: Manifest,
+        index: int,
+        feed: Callable[[bytes], None] | None = None,
     ) -> tuple[list[bytes], bytes]:
         """Chunk `index` from a peer that may still be reading it from the origin.
 
         The answer is the chunk followed by its 16-byte digest (known to the peer only
         once the chunk is in); (pieces, digest), unverified. The wait is bounded by how
-        long the peer's own origin read may take, plus peers.timeout.
+        long the peer's own origin read may take, plus peers.timeout. `feed` gets the
+        bytes as they arrive (we relay them). StreamRefused if the peer has nothing of it.
         """
         peer = self.table.get(node_id)
         if peer is None:
@@ -565,11 +570,13 @@ class Swarm:
         try:
             async with asyncio.timeout(self.origin_deadline + self.config.timeout):
                 async with self.session.get(url, headers=headers) as resp:
+                    if resp.status == 404:
+                        raise StreamRefused(f"peer {node_id} has no chunk {index} to stream")
                     if resp.status != 200:
                         raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
                     if resp.content_length not in (None, length + DIGEST_SIZE):
                         raise PeerError(f"peer {node_id}: chunk {index} has the wrong length")
-                    data = await read_pieces(resp, length, then=DIGEST_SIZE)
+                    data = await read_pieces(resp, length, feed, then=DIGEST_SIZE)
                     digest = await resp.content.readexactly(DIGEST_SIZE)
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
             raise PeerError(f"peer {node_id}: chunk {index} (streamed): {err!r}") from err
