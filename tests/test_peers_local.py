@@ -218,3 +218,31 @@ async def test_chunk_in_flight_from_the_origin_is_streamed_with_its_digest(
         assert body[: len(chunk)] == chunk
         assert body[len(chunk) :] == chunk_digest(chunk)
         origin.faults.delay = 0
+
+
+async def test_a_relay_serves_only_what_it_may_pass_on() -> None:
+    """Streams in flight: an origin read to anyone, a relayed one only to a peer that will
+    not pass it on again (no chains, so no cycles), one arriving within the wait."""
+    from swarmcache.api import _in_flight
+    from swarmcache.fetcher import InFlight
+
+    class Job:  # the two things _in_flight reads of a FetchJob and a CachedImage
+        def __init__(self) -> None:
+            self.inflight: dict[int, InFlight] = {}
+
+        def has(self, index: int) -> bool:
+            return False
+
+    job = Job()
+    origin, relayed, stray = InFlight(10), InFlight(10), InFlight(10)
+    relayed.relayed = stray.relayed = True
+    stray.relayable = False  # it came from a peer that is not the chunk's reader
+    job.inflight.update({0: origin, 1: relayed, 2: stray})
+    assert await _in_flight(job, job, 0, to_relay=True) is origin
+    assert await _in_flight(job, job, 1, to_relay=False) is relayed
+    assert await _in_flight(job, job, 1, to_relay=True) is None
+    assert await _in_flight(job, job, 2, to_relay=False) is None
+    assert await _in_flight(job, job, 3, to_relay=False) is None  # nothing within the wait
+    late = InFlight(10)
+    asyncio.get_running_loop().call_later(0.1, job.inflight.__setitem__, 4, late)
+    assert await _in_flight(job, job, 4, to_relay=False) is late

@@ -31,7 +31,7 @@ from .fetcher import Fetcher, FetchJob, InFlight
 from .httpfile import sendfile
 from .manifest import DIGEST_SIZE, Manifest, validate_image_id
 from .metrics import CONTENT_TYPE, Metrics
-from .peers.swarm import STREAM_HEADER, Swarm
+from .peers.swarm import RELAY_HEADER, STREAM_HEADER, Swarm
 from .ranges import parse_range
 from .store import CachedImage, Store
 from .wire import PROTOCOL_VERSION
@@ -452,7 +452,10 @@ async def peer_chunk(request: web.Request) -> web.StreamResponse:
     flight: InFlight | None = None
     if not image.has(index):
         job = request.app[FETCHER].jobs.get(image_id)
-        flight = await _in_flight(image, job, index) if job is not None and streamed else None
+        to_relay = request.headers.get(RELAY_HEADER) == "1"
+        flight = (
+            await _in_flight(image, job, index, to_relay) if job is not None and streamed else None
+        )
         if flight is None and not image.has(index):
             raise ImageNotFound(f"chunk {index} of {image_id!r} is not held here")
     if flight is not None:
@@ -497,14 +500,17 @@ async def peer_chunk(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def _in_flight(image: CachedImage, job: FetchJob, index: int) -> InFlight | None:
+async def _in_flight(
+    image: CachedImage, job: FetchJob, index: int, to_relay: bool
+) -> InFlight | None:
     """The chunk on its way here (from the origin, or from a peer: we relay it), waiting
     up to RELAY_WAIT for it to start, since a peer may ask us a moment before our own
-    read of it began; None if it did not start (or landed meanwhile)."""
+    read of it began; None if it did not start (or landed meanwhile). A peer that will
+    pass it on itself (`to_relay`) gets only an origin read's bytes."""
     deadline = time.monotonic() + RELAY_WAIT
     while True:
         flight = job.inflight.get(index)
-        if flight is not None and not flight.relayable:
+        if flight is not None and (not flight.relayable or (to_relay and flight.relayed)):
             return None
         if flight is not None or image.has(index) or time.monotonic() >= deadline:
             return flight

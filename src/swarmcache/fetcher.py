@@ -527,28 +527,34 @@ class FetchJob:
             # only a chunk that comes straight from its origin reader is passed on
             relay.relayable = self.plan.taken.get(index, ("", 0.0))[0] == node
             relay.relayed = True
+        checked = False
         try:
-            await self._fetch_from_peer_into(index, node, streamed, relay)
+            checked = await self._fetch_from_peer_into(index, node, streamed, relay)
         finally:
             if relay is not None:
                 if self.inflight.get(index) is relay:
                     del self.inflight[index]
-                # our digest only once the bytes are checked and written (ours or a
-                # duplicate's that landed first)
-                written = self.image.has(index)
-                relay.finish(self.image.manifest.digest(index) if written else None)
+                # our digest only for the bytes we passed on and then checked ourselves
+                relay.finish(self.image.manifest.digest(index) if checked else None)
 
     async def _fetch_from_peer_into(
         self, index: int, node: str, streamed: bool, relay: InFlight | None
-    ) -> None:
+    ) -> bool:
+        """One read; True if its bytes were checked and written here."""
         assert self.swarm is not None
         swarm = self.swarm
         t0 = time.monotonic()
+        taker = self.plan.taken.get(index, ("", 0.0))[0]
         try:
             if streamed:
                 # the digest comes after the bytes: the peer knows it once they are in
                 data, expected = await swarm.read_chunk_streamed(
-                    node, self.image.manifest, index, relay.feed if relay is not None else None
+                    node,
+                    self.image.manifest,
+                    index,
+                    relay.feed if relay is not None else None,
+                    # we pass it on: the peer must send what it reads from the origin
+                    to_relay=relay is not None and relay.relayable,
                 )
             else:
                 announced = swarm.digest(self.image_id, node, index)
@@ -558,9 +564,17 @@ class FetchJob:
                 data = await swarm.read_chunk(node, self.image.manifest, index)
         except StreamRefused as err:
             log.debug("%s: chunk %d: %s", self.image_id, index, err)
-            self.plan.relay_failed(index)  # from its reader next time
+            if node == taker:  # it is not reading it (any more): wait for news of it
+                self.plan.not_taking(node, index)
+            else:
+                self.plan.relay_failed(index)  # from its reader next time
             raise
         except PeerError as err:
+            if streamed and node != taker:
+                # a relay is cut off when its own stream breaks: not its failure
+                log.debug("%s: chunk %d via relay %s: %s", self.image_id, index, node, err)
+                self.plan.relay_failed(index)
+                raise
             log.info("%s: chunk %d from peer %s failed: %s", self.image_id, index, node, err)
             self.metrics.peer_errors.inc()
             self.metrics.source_errors.labels("peer").inc()
@@ -569,9 +583,10 @@ class FetchJob:
                 swarm.gone_for_now(node)
             raise
         if self.plan.state[index] == DONE:
-            return  # a duplicate read (endgame) landed first: nothing to store or count
+            return False  # a duplicate read (endgame) landed first: nothing to store
         try:
-            await self._store(index, data, expected)
+            if not await self._store(index, data, expected):
+                return False
         except IntegrityError:
             log.warning(
                 "%s: chunk %d from peer %s does not match its digest; peer quarantined",
@@ -589,6 +604,7 @@ class FetchJob:
         self.peers_used.add(node)
         log.debug("%s: chunk %d from %s%s", self.image_id, index, node, " (streamed)" * streamed)
         self._account("peer", size, seconds)
+        return True
 
     async def _idle(self) -> None:
         """Wait until the plan may have work (a change, or a peer's deadline passing)."""
@@ -648,8 +664,9 @@ class FetchJob:
         await self._store(index, data, expected)
         self._account(source.name, pieces_size(data), time.monotonic() - t0)
 
-    async def _store(self, index: int, data: Pieces, expected: bytes | None) -> None:
-        """Check a chunk against `expected` and write it (in a thread)."""
+    async def _store(self, index: int, data: Pieces, expected: bytes | None) -> bool:
+        """Check a chunk against `expected` and write it (in a thread); False if another
+        read's copy was in already."""
         size = pieces_size(data)
         # the hasher takes it from memory, or (past the cap) from the page cache; a late
         # duplicate (endgame) of a chunk that is in or already hashed is not kept
@@ -662,13 +679,14 @@ class FetchJob:
             self._unhashed[index] = data
             self._unhashed_bytes += size
         try:
-            await self._thread(self._commit, index, data, expected)
+            written = await self._thread(self._commit, index, data, expected)
         except BaseException:
             if self._unhashed.get(index) is data:  # not another read's copy of the chunk
                 del self._unhashed[index]
                 self._unhashed_bytes -= size
             raise
         self._hash_wake.set()
+        return written
 
     def _account(self, source: str, nbytes: int, seconds: float) -> None:
         if log.isEnabledFor(logging.DEBUG):
@@ -677,15 +695,16 @@ class FetchJob:
         self.metrics.bytes_fetched.labels(source).inc(nbytes)
         self.bytes_by_source[source] += nbytes
 
-    def _commit(self, index: int, data: Pieces, expected: bytes | None) -> None:
-        """Check and write one chunk (runs in a thread)."""
+    def _commit(self, index: int, data: Pieces, expected: bytes | None) -> bool:
+        """Check and write one chunk (runs in a thread); False if it was in already."""
         if self.image.has(index):
-            return  # a duplicate read (endgame) lost the race: the chunk is in already
+            return False  # a duplicate read (endgame) lost the race
         digest = pieces_digest(data)
         if expected is not None and digest != expected:
             self.metrics.verification_failures.labels("chunk").inc()
             raise IntegrityError(f"chunk {index} of {self.image_id} does not match its digest")
         self.image.write_chunk(index, data, digest)
+        return True
 
     async def _hasher(self) -> None:
         """Advance the image's sha256 over the readable prefix, as chunks land.

@@ -309,6 +309,11 @@ class SwarmPlan(ChunkPlan):
         place = ring.index(self.self_id)
         return taker if place < RELAY_FANOUT else ring[(place - RELAY_FANOUT) % RELAY_FANOUT]
 
+    def not_taking(self, node: str, index: int) -> None:
+        """`node` says it is not reading chunk `index` (it refused to stream it)."""
+        if self.taken.get(index, ("", 0.0))[0] == node:
+            del self.taken[index]
+
     def relay_failed(self, index: int) -> None:
         """Our relay for chunk `index` could not stream it: use its reader."""
         self.no_relay.add(index)

@@ -58,6 +58,7 @@ HEARTBEAT = 5.0  # WebSocket ping interval; a peer silent for twice this is dead
 MAX_QUEUE = 10_000  # messages waiting for one subscriber before it is cut off
 STATIC_EVERY = 10.0  # seconds between hellos to static peers
 STREAM_HEADER = "X-Swarmcache-Stream"  # ask for a chunk + digest trailer, in flight or not
+RELAY_HEADER = "X-Swarmcache-Relay"  # ... to pass on: only from the origin read itself
 MAX_REQUEST = 64 * 1024  # largest message a subscriber may send us
 MAINTENANCE_EVERY = 60.0  # seconds between sweeps of the peer table
 
@@ -553,13 +554,16 @@ class Swarm:
         manifest: Manifest,
         index: int,
         feed: Callable[[bytes], None] | None = None,
+        to_relay: bool = False,
     ) -> tuple[list[bytes], bytes]:
         """Chunk `index` from a peer that may still be reading it from the origin.
 
         The answer is the chunk followed by its 16-byte digest (known to the peer only
         once the chunk is in); (pieces, digest), unverified. The wait is bounded by how
         long the peer's own origin read may take, plus peers.timeout. `feed` gets the
-        bytes as they arrive (we relay them). StreamRefused if the peer has nothing of it.
+        bytes as they arrive (we relay them); `to_relay` asks for bytes straight from the
+        peer's origin read (relays pass on nothing relayed: no cycles). StreamRefused if
+        the peer has nothing of it.
         """
         peer = self.table.get(node_id)
         if peer is None:
@@ -567,6 +571,8 @@ class Swarm:
         _, length = manifest.span(index)
         url = f"http://{peer.address}/v1/peer/images/{manifest.image_id}/chunks/{index}"
         headers = {"If-Match": manifest.etag, STREAM_HEADER: "1"}
+        if to_relay:
+            headers[RELAY_HEADER] = "1"
         try:
             async with asyncio.timeout(self.origin_deadline + self.config.timeout):
                 async with self.session.get(url, headers=headers) as resp:
