@@ -510,8 +510,8 @@ async def _in_flight(
     deadline = time.monotonic() + RELAY_WAIT
     while True:
         flight = job.inflight.get(index)
-        if flight is not None and (not flight.relayable or (to_relay and flight.relayed)):
-            return None
+        if flight is not None and to_relay and flight.relayed:
+            return None  # no chains: a relay passes on only what it reads from the origin
         if flight is not None or image.has(index) or time.monotonic() >= deadline:
             return flight
         await asyncio.sleep(0.02)
@@ -535,7 +535,7 @@ async def _stream_in_flight(
     try:
         while True:
             if flight.attempt != attempt or flight.failed:
-                raise ConnectionAbortedError("the origin read of this chunk started over")
+                raise ConnectionAbortedError("the read of this chunk here failed or started over")
             if piece < flight.batches:  # a batch (see InFlight) goes out as it is
                 data = flight.batch(piece)
                 piece += 1

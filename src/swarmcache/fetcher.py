@@ -104,8 +104,7 @@ class InFlight:
         self.attempt = 0  # moves on restart: a reader mid-way must give up
         self.digest: bytes | None = None
         self.failed = False
-        self.relayable = True  # peers may stream it from us (see SwarmPlan.stream_source)
-        self.relayed = False  # it comes from a peer, not from the origin
+        self.relayed = False  # it comes from the peer reading it, not from the origin
         self._event = asyncio.Event()
         self._pieces: list[bytes] = []  # as fed
         self._fed = 0  # bytes in _pieces
@@ -229,8 +228,7 @@ class FetchJob:
         self._dirty = asyncio.Event()
         self._closing = False
         self._sha = hashlib.sha256()
-        self._hashed = 0  # chunks 0.._hashed-1 are in _sha
-        self._hash_next = 0  # chunks before this one are in _sha or being added
+        self._hash_next = 0  # chunks before this one are in _sha or being added to it
         self._hash_wake = asyncio.Event()
         self._unhashed: dict[int, Pieces] = {}  # written chunks the hasher has not seen yet
         self._unhashed_bytes = 0
@@ -520,16 +518,16 @@ class FetchJob:
             self._landed(index)
 
     async def _fetch_from_peer(self, index: int, node: str, streamed: bool) -> None:
+        taker = self.plan.taken.get(index, ("", 0.0))[0]
         relay = None
-        if streamed and index not in self.inflight:
-            # pass it on as it arrives: we may be other hosts' relay (stream_source)
+        if streamed and node == taker and index not in self.inflight:
+            # pass it on as it arrives: we may be other hosts' relay (stream_source);
+            # only a chunk that comes straight from its reader, so there are no chains
             relay = self.inflight[index] = InFlight(self.image.manifest.span(index)[1])
-            # only a chunk that comes straight from its origin reader is passed on
-            relay.relayable = self.plan.taken.get(index, ("", 0.0))[0] == node
             relay.relayed = True
         checked = False
         try:
-            checked = await self._fetch_from_peer_into(index, node, streamed, relay)
+            checked = await self._fetch_from_peer_into(index, node, streamed, taker, relay)
         finally:
             if relay is not None:
                 if self.inflight.get(index) is relay:
@@ -538,13 +536,12 @@ class FetchJob:
                 relay.finish(self.image.manifest.digest(index) if checked else None)
 
     async def _fetch_from_peer_into(
-        self, index: int, node: str, streamed: bool, relay: InFlight | None
+        self, index: int, node: str, streamed: bool, taker: str, relay: InFlight | None
     ) -> bool:
         """One read; True if its bytes were checked and written here."""
         assert self.swarm is not None
         swarm = self.swarm
         t0 = time.monotonic()
-        taker = self.plan.taken.get(index, ("", 0.0))[0]
         try:
             if streamed:
                 # the digest comes after the bytes: the peer knows it once they are in
@@ -554,7 +551,7 @@ class FetchJob:
                     index,
                     relay.feed if relay is not None else None,
                     # we pass it on: the peer must send what it reads from the origin
-                    to_relay=relay is not None and relay.relayable,
+                    to_relay=relay is not None,
                 )
             else:
                 announced = swarm.digest(self.image_id, node, index)
@@ -713,13 +710,13 @@ class FetchJob:
         a thread hashes it: only the loop touches `_unhashed` and its byte count.
         """
         chunks = self.image.manifest.chunks
-        while self._hashed < chunks:
-            if not self.image.has(self._hashed):
+        while self._hash_next < chunks:
+            if not self.image.has(self._hash_next):
                 self._hash_wake.clear()
                 await self._hash_wake.wait()
                 continue
             run: list[tuple[int, Pieces | None]] = []
-            i = self._hashed
+            i = self._hash_next
             while i < chunks and self.image.has(i):
                 data = self._unhashed.pop(i, None)
                 if data is not None:
@@ -728,7 +725,6 @@ class FetchJob:
                 i += 1
             self._hash_next = i
             await self._thread(self._hash_run, run)
-            self._hashed = i
 
     def _hash_run(self, run: list[tuple[int, Pieces | None]]) -> None:
         """Add chunks to the sha256 in order, from memory or the page cache (in a thread)."""
