@@ -82,7 +82,7 @@ class Origin:
     def chunk_requests(self, name: str) -> list[int]:
         """Start offsets of the Range GETs for `name`, in order."""
         out = []
-        for method, path, rng, _status in self.stats.requests:
+        for method, path, rng, *_ in self.stats.requests:
             if method == "GET" and path == name and rng:
                 out.append(int(rng.split("=")[1].split("-")[0]))
         return out

@@ -7,7 +7,7 @@ import pytest
 
 from swarmcache.manifest import Manifest
 from swarmcache.peers.table import DOWN_AFTER, PeerTable
-from swarmcache.planner import DONE, INFLIGHT, SwarmPlan
+from swarmcache.planner import DONE, HANDOVER, INFLIGHT, SwarmPlan
 from swarmcache.wire import (
     MAX_MESSAGE,
     Have,
@@ -199,7 +199,7 @@ def test_plan_hosts_starting_together_split_the_origin_reads() -> None:
     while busy:  # in turns, each host tells the others what it takes (Taking)
         busy = False
         for h, plan in plans.items():
-            i = plan.next_origin(0.0)
+            i = plan.next_origin(HANDOVER)
             if i is None:
                 continue
             busy = True
@@ -236,13 +236,14 @@ def test_plan_dead_fetcher_leaves_the_ring_and_its_chunks_fall_back() -> None:
     plan.peer_fetching("a", True, 0.0)
     mine = sum(plan.mine)
     assert 0 < mine < 64
-    plan.drop_peer("a")
+    plan.drop_peer("a", 0.0)
     assert sum(plan.mine) == 64
     # and a fetcher that stays silent too long is dropped the same way
     plan.peer_fetching("b", True, 0.0)
     assert sum(plan.mine) < 64
-    plan.next_origin(31.0)
+    assert plan.next_origin(31.0) is None  # b's chunks are handed over to us
     assert "b" not in plan.fetchers
+    assert plan.next_origin(31.0 + HANDOVER) is not None
     assert plan.state.count(INFLIGHT) == 1
 
 
@@ -250,7 +251,7 @@ def test_plan_dropped_holder_chunks_go_back_to_the_origin_lane() -> None:
     plan = SwarmPlan(3, [], "me", "img", stall=30)
     plan.peer_state("a", _bitmap(3, range(3)), (), False, 0.0, 10.0)
     assert plan.next_origin(0.0) is None
-    plan.drop_peer("a")
+    plan.drop_peer("a", 0.0)
     assert plan.next_origin(0.0) == 0
     plan.done(0)
     assert plan.state[0] == DONE
@@ -264,14 +265,81 @@ def test_plan_host_done_with_its_share_takes_the_last_chunk_of_the_busiest() -> 
     theirs = [i for i in range(40) if not plan.mine[i]]
     assert len(mine) == len(theirs) == 20
     for i in mine:  # our share is read
-        assert plan.next_origin(0.0) == i
+        assert plan.next_origin(HANDOVER) == i
         plan.done(i)
     for i in theirs[:17]:  # b got most of its share
         plan.peer_taking("b", [i], 0.0, 10.0)
     # b still has three chunks untaken: we take its last one, then the next from the end
-    assert plan.next_origin(0.0) == theirs[-1]
-    assert plan.next_origin(0.0) == theirs[-2]
-    assert plan.next_origin(0.0) is None  # one left: b is about to read it itself
+    assert plan.next_origin(HANDOVER) == theirs[-1]
+    assert plan.next_origin(HANDOVER) == theirs[-2]
+    assert plan.next_origin(HANDOVER) is None  # one left: b is about to read it itself
+
+
+def test_plan_hosts_done_at_once_never_take_the_same_chunk_of_the_busiest() -> None:
+    hosts = ["h1", "h2", "h3", "h4"]
+    plans = {h: SwarmPlan(80, [], h, "img", stall=30) for h in hosts}
+    for h, plan in plans.items():
+        for other in hosts:
+            if other != h:
+                plan.peer_fetching(other, True, 0.0)
+    slow = plans["h1"].owner(0)
+    theirs = [i for i in range(80) if plans[slow].mine[i]]
+    for h, plan in plans.items():  # everyone else read its share; slow took its first 10
+        if h == slow:
+            continue
+        for i in range(80):
+            if plan.mine[i]:
+                plan.done(i)
+        for other in hosts:
+            if other not in (h, slow):
+                plan.peer_has(other, [i for i in range(80) if plans[other].mine[i]], 0.0)
+        plan.peer_taking(slow, theirs[:10], 0.0, 10.0)
+    # the three helpers pick at the same moment, none hearing of the others' picks
+    picks: dict[str, list[int]] = {}
+    for h, plan in plans.items():
+        if h != slow:
+            picks[h] = [i for i in iter(lambda plan=plan: plan.next_origin(HANDOVER), None)]
+    taken = [i for p in picks.values() for i in p]
+    assert len(taken) == len(set(taken)), picks  # no chunk read twice
+    assert all(picks.values()), picks  # each helped
+    assert set(taken) == set(theirs[11:])  # all but the owner's next one
+
+
+def test_plan_fetchers_learning_of_a_joiner_apart_never_read_a_chunk_twice() -> None:
+    # a and b are under way; j joins. a hears of j at t=1.0, b only at t=1.1, and what
+    # one host takes reaches the other LAG seconds later: for a moment a and b split
+    # the image differently, each reading a chunk every 10 ms
+    lag = 0.1
+    plans = {h: SwarmPlan(300, [], h, "img", stall=30) for h in ("a", "b")}
+    plans["a"].peer_fetching("b", True, 0.0)
+    plans["b"].peer_fetching("a", True, 0.0)
+    pending: list[tuple[float, str, int]] = []  # (arrives at, taker, chunk)
+    reads: list[int] = []
+    for tick in range(300):
+        now = tick / 100
+        if now == 1.0:
+            plans["a"].peer_fetching("j", True, now)
+        if now == 1.1:
+            plans["b"].peer_fetching("j", True, now)
+        for msg in [m for m in pending if m[0] <= now]:
+            pending.remove(msg)
+            other = "b" if msg[1] == "a" else "a"
+            plans[other].peer_taking(msg[1], [msg[2]], now, now + 10)
+        for h, plan in plans.items():
+            i = plan.next_origin(now)
+            if i is not None:
+                reads.append(i)
+                pending.append((now + lag, h, i))
+    assert len(reads) == len(set(reads)), sorted(i for i in reads if reads.count(i) > 1)
+    assert len(reads) > 150  # both read on through the change
+
+
+def test_plan_joiner_reads_from_the_origin_only_after_the_handover() -> None:
+    plan = SwarmPlan(30, [], "j", "img", stall=30)
+    plan.peer_fetching("a", True, 0.0)  # a was under way before we came
+    assert plan.next_origin(0.0) is None  # a may not know of us yet
+    assert plan.next_deadline(0.0) == HANDOVER  # the workers look again then
+    assert plan.next_origin(HANDOVER) is not None
 
 
 def test_plan_reads_a_wanted_chunk_far_ahead_now_even_if_another_host_owns_it() -> None:
@@ -290,7 +358,7 @@ def test_plan_forgets_what_a_peer_was_taking_when_it_stops_fetching() -> None:
     plan.peer_taking("b", [0, 1, 2, 3], 0.0, 50.0)
     assert plan.next_origin(1.0) is None
     plan.peer_fetching("b", False, 1.0)  # its fetch failed or was deleted
-    assert plan.next_origin(1.0) == 0
+    assert plan.next_origin(1.0 + HANDOVER) == 0
     plan.done(0)
     assert 0 not in plan.taken
 

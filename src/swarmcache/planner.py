@@ -91,6 +91,7 @@ FAR_AHEAD = 4  # chunks per fetcher past the first missing one: "far ahead" for 
 STEAL_BACKLOG = 2  # chunks another fetcher must have left before we take one of its
 CANDIDATES = 64  # chunks looked at per peer assignment (rarest of these first)
 RELAY_FANOUT = 2  # peers that stream a chunk from its reader (see stream_source)
+HANDOVER = 0.25  # seconds before a chunk newly ours (the fetchers changed) is read
 
 
 def _point(key: str) -> int:
@@ -110,7 +111,10 @@ class SwarmPlan(ChunkPlan):
     (`next_origin`) takes only chunks no peer holds, and of those only the ones this
     host owns: the hosts fetching the image (sorted by node id) own the chunks in
     turn, so hosts that start together split the image evenly without a tracker and
-    the origin sends each chunk about once. A peer
+    the origin sends each chunk about once. When the fetchers change, the hosts
+    learn it a few milliseconds apart and for that moment disagree on who owns what:
+    a chunk that became ours is read only HANDOVER seconds later (by then its old
+    owner has either announced that it is taking it or stopped wanting it). A peer
     that announced it is taking a chunk from the origin is waited for until that
     chunk's deadline; a fetcher that shows no progress for `stall` seconds is taken
     off the rota. With no peers at all this is ChunkPlan: everything from the origin,
@@ -134,6 +138,9 @@ class SwarmPlan(ChunkPlan):
         self.fetchers: dict[str, float] = {}  # peer fetching this image -> last progress
         self.taken: dict[int, tuple[str, float]] = {}  # chunk -> (peer, deadline)
         self.mine = bytearray(b"\x01" * chunks)  # 1: this host reads the chunk from the origin
+        self.fresh = bytearray(chunks)  # 1: mine only since the fetchers last changed
+        self.handover_at = 0.0  # when fresh chunks may be read
+        self._read_any = False  # an origin read started: `mine` has been acted on
         self.no_relay: set[int] = set()  # chunks our relay could not stream: ask the taker
 
     # -- what peers tell us ------------------------------------------------------
@@ -187,20 +194,20 @@ class SwarmPlan(ChunkPlan):
         """A peer started or stopped fetching this image (it joins or leaves the rota)."""
         if fetching and node not in self.fetchers:
             self.fetchers[node] = now
-            self._place()
+            self._place(now)
         elif not fetching:
             # what it was taking will not come
             self.taken = {i: t for i, t in self.taken.items() if t[0] != node}
             if node in self.fetchers:
                 del self.fetchers[node]
-                self._place()
+                self._place(now)
 
-    def drop_peer(self, node: str) -> None:
+    def drop_peer(self, node: str, now: float) -> None:
         """The peer is gone, down or quarantined: nothing of it counts any more."""
         self._forget_holdings(node)
         self.taken = {i: t for i, t in self.taken.items() if t[0] != node}
         if self.fetchers.pop(node, None) is not None:
-            self._place()
+            self._place(now)
 
     def _landed_chunk(self, index: int) -> None:
         self.taken.pop(index, None)
@@ -217,22 +224,32 @@ class SwarmPlan(ChunkPlan):
             if _bit(bitmap, i):
                 self.count[i] -= 1
 
-    def _place(self) -> None:
+    def _place(self, now: float) -> None:
         """Recompute which chunks this host reads from the origin.
 
         The hosts fetching the image, sorted by node id, take the chunks in turn from
         an offset given by the image: an even split (within one chunk) that every
         host with the same view computes alike, and neighbouring chunks come from
         different hosts, so a reader streaming from the start finds them in parallel.
+        Chunks that were not ours before are fresh until HANDOVER has passed; before
+        our first origin read nothing was ours (others did not know of us).
         """
         n = len(self.state)
         if not self.fetchers:
-            self.mine = bytearray(b"\x01" * n)
-            return
-        hosts = sorted((self.self_id, *self.fetchers))
-        me, count = hosts.index(self.self_id), len(hosts)
-        base = _point(self.image_key) % count
-        self.mine = bytearray((i + base) % count == me for i in range(n))
+            mine = bytearray(b"\x01" * n)
+        else:
+            hosts = sorted((self.self_id, *self.fetchers))
+            me, count = hosts.index(self.self_id), len(hosts)
+            base = _point(self.image_key) % count
+            mine = bytearray((i + base) % count == me for i in range(n))
+        settled = now >= self.handover_at
+        self.fresh = bytearray(
+            m and (not self._read_any or not old or (f and not settled))
+            for m, old, f in zip(mine, self.mine, self.fresh, strict=True)
+        )
+        self.mine = mine
+        if any(self.fresh):
+            self.handover_at = now + HANDOVER
 
     def owner(self, index: int) -> str:
         """The fetcher that reads chunk `index` from the origin (for tests and logs)."""
@@ -335,45 +352,57 @@ class SwarmPlan(ChunkPlan):
             if self._origin_ok(i, now) or (
                 i >= far and not self.count[i] and (taken is None or taken[1] <= now)
             ):
-                self.state[i] = INFLIGHT
-                return i
+                return self._reading(i)
         n = len(self.state)
         while self._cursor < n and self.state[self._cursor] != MISSING:
             self._cursor += 1
         for i in range(self._cursor, n):
             if self.state[i] == MISSING and self._origin_ok(i, now):
-                self.state[i] = INFLIGHT
-                return i
-        stolen = self._steal()
-        if stolen is not None:
-            self.state[stolen] = INFLIGHT
-        return stolen
+                return self._reading(i)
+        stolen = self._steal(now)
+        return None if stolen is None else self._reading(stolen)
 
-    def _steal(self) -> int | None:
-        """Our share is done: help the fetcher with the most chunks left untaken.
+    def _reading(self, index: int) -> int:
+        self.state[index] = INFLIGHT
+        self._read_any = True
+        return index
 
-        It reads its chunks in ascending order, so we take its highest one (and
-        announce it, as for any origin read): a host that started first or has a
-        slower link does not hold everyone up at the end.
+    def _steal(self, now: float) -> int | None:
+        """Our share is done: help the fetchers with the most chunks left untaken.
+
+        A fetcher reads its chunks in ascending order, so helpers take them from the
+        top, never its next STEAL_BACKLOG - 1. Several hosts finish their shares at
+        about the same moment and would all go for the same chunk; so each of the
+        fetcher's chunks may be taken by one helper only (its ordinal in that share,
+        round the other fetchers in sorted order): with the same view of who fetches,
+        two helpers never read the same chunk, however late they hear of each other.
         """
-        if not self.fetchers:
-            return None
+        if not self.fetchers or now < self.handover_at:
+            return None  # the fetchers just changed: the shares are being handed over
         hosts = sorted((self.self_id, *self.fetchers))
         count = len(hosts)
         base = _point(self.image_key) % count
-        backlog = [0] * count
-        highest = [0] * count
+        backlog: list[list[int]] = [[] for _ in range(count)]
         for i in range(self._cursor, len(self.state)):
             if self.state[i] == MISSING and not self.count[i] and i not in self.taken:
-                owner = (i + base) % count
-                backlog[owner] += 1
-                highest[owner] = i
-        most = max(range(count), key=backlog.__getitem__)
-        return highest[most] if backlog[most] >= STEAL_BACKLOG else None
+                backlog[(i + base) % count].append(i)
+        me = hosts.index(self.self_id)
+        for owner in sorted(range(count), key=lambda o: -len(backlog[o])):
+            if owner == me or len(backlog[owner]) < STEAL_BACKLOG:
+                continue
+            helpers = [h for h in range(count) if h != owner]
+            for i in reversed(backlog[owner][STEAL_BACKLOG - 1 :]):
+                if helpers[(i // count) % len(helpers)] == me:
+                    return i
+        return None
 
     def next_deadline(self, now: float) -> float | None:
-        """The earliest deadline still ahead of a chunk a peer is taking (when to look again)."""
-        return min((d for _, d in self.taken.values() if d > now), default=None)
+        """When to look again: the earliest deadline still ahead of a chunk a peer is
+        taking, or the end of a handover."""
+        deadlines = [d for _, d in self.taken.values() if d > now]
+        if self.handover_at > now:
+            deadlines.append(self.handover_at)
+        return min(deadlines, default=None)
 
     def _origin_ok(self, index: int, now: float) -> bool:
         if self.count[index]:
@@ -381,7 +410,7 @@ class SwarmPlan(ChunkPlan):
         taken = self.taken.get(index)
         if taken is not None:
             return taken[1] <= now
-        return bool(self.mine[index])
+        return bool(self.mine[index]) and (not self.fresh[index] or now >= self.handover_at)
 
     def _urgent_missing(self) -> list[int]:
         while self._urgent and self.state[self._urgent[0]] != MISSING:
@@ -393,4 +422,4 @@ class SwarmPlan(ChunkPlan):
         for node in stalled:
             del self.fetchers[node]
         if stalled:
-            self._place()
+            self._place(now)

@@ -34,7 +34,8 @@ class OriginStats:
     """What the origin has sent."""
 
     bytes_by_path: Counter[str] = field(default_factory=Counter)
-    requests: list[tuple[str, str, str | None, int]] = field(default_factory=list)
+    # (method, path, Range header, status, client address, loop time)
+    requests: list[tuple[str, str, str | None, int, str, float]] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
@@ -132,7 +133,16 @@ async def _count(request: web.Request, resp: web.StreamResponse) -> None:
         return
     stats = request.app[STATS]
     stats.bytes_by_path[name] += resp.content_length or 0
-    stats.requests.append((request.method, name, request.headers.get("Range"), resp.status))
+    stats.requests.append(
+        (
+            request.method,
+            name,
+            request.headers.get("Range"),
+            resp.status,
+            request.remote or "",
+            round(asyncio.get_running_loop().time(), 3),
+        )
+    )
 
 
 async def _truncated(request: web.Request, path: Path, limit: int) -> web.StreamResponse:

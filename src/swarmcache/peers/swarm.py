@@ -460,7 +460,7 @@ class Swarm:
         if isinstance(msg, State):
             if msg.manifest is not None and not msg.manifest.same_source(job.image.manifest):
                 log.info("peer %s holds another version of %s; ignored", node_id, msg.image_id)
-                plan.drop_peer(node_id)
+                plan.drop_peer(node_id, now)
             else:
                 if msg.manifest is not None:
                     self.digests[(msg.image_id, node_id)] = msg.manifest.digests
@@ -484,7 +484,7 @@ class Swarm:
             plan.peer_taking(node_id, msg.chunks, now, now + self.origin_deadline)
         elif isinstance(msg, Status):
             if msg.gone:
-                plan.drop_peer(node_id)
+                plan.drop_peer(node_id, now)
             else:
                 plan.peer_fetching(node_id, msg.fetching, now)
         job.poke()
@@ -515,8 +515,9 @@ class Swarm:
             self.spawn(link.close(), f"close-{node_id}")
 
     def _drop(self, node_id: str) -> None:
+        now = self.clock()
         for job in self.jobs.values():
-            job.plan.drop_peer(node_id)
+            job.plan.drop_peer(node_id, now)
             job.poke()
 
     def digest(self, image_id: str, node_id: str, index: int) -> bytes | None:
