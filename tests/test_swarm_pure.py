@@ -267,12 +267,15 @@ def test_plan_host_done_with_its_share_takes_the_last_chunk_of_the_busiest() -> 
     for i in mine:  # our share is read
         assert plan.next_origin(HANDOVER) == i
         plan.done(i)
-    for i in theirs[:17]:  # b got most of its share
-        plan.peer_taking("b", [i], 0.0, 10.0)
-    # b still has three chunks untaken: we take its last one, then the next from the end
-    assert plan.next_origin(HANDOVER) == theirs[-1]
-    assert plan.next_origin(HANDOVER) == theirs[-2]
-    assert plan.next_origin(HANDOVER) is None  # one left: b is about to read it itself
+    for i in theirs[:12]:  # b got most of its share
+        plan.peer_taking("b", [i], 0.0, 100.0)
+    plan.peer_taking("b", theirs[12:17], 5.0, 100.0)  # five more just now: it goes fast
+    # b has three chunks untaken, but at that pace it may have taken them already
+    assert plan.next_origin(5.0) is None
+    # a while later with no news of b: we take its last one, then the next from the end
+    assert plan.next_origin(10.0) == theirs[-1]
+    assert plan.next_origin(10.0) == theirs[-2]
+    assert plan.next_origin(10.0) is None  # one left: b is about to read it itself
 
 
 def test_plan_hosts_done_at_once_never_take_the_same_chunk_of_the_busiest() -> None:
@@ -298,7 +301,7 @@ def test_plan_hosts_done_at_once_never_take_the_same_chunk_of_the_busiest() -> N
     picks: dict[str, list[int]] = {}
     for h, plan in plans.items():
         if h != slow:
-            picks[h] = [i for i in iter(lambda plan=plan: plan.next_origin(HANDOVER), None)]
+            picks[h] = [i for i in iter(lambda plan=plan: plan.next_origin(1.0), None)]
     taken = [i for p in picks.values() for i in p]
     assert len(taken) == len(set(taken)), picks  # no chunk read twice
     assert all(picks.values()), picks  # each helped

@@ -306,6 +306,12 @@ class FetchJob:
             if self.swarm is not None:
                 # peers' states first, so the origin is asked only for our share
                 await self.swarm.join(self)
+                log.debug(
+                    "%s: %d other fetchers, handover %.3fs",
+                    self.image_id,
+                    len(self.plan.fetchers),
+                    self.plan.handover,
+                )
             tasks = (
                 [
                     asyncio.create_task(self._origin_worker(), name=f"fetch-{self.image_id}-{n}")

@@ -89,6 +89,7 @@ class ChunkPlan:
 ORIGIN = ""  # the source id of the origin in SwarmPlan's answers
 FAR_AHEAD = 4  # chunks per fetcher past the first missing one: "far ahead" for a reader
 STEAL_BACKLOG = 2  # chunks another fetcher must have left before we take one of its
+TAKES_KEPT = 64  # a peer's latest origin reads remembered (how fast it takes chunks)
 CANDIDATES = 64  # chunks looked at per peer assignment (rarest of these first)
 RELAY_FANOUT = 2  # peers that stream a chunk from its reader (see stream_source)
 HANDOVER = 0.25  # seconds before a chunk newly ours (the fetchers changed) is read
@@ -113,7 +114,7 @@ class SwarmPlan(ChunkPlan):
     turn, so hosts that start together split the image evenly without a tracker and
     the origin sends each chunk about once. When the fetchers change, the hosts
     learn it a few milliseconds apart and for that moment disagree on who owns what:
-    a chunk that became ours is read only HANDOVER seconds later (by then its old
+    a chunk that became ours is read only `handover` seconds later (by then its old
     owner has either announced that it is taking it or stopped wanting it). A peer
     that announced it is taking a chunk from the origin is waited for until that
     chunk's deadline; a fetcher that shows no progress for `stall` seconds is taken
@@ -128,6 +129,7 @@ class SwarmPlan(ChunkPlan):
         self_id: str,
         image_key: str,
         stall: float,
+        handover: float = HANDOVER,
     ) -> None:
         super().__init__(chunks, present)
         self.self_id = self_id
@@ -139,8 +141,10 @@ class SwarmPlan(ChunkPlan):
         self.taken: dict[int, tuple[str, float]] = {}  # chunk -> (peer, deadline)
         self.mine = bytearray(b"\x01" * chunks)  # 1: this host reads the chunk from the origin
         self.fresh = bytearray(chunks)  # 1: mine only since the fetchers last changed
-        self.handover_at = 0.0  # when fresh chunks may be read
+        self.handover = handover  # seconds: how long hosts may disagree on the fetchers
+        self._changed_at = float("-inf")  # when the fetchers last changed our share
         self._read_any = False  # an origin read started: `mine` has been acted on
+        self._takes: dict[str, deque[float]] = {}  # peer -> when it took its last chunks
         self.no_relay: set[int] = set()  # chunks our relay could not stream: ask the taker
 
     # -- what peers tell us ------------------------------------------------------
@@ -184,9 +188,11 @@ class SwarmPlan(ChunkPlan):
     def peer_taking(self, node: str, indices: Iterable[int], now: float, deadline: float) -> None:
         """Chunks a peer started to read from the origin: wait for them until `deadline`."""
         n = len(self.state)
+        takes = self._takes.setdefault(node, deque(maxlen=TAKES_KEPT))
         for i in indices:
             if 0 <= i < n and self.state[i] != DONE:
                 self.taken[i] = (node, deadline)
+                takes.append(now)
         if node in self.fetchers:
             self.fetchers[node] = now
 
@@ -231,7 +237,7 @@ class SwarmPlan(ChunkPlan):
         an offset given by the image: an even split (within one chunk) that every
         host with the same view computes alike, and neighbouring chunks come from
         different hosts, so a reader streaming from the start finds them in parallel.
-        Chunks that were not ours before are fresh until HANDOVER has passed; before
+        Chunks that were not ours before are fresh until the handover has passed; before
         our first origin read nothing was ours (others did not know of us).
         """
         n = len(self.state)
@@ -249,7 +255,12 @@ class SwarmPlan(ChunkPlan):
         )
         self.mine = mine
         if any(self.fresh):
-            self.handover_at = now + HANDOVER
+            self._changed_at = now
+
+    @property
+    def handover_at(self) -> float:
+        """When the chunks that became ours at the last change of fetchers may be read."""
+        return self._changed_at + self.handover
 
     def owner(self, index: int) -> str:
         """The fetcher that reads chunk `index` from the origin (for tests and logs)."""
@@ -371,11 +382,13 @@ class SwarmPlan(ChunkPlan):
         """Our share is done: help the fetchers with the most chunks left untaken.
 
         A fetcher reads its chunks in ascending order, so helpers take them from the
-        top, never its next STEAL_BACKLOG - 1. Several hosts finish their shares at
-        about the same moment and would all go for the same chunk; so each of the
-        fetcher's chunks may be taken by one helper only (its ordinal in that share,
-        round the other fetchers in sorted order): with the same view of who fetches,
-        two helpers never read the same chunk, however late they hear of each other.
+        top, never its next STEAL_BACKLOG - 1, nor as many more as it took in the last
+        two handovers (it may have taken those already and we have not heard yet).
+        Several hosts finish their shares at about the same moment and would all go
+        for the same chunk; so each of the fetcher's chunks may be taken by one helper
+        only (its ordinal in that share, round the other fetchers in sorted order):
+        with the same view of who fetches, two helpers never read the same chunk,
+        however late they hear of each other.
         """
         if not self.fetchers or now < self.handover_at:
             return None  # the fetchers just changed: the shares are being handed over
@@ -388,10 +401,12 @@ class SwarmPlan(ChunkPlan):
                 backlog[(i + base) % count].append(i)
         me = hosts.index(self.self_id)
         for owner in sorted(range(count), key=lambda o: -len(backlog[o])):
-            if owner == me or len(backlog[owner]) < STEAL_BACKLOG:
+            if owner == me:
                 continue
+            recent = self._takes.get(hosts[owner], ())
+            keep = STEAL_BACKLOG - 1 + sum(1 for t in recent if t > now - 2 * self.handover)
             helpers = [h for h in range(count) if h != owner]
-            for i in reversed(backlog[owner][STEAL_BACKLOG - 1 :]):
+            for i in reversed(backlog[owner][keep:]):
                 if helpers[(i // count) % len(helpers)] == me:
                     return i
         return None

@@ -30,7 +30,7 @@ from ..errors import PeerError, StreamRefused
 from ..httpfile import RCVLOWAT, read_pieces
 from ..manifest import DIGEST_SIZE, Manifest, bitmap_new, bitmap_set
 from ..metrics import Metrics
-from ..planner import SwarmPlan
+from ..planner import HANDOVER, SwarmPlan
 from ..wire import (
     MAX_MESSAGE,
     PROTOCOL_VERSION,
@@ -61,6 +61,11 @@ STREAM_HEADER = "X-Swarmcache-Stream"  # ask for a chunk + digest trailer, in fl
 RELAY_HEADER = "X-Swarmcache-Relay"  # ... to pass on: only from the origin read itself
 MAX_REQUEST = 64 * 1024  # largest message a subscriber may send us
 MAINTENANCE_EVERY = 60.0  # seconds between sweeps of the peer table
+# A change of the fetchers reaches every host within about one answer to a subscription:
+# the handover (SwarmPlan) lasts HANDOVER_ANSWERS times the slowest recent answer
+HANDOVER_ANSWERS = 3
+HANDOVER_MIN = 0.02
+HANDOVER_MAX = 0.5
 
 
 class PeerLink:
@@ -222,6 +227,7 @@ class Swarm:
         self.store: Store | None = None
         self.digests: dict[tuple[str, str], bytearray] = {}  # (image, node) -> digests
         self.generation = 0  # moves whenever what we hold changes (announced over mDNS)
+        self.answer_times: deque[float] = deque(maxlen=32)  # seconds, subscribe -> state
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -381,7 +387,16 @@ class Swarm:
             self.node_id,
             f"{manifest.image_id}:{manifest.etag}",
             stall=3 * self.config.timeout,
+            handover=self.handover(),
         )
+
+    def handover(self) -> float:
+        """How long hosts may disagree on who fetches an image: a few recent answer
+        times (peers' loops and the network as they are now); HANDOVER before any."""
+        if not self.answer_times:
+            return HANDOVER
+        slowest = max(self.answer_times)
+        return min(HANDOVER_MAX, max(HANDOVER_MIN, HANDOVER_ANSWERS * slowest))
 
     async def join(self, job: FetchJob) -> None:
         """Subscribe to the image on every usable peer; return once they answered (or 1 s).
@@ -401,11 +416,15 @@ class Swarm:
         for task in pending:  # keep them, owned by the swarm
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
+            self.answer_times.append(GATHER_TIMEOUT)  # at least that slow
+        job.plan.handover = self.handover()
 
     async def _subscribe_and_wait(self, job: FetchJob, node_id: str) -> None:
+        started = self.clock()
         event = await self._subscribe(job, node_id)
         if event is not None:
             await event.wait()
+            self.answer_times.append(self.clock() - started)
 
     async def _subscribe(self, job: FetchJob, node_id: str) -> asyncio.Event | None:
         link = self.links.get(node_id)
