@@ -2,7 +2,8 @@
 
 Used by the demo, the tests and the benchmarks as "the origin": GET/HEAD
 /images/<name> with sendfile, one Range per request (206), 416 past the end. It
-counts what it sends per path and per range at GET /_stats. Fault switches for
+counts what it sends per path, and lists each request (range, client, time), at
+GET /_stats. Fault switches for
 tests (POST /_faults with JSON): `status` (answer every image request with this
 status), `delay` (seconds before each answer), `truncate` (close after this many
 bytes of a body).
