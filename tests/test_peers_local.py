@@ -244,3 +244,52 @@ async def test_a_relay_serves_only_what_it_may_pass_on() -> None:
     late = InFlight(10)
     asyncio.get_running_loop().call_later(0.1, job.inflight.__setitem__, 4, late)
     assert await _in_flight(job, job, 4, to_relay=False) is late
+
+
+async def test_reads_from_a_peer_that_is_gone_end_at_once() -> None:
+    """A hung peer (stopped, or cut off without a reset) holds our reads from it only
+    until we learn it is gone (its link's heartbeat fails), not until their timeouts."""
+    from swarmcache.config import PeersConfig
+    from swarmcache.errors import PeerError
+    from swarmcache.manifest import Manifest
+    from swarmcache.metrics import Metrics
+    from swarmcache.peers.swarm import Swarm
+
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # reads the request, never answers
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    swarm = Swarm(
+        "a" * 16,
+        ("127.0.0.1", 1),
+        PeersConfig(timeout=600.0),
+        origin_deadline=600.0,
+        metrics=Metrics(),
+    )
+    manifest = Manifest("img", size=2 * MIB, chunk_size=MIB)
+    try:
+        async with swarm:
+            swarm.seen("b" * 16, "127.0.0.1", port, "static")
+            held = asyncio.create_task(swarm.read_chunk("b" * 16, manifest, 0))
+            streamed = asyncio.create_task(swarm.read_chunk_streamed("b" * 16, manifest, 1))
+            for _ in range(100):  # both requests are at the peer
+                if len(accepted) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert len(accepted) == 2
+            assert not held.done()
+            assert not streamed.done()
+            swarm.gone_for_now("b" * 16)
+            async with asyncio.timeout(5):  # not 600 s
+                results = await asyncio.gather(held, streamed, return_exceptions=True)
+            for result in results:
+                assert isinstance(result, PeerError), result
+                assert "the peer is gone" in str(result)
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -66,6 +66,25 @@ MAINTENANCE_EVERY = 60.0  # seconds between sweeps of the peer table
 HANDOVER_ANSWERS = 3
 HANDOVER_MIN = 0.02
 HANDOVER_MAX = 0.5
+
+
+class _Read:
+    """A chunk read from a peer that `Swarm._drop` can end at once (the peer is gone)."""
+
+    def __init__(self, deadline: asyncio.Timeout) -> None:
+        self.deadline = deadline
+        self.ended = False
+
+    def end(self) -> None:
+        """Make the read's deadline pass now: it fails with TimeoutError."""
+        self.ended = True
+        if not self.deadline.expired():
+            self.deadline.reschedule(asyncio.get_running_loop().time())
+
+    @staticmethod
+    def why(read: _Read | None) -> str:
+        """How a read that raised TimeoutError ended."""
+        return "ended: the peer is gone" if read is not None and read.ended else "timed out"
 
 
 class PeerLink:
@@ -228,6 +247,7 @@ class Swarm:
         self.digests: dict[tuple[str, str], bytearray] = {}  # (image, node) -> digests
         self.generation = 0  # moves whenever what we hold changes (announced over mDNS)
         self.answer_times: deque[float] = deque(maxlen=32)  # seconds, subscribe -> state
+        self._reading: dict[str, set[_Read]] = {}  # our chunk reads running, by peer
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -538,6 +558,26 @@ class Swarm:
         for job in self.jobs.values():
             job.plan.drop_peer(node_id, now)
             job.poke()
+        # a hung peer (stopped, or cut off without a reset) would hold these until their
+        # timeouts (a streamed one: the origin's deadline): end them, they go elsewhere
+        reads = self._reading.pop(node_id, set())
+        if reads:
+            log.info("peer %s is gone: ending %d chunk reads from it", node_id, len(reads))
+        for read in reads:
+            read.end()
+
+    @contextlib.contextmanager
+    def _read_from(self, node_id: str, deadline: asyncio.Timeout) -> Iterator[_Read]:
+        """Track a chunk read from a peer, bounded by `deadline` (see `_drop`)."""
+        read = _Read(deadline)
+        reads = self._reading.setdefault(node_id, set())
+        reads.add(read)
+        try:
+            yield read
+        finally:
+            reads.discard(read)
+            if not reads and self._reading.get(node_id) is reads:
+                del self._reading[node_id]
 
     def digest(self, image_id: str, node_id: str, index: int) -> bytes | None:
         """The digest a peer announced for one of its chunks."""
@@ -554,18 +594,20 @@ class Swarm:
             raise PeerError(f"peer {node_id} is not known")
         _, length = manifest.span(index)
         url = f"http://{peer.address}/v1/peer/images/{manifest.image_id}/chunks/{index}"
+        read = None
         try:
-            async with asyncio.timeout(self.config.timeout):
-                async with self.session.get(url, headers={"If-Match": manifest.etag}) as resp:
-                    if resp.status != 200:
-                        raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
-                    if resp.content_length is not None and resp.content_length != length:
-                        raise PeerError(f"peer {node_id}: chunk {index} has the wrong length")
-                    data = await read_pieces(resp, length)
+            async with asyncio.timeout(self.config.timeout) as deadline:
+                with self._read_from(node_id, deadline) as read:
+                    async with self.session.get(url, headers={"If-Match": manifest.etag}) as resp:
+                        if resp.status != 200:
+                            raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
+                        if resp.content_length is not None and resp.content_length != length:
+                            raise PeerError(f"peer {node_id}: chunk {index} has the wrong length")
+                        data = await read_pieces(resp, length)
+        except TimeoutError as err:  # an OSError: first
+            raise PeerError(f"peer {node_id}: chunk {index} {_Read.why(read)}") from err
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
             raise PeerError(f"peer {node_id}: chunk {index}: {err!r}") from err
-        except TimeoutError as err:
-            raise PeerError(f"peer {node_id}: chunk {index} timed out") from err
         return data
 
     async def read_chunk_streamed(
@@ -593,21 +635,23 @@ class Swarm:
         headers = {"If-Match": manifest.etag, STREAM_HEADER: "1"}
         if to_relay:
             headers[RELAY_HEADER] = "1"
+        read = None
         try:
-            async with asyncio.timeout(self.origin_deadline + self.config.timeout):
-                async with self.session.get(url, headers=headers) as resp:
-                    if resp.status == 404:
-                        raise StreamRefused(f"peer {node_id} has no chunk {index} to stream")
-                    if resp.status != 200:
-                        raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
-                    if resp.content_length not in (None, length + DIGEST_SIZE):
-                        raise PeerError(f"peer {node_id}: chunk {index} has the wrong length")
-                    data = await read_pieces(resp, length, feed, then=DIGEST_SIZE)
-                    digest = await resp.content.readexactly(DIGEST_SIZE)
+            async with asyncio.timeout(self.origin_deadline + self.config.timeout) as deadline:
+                with self._read_from(node_id, deadline) as read:
+                    async with self.session.get(url, headers=headers) as resp:
+                        if resp.status == 404:
+                            raise StreamRefused(f"peer {node_id} has no chunk {index} to stream")
+                        if resp.status != 200:
+                            raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
+                        if resp.content_length not in (None, length + DIGEST_SIZE):
+                            raise PeerError(f"peer {node_id}: chunk {index} has the wrong length")
+                        data = await read_pieces(resp, length, feed, then=DIGEST_SIZE)
+                        digest = await resp.content.readexactly(DIGEST_SIZE)
+        except TimeoutError as err:  # an OSError: first
+            raise PeerError(f"peer {node_id}: chunk {index} (streamed) {_Read.why(read)}") from err
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
             raise PeerError(f"peer {node_id}: chunk {index} (streamed): {err!r}") from err
-        except TimeoutError as err:
-            raise PeerError(f"peer {node_id}: chunk {index} (streamed) timed out") from err
         return data, digest
 
     # -- server side: peers following our images -------------------------------------
