@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from conftest import ImageDir, Origin, free_port, metric, sha256, start_daemon_process
 from swarmcache.manifest import chunk_digest
@@ -250,7 +251,7 @@ async def test_reads_from_a_peer_that_is_gone_end_at_once() -> None:
     """A hung peer (stopped, or cut off without a reset) holds our reads from it only
     until we learn it is gone (its link's heartbeat fails), not until their timeouts."""
     from swarmcache.config import PeersConfig
-    from swarmcache.errors import PeerError
+    from swarmcache.errors import PeerGone
     from swarmcache.manifest import Manifest
     from swarmcache.metrics import Metrics
     from swarmcache.peers.swarm import Swarm
@@ -282,12 +283,15 @@ async def test_reads_from_a_peer_that_is_gone_end_at_once() -> None:
             assert len(accepted) == 2
             assert not held.done()
             assert not streamed.done()
-            swarm.gone_for_now("b" * 16)
+            swarm.quarantine("b" * 16)  # as for a peer that is down, or whose link is lost
             async with asyncio.timeout(5):  # not 600 s
                 results = await asyncio.gather(held, streamed, return_exceptions=True)
-            for result in results:
-                assert isinstance(result, PeerError), result
+            for result in results:  # not counted against it once more per read
+                assert isinstance(result, PeerGone), result
                 assert "the peer is gone" in str(result)
+            # and a read that starts after it went away does not wait either
+            with pytest.raises(PeerGone, match="is quarantined"):
+                await swarm.read_chunk("b" * 16, manifest, 0)
     finally:
         for writer in accepted:
             writer.close()

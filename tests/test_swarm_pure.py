@@ -241,10 +241,16 @@ def test_plan_dead_fetcher_leaves_the_ring_and_its_chunks_fall_back() -> None:
     # and a fetcher that stays silent too long is dropped the same way
     plan.peer_fetching("b", True, 0.0)
     assert sum(plan.mine) < 64
-    assert plan.next_origin(31.0) is None  # b's chunks are handed over to us
+    was_b = {i for i in range(64) if not plan.mine[i]}
+    # b falls silent: off the ring; ours are read on, b's become ours after a handover
+    now = [plan.next_origin(31.0) for _ in range(64)]
     assert "b" not in plan.fetchers
-    assert plan.next_origin(31.0 + HANDOVER) is not None
-    assert plan.state.count(INFLIGHT) == 1
+    assert now[0] is not None
+    assert None in now
+    assert not {i for i in now if i is not None} & was_b
+    later = [plan.next_origin(31.0 + HANDOVER) for _ in range(64)]
+    assert {i for i in later if i is not None} == was_b
+    assert plan.state.count(INFLIGHT) == 64
 
 
 def test_plan_dropped_holder_chunks_go_back_to_the_origin_lane() -> None:
@@ -335,6 +341,23 @@ def test_plan_fetchers_learning_of_a_joiner_apart_never_read_a_chunk_twice() -> 
                 pending.append((now + lag, h, i))
     assert len(reads) == len(set(reads)), sorted(i for i in reads if reads.count(i) > 1)
     assert len(reads) > 150  # both read on through the change
+
+
+def test_plan_reads_on_while_fetchers_keep_joining() -> None:
+    # a joiner every 0.2 s, less than the handover apart: each chunk that became ours
+    # waits one handover from when it did, not until the joins stop
+    plan = SwarmPlan(600, [], "h00", "img", stall=30, handover=0.25)
+    plan.peer_fetching("h01", True, 0.0)
+    reads = []
+    for tick in range(100):  # 5 s, a read every 50 ms if there is one to make
+        now = tick * 0.05
+        if tick and tick % 4 == 0:
+            plan.peer_fetching(f"h{tick // 4 + 1:02d}", True, now)
+        i = plan.next_origin(now)
+        if i is not None:
+            assert now >= plan.became[i] + 0.25
+            reads.append(i)
+    assert len(reads) > 20
 
 
 def test_plan_joiner_reads_from_the_origin_only_after_the_handover() -> None:

@@ -170,3 +170,8 @@ class PeerError(SwarmcacheError):
 
 class StreamRefused(PeerError):
     """A peer does not have a chunk to stream to us (yet): not a failure of the peer."""
+
+
+class PeerGone(PeerError):
+    """A read from a peer ended because the peer is gone (link lost, down, quarantined):
+    counted where it went away, not once more per read."""

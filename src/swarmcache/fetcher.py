@@ -32,6 +32,7 @@ from .errors import (
     ImageNotFound,
     IntegrityError,
     PeerError,
+    PeerGone,
     ShuttingDown,
     StorageError,
     StreamRefused,
@@ -577,6 +578,9 @@ class FetchJob:
                 # a relay is cut off when its own stream breaks: not its failure
                 log.debug("%s: chunk %d via relay %s: %s", self.image_id, index, node, err)
                 self.plan.relay_failed(index)
+                raise
+            if isinstance(err, PeerGone):  # counted once, where it went away
+                log.info("%s: chunk %d from peer %s: %s", self.image_id, index, node, err)
                 raise
             log.info("%s: chunk %d from peer %s failed: %s", self.image_id, index, node, err)
             self.metrics.peer_errors.inc()

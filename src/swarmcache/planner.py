@@ -140,10 +140,13 @@ class SwarmPlan(ChunkPlan):
         self.fetchers: dict[str, float] = {}  # peer fetching this image -> last progress
         self.taken: dict[int, tuple[str, float]] = {}  # chunk -> (peer, deadline)
         self.mine = bytearray(b"\x01" * chunks)  # 1: this host reads the chunk from the origin
-        self.fresh = bytearray(chunks)  # 1: mine only since the fetchers last changed
         self.handover = handover  # seconds: how long hosts may disagree on the fetchers
-        self._changed_at = float("-inf")  # when the fetchers last changed our share
-        self._read_any = False  # an origin read started: `mine` has been acted on
+        # when each chunk became ours (-inf: from the start); read from handover on
+        self.became = [float("-inf")] * chunks
+        self._changes: list[float] = []  # times chunks became ours, handover not over
+        self._changed_at = float("-inf")  # the last of those
+        self._known = False  # others may know our share (we placed it, or read from it)
+        self._steal_retry: float | None = None  # when a helper may take more (see _steal)
         self._takes: dict[str, deque[float]] = {}  # peer -> when it took its last chunks
         self.no_relay: set[int] = set()  # chunks our relay could not stream: ask the taker
 
@@ -167,7 +170,7 @@ class SwarmPlan(ChunkPlan):
         for i in range(len(self.state)):
             if _bit(bitmap, i):
                 self.count[i] += 1
-        self.peer_taking(node, taking, now, deadline)
+        self.peer_taking(node, taking, now, deadline, recent=False)
         self.peer_fetching(node, fetching, now)
 
     def peer_has(self, node: str, indices: Iterable[int], now: float) -> None:
@@ -185,14 +188,18 @@ class SwarmPlan(ChunkPlan):
         if node in self.fetchers:
             self.fetchers[node] = now
 
-    def peer_taking(self, node: str, indices: Iterable[int], now: float, deadline: float) -> None:
-        """Chunks a peer started to read from the origin: wait for them until `deadline`."""
+    def peer_taking(
+        self, node: str, indices: Iterable[int], now: float, deadline: float, recent: bool = True
+    ) -> None:
+        """Chunks a peer started to read from the origin: wait for them until `deadline`.
+        (`recent`: it started them just now, not at some time before.)"""
         n = len(self.state)
         takes = self._takes.setdefault(node, deque(maxlen=TAKES_KEPT))
         for i in indices:
             if 0 <= i < n and self.state[i] != DONE:
                 self.taken[i] = (node, deadline)
-                takes.append(now)
+                if recent:
+                    takes.append(now)
         if node in self.fetchers:
             self.fetchers[node] = now
 
@@ -237,8 +244,9 @@ class SwarmPlan(ChunkPlan):
         an offset given by the image: an even split (within one chunk) that every
         host with the same view computes alike, and neighbouring chunks come from
         different hosts, so a reader streaming from the start finds them in parallel.
-        Chunks that were not ours before are fresh until the handover has passed; before
-        our first origin read nothing was ours (others did not know of us).
+        A chunk that was not ours before is read only once the handover has passed
+        from now; chunks that stay ours keep their time. Until we first placed our
+        share or read from the origin, nothing was ours (others did not know of us).
         """
         n = len(self.state)
         if not self.fetchers:
@@ -248,14 +256,15 @@ class SwarmPlan(ChunkPlan):
             me, count = hosts.index(self.self_id), len(hosts)
             base = _point(self.image_key) % count
             mine = bytearray((i + base) % count == me for i in range(n))
-        settled = now >= self.handover_at
-        self.fresh = bytearray(
-            m and (not self._read_any or not old or (f and not settled))
-            for m, old, f in zip(mine, self.mine, self.fresh, strict=True)
-        )
-        self.mine = mine
-        if any(self.fresh):
+        old = self.mine if self._known else bytearray(n)
+        new = [i for i in range(n) if mine[i] and not old[i]]
+        for i in new:
+            self.became[i] = now
+        if new:
+            self._changes.append(now)
             self._changed_at = now
+        self.mine = mine
+        self._known = True
 
     @property
     def handover_at(self) -> float:
@@ -375,7 +384,7 @@ class SwarmPlan(ChunkPlan):
 
     def _reading(self, index: int) -> int:
         self.state[index] = INFLIGHT
-        self._read_any = True
+        self._known = True
         return index
 
     def _steal(self, now: float) -> int | None:
@@ -390,6 +399,7 @@ class SwarmPlan(ChunkPlan):
         with the same view of who fetches, two helpers never read the same chunk,
         however late they hear of each other.
         """
+        self._steal_retry = None
         if not self.fetchers or now < self.handover_at:
             return None  # the fetchers just changed: the shares are being handed over
         hosts = sorted((self.self_id, *self.fetchers))
@@ -400,11 +410,16 @@ class SwarmPlan(ChunkPlan):
             if self.state[i] == MISSING and not self.count[i] and i not in self.taken:
                 backlog[(i + base) % count].append(i)
         me = hosts.index(self.self_id)
+        window = 2 * self.handover
         for owner in sorted(range(count), key=lambda o: -len(backlog[o])):
-            if owner == me:
+            if owner == me or len(backlog[owner]) < STEAL_BACKLOG:
                 continue
-            recent = self._takes.get(hosts[owner], ())
-            keep = STEAL_BACKLOG - 1 + sum(1 for t in recent if t > now - 2 * self.handover)
+            recent = [t for t in self._takes.get(hosts[owner], ()) if t > now - window]
+            keep = STEAL_BACKLOG - 1 + len(recent)
+            if len(backlog[owner]) <= keep:  # look again when its takes are older
+                retry = recent[0] + window
+                self._steal_retry = min(self._steal_retry or retry, retry)
+                continue
             helpers = [h for h in range(count) if h != owner]
             for i in reversed(backlog[owner][keep:]):
                 if helpers[(i // count) % len(helpers)] == me:
@@ -415,8 +430,10 @@ class SwarmPlan(ChunkPlan):
         """When to look again: the earliest deadline still ahead of a chunk a peer is
         taking, or the end of a handover."""
         deadlines = [d for _, d in self.taken.values() if d > now]
-        if self.handover_at > now:
-            deadlines.append(self.handover_at)
+        self._changes = [t for t in self._changes if t + self.handover > now]
+        deadlines += [t + self.handover for t in self._changes]
+        if self._steal_retry is not None and self._steal_retry > now:
+            deadlines.append(self._steal_retry)
         return min(deadlines, default=None)
 
     def _origin_ok(self, index: int, now: float) -> bool:
@@ -425,7 +442,7 @@ class SwarmPlan(ChunkPlan):
         taken = self.taken.get(index)
         if taken is not None:
             return taken[1] <= now
-        return bool(self.mine[index]) and (not self.fresh[index] or now >= self.handover_at)
+        return bool(self.mine[index]) and now >= self.became[index] + self.handover
 
     def _urgent_missing(self) -> list[int]:
         while self._urgent and self.state[self._urgent[0]] != MISSING:

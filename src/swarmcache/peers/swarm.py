@@ -26,7 +26,7 @@ import aiohttp
 from aiohttp import web
 
 from ..config import PeersConfig
-from ..errors import PeerError, StreamRefused
+from ..errors import PeerError, PeerGone, StreamRefused
 from ..httpfile import RCVLOWAT, read_pieces
 from ..manifest import DIGEST_SIZE, Manifest, bitmap_new, bitmap_set
 from ..metrics import Metrics
@@ -82,9 +82,11 @@ class _Read:
             self.deadline.reschedule(asyncio.get_running_loop().time())
 
     @staticmethod
-    def why(read: _Read | None) -> str:
-        """How a read that raised TimeoutError ended."""
-        return "ended: the peer is gone" if read is not None and read.ended else "timed out"
+    def failed(read: _Read | None, what: str) -> PeerError:
+        """The error for a read that raised TimeoutError: ended (PeerGone) or timed out."""
+        if read is not None and read.ended:
+            return PeerGone(f"{what} ended: the peer is gone")
+        return PeerError(f"{what} timed out")
 
 
 class PeerLink:
@@ -246,7 +248,7 @@ class Swarm:
         self.store: Store | None = None
         self.digests: dict[tuple[str, str], bytearray] = {}  # (image, node) -> digests
         self.generation = 0  # moves whenever what we hold changes (announced over mDNS)
-        self.answer_times: deque[float] = deque(maxlen=32)  # seconds, subscribe -> state
+        self.answer_times: deque[float] = deque(maxlen=16)  # seconds, subscribe -> state
         self._reading: dict[str, set[_Read]] = {}  # our chunk reads running, by peer
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -436,7 +438,6 @@ class Swarm:
         for task in pending:  # keep them, owned by the swarm
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
-            self.answer_times.append(GATHER_TIMEOUT)  # at least that slow
         job.plan.handover = self.handover()
 
     async def _subscribe_and_wait(self, job: FetchJob, node_id: str) -> None:
@@ -444,7 +445,9 @@ class Swarm:
         event = await self._subscribe(job, node_id)
         if event is not None:
             await event.wait()
-            self.answer_times.append(self.clock() - started)
+            link = self.links.get(node_id)
+            if link is not None and link.open:  # a State came (not: the link closed)
+                self.answer_times.append(self.clock() - started)
 
     async def _subscribe(self, job: FetchJob, node_id: str) -> asyncio.Event | None:
         link = self.links.get(node_id)
@@ -592,6 +595,8 @@ class Swarm:
         peer = self.table.get(node_id)
         if peer is None:
             raise PeerError(f"peer {node_id} is not known")
+        if not peer.usable(self.clock()):  # it went away before this read began
+            raise PeerGone(f"peer {node_id} is {peer.state(self.clock())}")
         _, length = manifest.span(index)
         url = f"http://{peer.address}/v1/peer/images/{manifest.image_id}/chunks/{index}"
         read = None
@@ -605,7 +610,7 @@ class Swarm:
                             raise PeerError(f"peer {node_id}: chunk {index} has the wrong length")
                         data = await read_pieces(resp, length)
         except TimeoutError as err:  # an OSError: first
-            raise PeerError(f"peer {node_id}: chunk {index} {_Read.why(read)}") from err
+            raise _Read.failed(read, f"peer {node_id}: chunk {index}") from err
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
             raise PeerError(f"peer {node_id}: chunk {index}: {err!r}") from err
         return data
@@ -630,6 +635,8 @@ class Swarm:
         peer = self.table.get(node_id)
         if peer is None:
             raise PeerError(f"peer {node_id} is not known")
+        if not peer.usable(self.clock()):  # it went away before this read began
+            raise PeerGone(f"peer {node_id} is {peer.state(self.clock())}")
         _, length = manifest.span(index)
         url = f"http://{peer.address}/v1/peer/images/{manifest.image_id}/chunks/{index}"
         headers = {"If-Match": manifest.etag, STREAM_HEADER: "1"}
@@ -649,7 +656,7 @@ class Swarm:
                         data = await read_pieces(resp, length, feed, then=DIGEST_SIZE)
                         digest = await resp.content.readexactly(DIGEST_SIZE)
         except TimeoutError as err:  # an OSError: first
-            raise PeerError(f"peer {node_id}: chunk {index} (streamed) {_Read.why(read)}") from err
+            raise _Read.failed(read, f"peer {node_id}: chunk {index} (streamed)") from err
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
             raise PeerError(f"peer {node_id}: chunk {index} (streamed): {err!r}") from err
         return data, digest
