@@ -329,6 +329,10 @@ def test_peer_killed_or_hung_mid_transfer_costs_a_timeout_not_the_fetch(
         assert image_bytes_sent(bed, image) == sent
         if fault == "stop":  # the reads it held were ended, not waited out
             assert "is gone: ending" in s.log(c)
+            assert "link to peer" in s.log(c)  # lost: its heartbeat went unanswered
+            # one error, the lost link; the reads it ended are not counted once more each
+            metrics = http_request(bed, c, API + "/metrics").decode()
+            assert metric(metrics, "swarmcache_peer_errors_total") == 1
     finally:
         if stopped is not None:
             os.kill(stopped.pid, signal.SIGCONT)

@@ -368,6 +368,37 @@ def test_plan_joiner_reads_from_the_origin_only_after_the_handover() -> None:
     assert plan.next_origin(HANDOVER) is not None
 
 
+def test_plan_helper_looks_again_when_the_busiest_fetchers_takes_age() -> None:
+    plan = SwarmPlan(40, [], "a", "img", stall=30, handover=0.25)
+    plan.peer_fetching("b", True, 0.0)
+    theirs = [i for i in range(40) if not plan.mine[i]]
+    for i in range(40):
+        if plan.mine[i]:
+            plan.done(i)
+    # b's state: what it was taking when it answered is not news of how fast it goes
+    plan.peer_state("b", b"", theirs[:14], True, 5.0, 100.0)
+    assert plan.next_origin(5.0) == theirs[-1]
+    plan.failed(theirs[-1])
+    plan.peer_taking("b", theirs[14:17], 5.1, 100.0)  # three just now: it goes fast
+    assert plan.next_origin(5.1) is None  # its last three it may have taken meanwhile
+    assert plan.next_deadline(5.1) == 5.1 + 2 * 0.25  # when those takes are old
+    assert plan.next_origin(5.6) == theirs[-1]
+
+
+def test_plan_stalled_fetchers_chunks_go_to_their_new_owner_not_to_everyone() -> None:
+    plan = SwarmPlan(8, [], "a", "img", stall=30, handover=0.25)
+    plan.peer_fetching("b", True, 0.0)
+    theirs = [i for i in range(8) if not plan.mine[i]]
+    for i in range(8):
+        if plan.mine[i]:
+            plan.done(i)
+    plan.peer_taking("b", theirs, 1.0, 100.0)
+    assert plan.next_origin(20.0) is None  # b is reading them
+    assert plan.next_origin(31.5) is None  # b fell silent: off the ring, a handover
+    assert "b" not in plan.fetchers
+    assert sorted(iter(lambda: plan.next_origin(31.5 + 0.25), None)) == theirs  # not at 100
+
+
 def test_plan_reads_a_wanted_chunk_far_ahead_now_even_if_another_host_owns_it() -> None:
     plan = SwarmPlan(64, [], "a", "img", stall=30)
     plan.peer_fetching("b", True, 0.0)

@@ -416,14 +416,13 @@ class SwarmPlan(ChunkPlan):
                 continue
             recent = [t for t in self._takes.get(hosts[owner], ()) if t > now - window]
             keep = STEAL_BACKLOG - 1 + len(recent)
-            if len(backlog[owner]) <= keep:  # look again when its takes are older
-                retry = recent[0] + window
-                self._steal_retry = min(self._steal_retry or retry, retry)
-                continue
             helpers = [h for h in range(count) if h != owner]
             for i in reversed(backlog[owner][keep:]):
                 if helpers[(i // count) % len(helpers)] == me:
                     return i
+            if recent:  # more of its chunks may be ours to take once its takes are older
+                retry = recent[0] + window
+                self._steal_retry = min(self._steal_retry or retry, retry)
         return None
 
     def next_deadline(self, now: float) -> float | None:
@@ -454,4 +453,7 @@ class SwarmPlan(ChunkPlan):
         for node in stalled:
             del self.fetchers[node]
         if stalled:
+            # what they were taking will not come: their owners (after a handover) read
+            # it, not every host whose deadline for it passes
+            self.taken = {i: t for i, t in self.taken.items() if t[0] not in stalled}
             self._place(now)

@@ -149,6 +149,8 @@ class PeerLink:
     async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         try:
             async for frame in ws:
+                if frame.type == aiohttp.WSMsgType.ERROR:  # e.g. no pong: a hung peer
+                    raise ConnectionError(f"{ws.exception()!r}")
                 if frame.type != aiohttp.WSMsgType.BINARY:
                     raise WireError(f"unexpected {frame.type.name} frame")
                 msg = decode(frame.data)
@@ -163,7 +165,8 @@ class PeerLink:
             log.warning("peer %s sent a bad message, closing its link: %s", self.node_id, err)
             self.swarm.metrics.peer_errors.inc()
         except (aiohttp.ClientError, ConnectionError) as err:
-            log.info("link to peer %s lost: %r", self.node_id, err)
+            log.info("link to peer %s lost: %s", self.node_id, err)
+            self.swarm.metrics.peer_errors.inc()
         finally:
             await ws.close()
             self.swarm.on_link_closed(self)
@@ -438,7 +441,8 @@ class Swarm:
         for task in pending:  # keep them, owned by the swarm
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
-        job.plan.handover = self.handover()
+        # a peer that has not answered yet may learn of us that late
+        job.plan.handover = HANDOVER_MAX if pending else self.handover()
 
     async def _subscribe_and_wait(self, job: FetchJob, node_id: str) -> None:
         started = self.clock()
