@@ -187,13 +187,19 @@ def test_plan_prefers_rarest_chunks_and_wanted_ones_first() -> None:
     assert plan.next_peer(lambda h: "b" if "b" in h else None, 0.0) == (0, "b", False)
 
 
-def test_plan_hosts_starting_together_split_the_origin_reads() -> None:
-    hosts = ["h1", "h2", "h3", "h4"]
-    plans = {h: SwarmPlan(400, [], h, "img:etag", stall=30) for h in hosts}
+def _fetching_together(hosts: list[str], chunks: int, key: str) -> dict[str, SwarmPlan]:
+    """One plan per host, each knowing the others fetch the image too (since 0.0)."""
+    plans = {h: SwarmPlan(chunks, [], h, key, stall=30) for h in hosts}
     for h, plan in plans.items():
         for other in hosts:
             if other != h:
                 plan.peer_fetching(other, True, 0.0)
+    return plans
+
+
+def test_plan_hosts_starting_together_split_the_origin_reads() -> None:
+    hosts = ["h1", "h2", "h3", "h4"]
+    plans = _fetching_together(hosts, 400, "img:etag")
     owners: dict[int, list[str]] = {}
     busy = True
     while busy:  # in turns, each host tells the others what it takes (Taking)
@@ -286,11 +292,7 @@ def test_plan_host_done_with_its_share_takes_the_last_chunk_of_the_busiest() -> 
 
 def test_plan_hosts_done_at_once_never_take_the_same_chunk_of_the_busiest() -> None:
     hosts = ["h1", "h2", "h3", "h4"]
-    plans = {h: SwarmPlan(80, [], h, "img", stall=30) for h in hosts}
-    for h, plan in plans.items():
-        for other in hosts:
-            if other != h:
-                plan.peer_fetching(other, True, 0.0)
+    plans = _fetching_together(hosts, 80, "img")
     slow = plans["h1"].owner(0)
     theirs = [i for i in range(80) if plans[slow].mine[i]]
     for h, plan in plans.items():  # everyone else read its share; slow took its first 10
