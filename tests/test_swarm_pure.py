@@ -370,13 +370,18 @@ def test_plan_joiner_reads_from_the_origin_only_after_the_handover() -> None:
     assert plan.next_origin(HANDOVER) is not None
 
 
-def test_plan_helper_looks_again_when_the_busiest_fetchers_takes_age() -> None:
-    plan = SwarmPlan(40, [], "a", "img", stall=30, handover=0.25)
+def _our_share_done(chunks: int) -> tuple[SwarmPlan, list[int]]:
+    """Plan of host a fetching with b, a's share of origin reads done; b's chunks."""
+    plan = SwarmPlan(chunks, [], "a", "img", stall=30, handover=0.25)
     plan.peer_fetching("b", True, 0.0)
-    theirs = [i for i in range(40) if not plan.mine[i]]
-    for i in range(40):
+    for i in range(chunks):
         if plan.mine[i]:
             plan.done(i)
+    return plan, [i for i in range(chunks) if not plan.mine[i]]
+
+
+def test_plan_helper_looks_again_when_the_busiest_fetchers_takes_age() -> None:
+    plan, theirs = _our_share_done(40)
     # b's state: what it was taking when it answered is not news of how fast it goes
     plan.peer_state("b", b"", theirs[:14], True, 5.0, 100.0)
     assert plan.next_origin(5.0) == theirs[-1]
@@ -388,12 +393,7 @@ def test_plan_helper_looks_again_when_the_busiest_fetchers_takes_age() -> None:
 
 
 def test_plan_stalled_fetchers_chunks_go_to_their_new_owner_not_to_everyone() -> None:
-    plan = SwarmPlan(8, [], "a", "img", stall=30, handover=0.25)
-    plan.peer_fetching("b", True, 0.0)
-    theirs = [i for i in range(8) if not plan.mine[i]]
-    for i in range(8):
-        if plan.mine[i]:
-            plan.done(i)
+    plan, theirs = _our_share_done(8)
     plan.peer_taking("b", theirs, 1.0, 100.0)
     assert plan.next_origin(20.0) is None  # b is reading them
     assert plan.next_origin(31.5) is None  # b fell silent: off the ring, a handover

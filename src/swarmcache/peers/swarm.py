@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -80,13 +80,6 @@ class _Read:
         self.ended = True
         if not self.deadline.expired():
             self.deadline.reschedule(asyncio.get_running_loop().time())
-
-    @staticmethod
-    def failed(read: _Read | None, what: str) -> PeerError:
-        """The error for a read that raised TimeoutError: ended (PeerGone) or timed out."""
-        if read is not None and read.ended:
-            return PeerGone(f"{what} ended: the peer is gone")
-        return PeerError(f"{what} timed out")
 
 
 class PeerLink:
@@ -573,18 +566,37 @@ class Swarm:
         for read in reads:
             read.end()
 
-    @contextlib.contextmanager
-    def _read_from(self, node_id: str, deadline: asyncio.Timeout) -> Iterator[_Read]:
-        """Track a chunk read from a peer, bounded by `deadline` (see `_drop`)."""
-        read = _Read(deadline)
-        reads = self._reading.setdefault(node_id, set())
-        reads.add(read)
+    def _chunk_url(self, node_id: str, manifest: Manifest, index: int) -> str:
+        """Where to read a chunk from a usable peer (PeerError / PeerGone if none)."""
+        peer = self.table.get(node_id)
+        if peer is None:
+            raise PeerError(f"peer {node_id} is not known")
+        if not peer.usable(self.clock()):  # it went away before this read began
+            raise PeerGone(f"peer {node_id} is {peer.state(self.clock())}")
+        return f"http://{peer.address}/v1/peer/images/{manifest.image_id}/chunks/{index}"
+
+    @contextlib.asynccontextmanager
+    async def _chunk_read(self, node_id: str, what: str, seconds: float) -> AsyncIterator[None]:
+        """Bound a chunk read from a peer by `seconds`, keep it where `_drop` can end it,
+        and turn what can go wrong into PeerError (PeerGone if `_drop` ended it)."""
+        read = None
         try:
-            yield read
-        finally:
-            reads.discard(read)
-            if not reads and self._reading.get(node_id) is reads:
-                del self._reading[node_id]
+            async with asyncio.timeout(seconds) as deadline:
+                read = _Read(deadline)
+                reads = self._reading.setdefault(node_id, set())
+                reads.add(read)
+                try:
+                    yield
+                finally:
+                    reads.discard(read)
+                    if not reads and self._reading.get(node_id) is reads:
+                        del self._reading[node_id]
+        except TimeoutError as err:  # an OSError: first
+            if read is not None and read.ended:
+                raise PeerGone(f"{what} ended: the peer is gone") from err
+            raise PeerError(f"{what} timed out") from err
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
+            raise PeerError(f"{what}: {err!r}") from err
 
     def digest(self, image_id: str, node_id: str, index: int) -> bytes | None:
         """The digest a peer announced for one of its chunks."""
@@ -596,28 +608,17 @@ class Swarm:
 
     async def read_chunk(self, node_id: str, manifest: Manifest, index: int) -> list[bytes]:
         """Chunk `index` from a peer, in pieces (unverified); PeerError on any failure."""
-        peer = self.table.get(node_id)
-        if peer is None:
-            raise PeerError(f"peer {node_id} is not known")
-        if not peer.usable(self.clock()):  # it went away before this read began
-            raise PeerGone(f"peer {node_id} is {peer.state(self.clock())}")
+        url = self._chunk_url(node_id, manifest, index)
         _, length = manifest.span(index)
-        url = f"http://{peer.address}/v1/peer/images/{manifest.image_id}/chunks/{index}"
-        read = None
-        try:
-            async with asyncio.timeout(self.config.timeout) as deadline:
-                with self._read_from(node_id, deadline) as read:
-                    async with self.session.get(url, headers={"If-Match": manifest.etag}) as resp:
-                        if resp.status != 200:
-                            raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
-                        if resp.content_length is not None and resp.content_length != length:
-                            raise PeerError(f"peer {node_id}: chunk {index} has the wrong length")
-                        data = await read_pieces(resp, length)
-        except TimeoutError as err:  # an OSError: first
-            raise _Read.failed(read, f"peer {node_id}: chunk {index}") from err
-        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
-            raise PeerError(f"peer {node_id}: chunk {index}: {err!r}") from err
-        return data
+        async with (
+            self._chunk_read(node_id, f"peer {node_id}: chunk {index}", self.config.timeout),
+            self.session.get(url, headers={"If-Match": manifest.etag}) as resp,
+        ):
+            if resp.status != 200:
+                raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
+            if resp.content_length is not None and resp.content_length != length:
+                raise PeerError(f"peer {node_id}: chunk {index} has the wrong length")
+            return await read_pieces(resp, length)
 
     async def read_chunk_streamed(
         self,
@@ -636,33 +637,24 @@ class Swarm:
         peer's origin read (relays pass on nothing relayed: no cycles). StreamRefused if
         the peer has nothing of it.
         """
-        peer = self.table.get(node_id)
-        if peer is None:
-            raise PeerError(f"peer {node_id} is not known")
-        if not peer.usable(self.clock()):  # it went away before this read began
-            raise PeerGone(f"peer {node_id} is {peer.state(self.clock())}")
+        url = self._chunk_url(node_id, manifest, index)
         _, length = manifest.span(index)
-        url = f"http://{peer.address}/v1/peer/images/{manifest.image_id}/chunks/{index}"
         headers = {"If-Match": manifest.etag, STREAM_HEADER: "1"}
         if to_relay:
             headers[RELAY_HEADER] = "1"
-        read = None
-        try:
-            async with asyncio.timeout(self.origin_deadline + self.config.timeout) as deadline:
-                with self._read_from(node_id, deadline) as read:
-                    async with self.session.get(url, headers=headers) as resp:
-                        if resp.status == 404:
-                            raise StreamRefused(f"peer {node_id} has no chunk {index} to stream")
-                        if resp.status != 200:
-                            raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
-                        if resp.content_length not in (None, length + DIGEST_SIZE):
-                            raise PeerError(f"peer {node_id}: chunk {index} has the wrong length")
-                        data = await read_pieces(resp, length, feed, then=DIGEST_SIZE)
-                        digest = await resp.content.readexactly(DIGEST_SIZE)
-        except TimeoutError as err:  # an OSError: first
-            raise _Read.failed(read, f"peer {node_id}: chunk {index} (streamed)") from err
-        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
-            raise PeerError(f"peer {node_id}: chunk {index} (streamed): {err!r}") from err
+        what = f"peer {node_id}: chunk {index} (streamed)"
+        async with (
+            self._chunk_read(node_id, what, self.origin_deadline + self.config.timeout),
+            self.session.get(url, headers=headers) as resp,
+        ):
+            if resp.status == 404:
+                raise StreamRefused(f"peer {node_id} has no chunk {index} to stream")
+            if resp.status != 200:
+                raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
+            if resp.content_length not in (None, length + DIGEST_SIZE):
+                raise PeerError(f"peer {node_id}: chunk {index} has the wrong length")
+            data = await read_pieces(resp, length, feed, then=DIGEST_SIZE)
+            digest = await resp.content.readexactly(DIGEST_SIZE)
         return data, digest
 
     # -- server side: peers following our images -------------------------------------
