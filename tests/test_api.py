@@ -195,6 +195,10 @@ async def test_head_and_416(daemon: DaemonFactory, images: ImageDir, origin: Ori
     assert resp.headers["Content-Range"] == f"bytes */{SIZE}"
     assert (await resp.json())["error"] == "range not satisfiable"
     assert (await client.get("/v1/images/img/status")).status == 404  # 416 fetched nothing
+    # a start of 5,000 digits (more than int() parses) is past the end like any other
+    resp = await client.get("/v1/images/img", headers={"Range": "bytes=" + "9" * 5000 + "-"})
+    assert resp.status == 416
+    assert resp.headers["Content-Range"] == f"bytes */{SIZE}"
     assert origin.stats.bytes_by_path["img"] == 0
     await (await client.get("/v1/images/img")).read()
     await wait_state(client, "img", "complete")

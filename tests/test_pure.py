@@ -243,6 +243,12 @@ def test_bitmap() -> None:
         ("bytes=x-y", 100, None),
         ("bytes=-", 100, None),
         ("garbage", 100, None),
+        # numbers longer than int() takes (4,300 digits) or than any image
+        ("bytes=0-" + "9" * 5000, 100, (0, 99)),
+        ("bytes=-" + "9" * 5000, 100, (0, 99)),
+        ("bytes=" + "0" * 5000 + "5-9", 100, (5, 9)),
+        ("bytes=5-" + "0" * 5000 + "9", 100, (5, 9)),
+        ("bytes=" + "9" * 25 + "-" + "1" * 20, 100, None),  # end before start
     ],
 )
 def test_parse_range(header: str | None, size: int, expected: tuple | None) -> None:
@@ -251,7 +257,14 @@ def test_parse_range(header: str | None, size: int, expected: tuple | None) -> N
 
 @pytest.mark.parametrize(
     ("header", "size"),
-    [("bytes=100-", 100), ("bytes=500-600", 100), ("bytes=-0", 100), ("bytes=-5", 0)],
+    [
+        ("bytes=100-", 100),
+        ("bytes=500-600", 100),
+        ("bytes=-0", 100),
+        ("bytes=-5", 0),
+        ("bytes=" + "9" * 5000 + "-", 100),
+        ("bytes=" + "1" * 20 + "-" + "9" * 30, 100),
+    ],
 )
 def test_parse_range_unsatisfiable(header: str, size: int) -> None:
     with pytest.raises(RangeNotSatisfiable):

@@ -7,6 +7,20 @@ import re
 from .errors import RangeNotSatisfiable
 
 _SPEC = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+_DIGITS = 19  # more significant digits than this: past any image (int() refuses > 4300)
+_HUGE = 10**_DIGITS
+
+
+def _number(digits: str) -> int:
+    """A decimal position; one longer than any image can be is _HUGE, never parsed whole."""
+    digits = digits.lstrip("0") or "0"
+    return _HUGE if len(digits) > _DIGITS else int(digits)
+
+
+def _order(digits: str) -> tuple[int, str]:
+    """Sorts decimal strings of any length as their numbers would."""
+    digits = digits.lstrip("0") or "0"
+    return len(digits), digits
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
@@ -27,14 +41,14 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         return None
     first, last = m.group(1), m.group(2)
     if not first:  # suffix range: the last N bytes
-        n = int(last)
+        n = _number(last)
         if n == 0 or size == 0:
             raise RangeNotSatisfiable(f"range {header!r} selects no bytes", size)
         return max(0, size - n), size - 1
-    start = int(first)
-    end = int(last) if last else max(start, size - 1)
-    if end < start:
+    if last and _order(last) < _order(first):
         return None
+    start = _number(first)
+    end = _number(last) if last else max(start, size - 1)
     if start >= size:
         raise RangeNotSatisfiable(f"range {header!r} starts past the end ({size} bytes)", size)
     return start, min(end, size - 1)
