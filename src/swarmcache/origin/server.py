@@ -4,9 +4,11 @@ Used by the demo, the tests and the benchmarks as "the origin": GET/HEAD
 /images/<name> with sendfile, one Range per request (206), 416 past the end. It
 counts what it sends per path, and lists each request (range, client, time), at
 GET /_stats. Fault switches for
-tests (POST /_faults with JSON): `status` (answer every image request with this
-status), `delay` (seconds before each answer), `truncate` (close after this many
-bytes of a body).
+tests (POST /_faults with JSON; each POST sets them all): `status` (answer every
+image request with this status), `delay` (seconds before each answer), `truncate`
+(close after this many bytes of a body), `hold_after` (let this many body bytes of
+image GETs through, then hold the rest unanswered until a POST without it: a stalled
+origin, so a test stops a fetch at a known chunk).
 
     python -m swarmcache.origin.server DIR [--listen 127.0.0.1:7481]
 """
@@ -38,6 +40,11 @@ class OriginStats:
     # (method, path, Range header, status, client address, loop time)
     requests: list[tuple[str, str, str | None, int, str, float]] = field(default_factory=list)
 
+    def reset(self) -> None:
+        """Forget everything counted so far."""
+        self.bytes_by_path.clear()
+        self.requests.clear()
+
     @property
     def total_bytes(self) -> int:
         """Body bytes sent for all paths."""
@@ -52,6 +59,58 @@ class OriginStats:
         }
 
 
+class Gate:
+    """Holds image GETs once a byte allowance has gone out, until opened: a stalled origin.
+
+    Tests close it to stop a fetch at a known point: the first `allowance` body bytes
+    go out, and every later image GET waits here, unanswered and not yet counted in
+    OriginStats, until `open()`. Nothing passes a held request (first come, first
+    held). Open at the start.
+    """
+
+    def __init__(self) -> None:
+        self.allowance: int | None = None  # None: open
+        self.passed = 0  # body bytes let through since close()
+        self._held: list[asyncio.Future[bool]] = []
+
+    @property
+    def held(self) -> int:
+        """Requests waiting at the gate now."""
+        return len(self._held)
+
+    def close(self, allowance: int) -> None:
+        """Let `allowance` more body bytes through, then hold every image GET."""
+        self.allowance = allowance
+        self.passed = 0
+
+    def open(self, *, refuse_held: bool = False) -> None:
+        """Let image GETs through again. The held ones go on, or with `refuse_held` (their
+        client is gone, e.g. a killed daemon) get a 503 that is not counted, so they
+        cannot add to OriginStats after the test has read it."""
+        self.allowance = None
+        held, self._held = self._held, []
+        for fut in held:
+            if not fut.done():
+                fut.set_result(not refuse_held)
+
+    async def admit(self, nbytes: int) -> None:
+        """Return once a body of `nbytes` may go out; HTTPServiceUnavailable if refused."""
+        if self.allowance is None:
+            return
+        if not self._held and self.passed + nbytes <= self.allowance:
+            self.passed += nbytes
+            return
+        fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._held.append(fut)
+        try:
+            go = await fut
+        finally:
+            if fut in self._held:  # cancelled while held
+                self._held.remove(fut)
+        if not go:
+            raise web.HTTPServiceUnavailable(text="refused at the gate")
+
+
 @dataclass
 class Faults:
     """Test switches."""
@@ -59,6 +118,7 @@ class Faults:
     status: int | None = None
     delay: float = 0.0
     truncate: int | None = None
+    gate: Gate = field(default_factory=Gate)
 
 
 STATS = web.AppKey("stats", OriginStats)
@@ -95,11 +155,12 @@ async def _serve(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound()
     if faults.truncate is not None and request.method == "GET" and name == base:
         return await _truncated(request, path, faults.truncate)
-    return await _send(request, path)
+    return await _send(request, path, faults.gate if name == base else None)
 
 
-async def _send(request: web.Request, path: Path) -> web.StreamResponse:
-    """200 or 206 (one range) with sendfile; 416 past the end. HEAD sends headers only."""
+async def _send(request: web.Request, path: Path, gate: Gate | None = None) -> web.StreamResponse:
+    """200 or 206 (one range) with sendfile; 416 past the end. HEAD sends headers only.
+    A GET's body waits for `gate`."""
     with open(path, "rb") as f:  # noqa: ASYNC230 - local file, closed on every path
         size = os.fstat(f.fileno()).st_size
         try:
@@ -113,6 +174,8 @@ async def _send(request: web.Request, path: Path) -> web.StreamResponse:
         if if_match is not None and if_match not in ("*", etag):
             raise web.HTTPPreconditionFailed()
         start, end = byte_range if byte_range is not None else (0, size - 1)
+        if gate is not None and request.method == "GET":
+            await gate.admit(end - start + 1 if size else 0)
         resp = web.StreamResponse(status=200 if byte_range is None else 206)
         resp.content_type = "application/octet-stream"
         resp.content_length = end - start + 1 if size else 0
@@ -164,9 +227,7 @@ async def _stats(request: web.Request) -> web.Response:
 
 
 async def _reset(request: web.Request) -> web.Response:
-    stats = request.app[STATS]
-    stats.bytes_by_path.clear()
-    stats.requests.clear()
+    request.app[STATS].reset()
     return web.json_response({"reset": True})
 
 
@@ -176,6 +237,11 @@ async def _faults(request: web.Request) -> web.Response:
     faults.status = body.get("status")
     faults.delay = float(body.get("delay", 0))
     faults.truncate = body.get("truncate")
+    hold_after = body.get("hold_after")
+    if hold_after is None:
+        faults.gate.open()
+    else:
+        faults.gate.close(int(hold_after))
     return web.json_response({"faults": body})
 
 
