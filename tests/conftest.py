@@ -16,9 +16,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from swarmcache.config import Config, build_config
+from swarmcache.config import Config, build_config, load_config
 from swarmcache.daemon import build_app
 from swarmcache.origin.server import FAULTS, STATS, Faults, OriginStats, make_origin_app
+from swarmcache.testbed import daemon_env
 
 CHUNK = 64 * 1024
 
@@ -96,13 +97,24 @@ async def origin(aiohttp_server: Callable[..., Awaitable[TestServer]], images: I
     return Origin(server, app)
 
 
+def refuse_host_mdns(config: Config, what: object) -> None:
+    """Fail the test if a daemon on the host's own network would have mDNS on.
+
+    mDNS announces to and browses the machine's real network; tests use it only in
+    network namespaces of their own (swarmcache.testbed: test_swarm.py, test_testbed.py).
+    """
+    if config.discovery.mdns:
+        raise AssertionError(
+            f"{what}: discovery.mdns is on for a daemon on the host network; "
+            "tests use mDNS only inside network namespaces (swarmcache.testbed)"
+        )
+
+
 def make_config(tmp_path: Path, raw: dict[str, Any] | None = None) -> Config:
-    """A validated Config for a test (cache in tmp_path, 64 KiB chunks, fast retries)."""
+    """A validated Config for a test (cache in tmp_path, 64 KiB chunks, fast retries, no mDNS)."""
     base: dict[str, dict[str, Any]] = {
         "cache": {"dir": str(tmp_path / "cache"), "chunk_size": CHUNK, "max_size": "1GiB"},
-        # mDNS would announce on the machine's real network: tests use it only in
-        # network namespaces of their own (test_swarm.py)
-        "discovery": {"mdns": False},
+        "discovery": {"mdns": False},  # see refuse_host_mdns
         "origin": {
             "retries": 2,
             "retry_backoff": "10ms",
@@ -122,6 +134,7 @@ async def serve_app(
     aiohttp_client: Callable[..., Awaitable[TestClient]], config: Config
 ) -> TestClient:
     """An in-process daemon served as `swarmcache serve` does (handlers end when clients go)."""
+    refuse_host_mdns(config, "in-process daemon")
     return await aiohttp_client(build_app(config), server_kwargs={"handler_cancellation": True})
 
 
@@ -160,17 +173,49 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "*")
-    os.environ.pop("SWARMCACHE_CONFIG", None)
+    # A developer's exported SWARMCACHE_* must not change what a test does (in-process
+    # daemons read SWARMCACHE_TEST_* switches from here); the helpers that start
+    # processes also start them without any (daemon_env), whatever a test sets here.
+    for var in [v for v in os.environ if v.startswith("SWARMCACHE_")]:
+        monkeypatch.delenv(var)
+
+
+# The sample names each family type has in the text format, as suffixes of its name.
+_SAMPLE_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_count", "_sum", "_created"),
+    "gaugehistogram": ("_bucket", "_gcount", "_gsum"),
+    "summary": ("", "_count", "_sum", "_created"),
+    "info": ("_info",),
+}
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in a Prometheus text exposition (0.0 if absent)."""
+    """The value of one sample in a Prometheus text exposition.
+
+    A family that is declared but has no sample with these labels (a labelled counter
+    never incremented is not printed) counts as 0; a sample name no family declares,
+    or label names the family's samples do not have, fail the test.
+    """
     from prometheus_client.parser import text_string_to_metric_families
 
+    declared = False
+    label_names: set[frozenset[str]] = set()
     for family in text_string_to_metric_families(text):
+        suffixes = _SAMPLE_SUFFIXES.get(family.type, ("",))
+        if name not in {family.name + suffix for suffix in suffixes}:
+            continue
+        declared = True
         for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
+            if sample.name == name:
+                if sample.labels == labels:
+                    return float(sample.value)
+                label_names.add(frozenset(sample.labels))
+    if not declared:
+        raise AssertionError(f"metric {name} is not in the exposition")
+    if label_names and frozenset(labels) not in label_names:
+        have = " or ".join(sorted(str(sorted(n)) for n in label_names))
+        raise AssertionError(f"metric {name} has labels {have}, not {sorted(labels)}")
     return 0.0
 
 
@@ -201,7 +246,11 @@ async def start_daemon_process(
     env: dict[str, str] | None = None,
     port: int | None = None,
 ) -> DaemonProcess:
-    """Write a config file and start `python -m swarmcache serve`; wait for /healthz."""
+    """Write a config file and start `python -m swarmcache serve`; wait for /healthz.
+
+    The daemon's environment has no SWARMCACHE_* variable but those in `env`; its
+    discovery.mdns is off unless `extra` sets it, and on it is refused (refuse_host_mdns).
+    """
     import asyncio
     import sys
 
@@ -210,13 +259,18 @@ async def start_daemon_process(
     port = port or free_port()
     cache_dir = tmp_path / f"{name}-cache"
     config_path = tmp_path / f"{name}.toml"
+    if "[discovery]" not in extra:
+        extra += "[discovery]\n"
+    if "mdns" not in extra:  # off unless the test says so (and then refused below)
+        extra = extra.replace("[discovery]\n", "[discovery]\nmdns = false\n", 1)
     config_path.write_text(
         f'[daemon]\nlisten = "127.0.0.1:{port}"\n{daemon_extra}'
         f'[cache]\ndir = "{cache_dir}"\nchunk_size = "{CHUNK}"\nmax_size = "1GiB"\n'
         f'[origin]\nkind = "http"\nurl = "{origin_url}"\nretries = 2\nretry_backoff = "10ms"\n'
         + extra
-        + ("" if "[discovery]" in extra else "[discovery]\nmdns = false\n")
     )
+    proc_env = daemon_env(env)
+    refuse_host_mdns(load_config(config_path, proc_env), config_path)
     log = open(tmp_path / f"{name}.log", "ab")
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -227,7 +281,7 @@ async def start_daemon_process(
         "serve",
         stdout=log,
         stderr=log,
-        env={**os.environ, **(env or {})},
+        env=proc_env,
     )
     log.close()
     url = f"http://127.0.0.1:{port}"

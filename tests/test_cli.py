@@ -9,22 +9,59 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ImageDir, Origin, free_port, sha256, start_daemon_process
+from conftest import (
+    DaemonFactory,
+    ImageDir,
+    Origin,
+    free_port,
+    refuse_host_mdns,
+    sha256,
+    start_daemon_process,
+)
+from swarmcache.testbed import daemon_env
 
 
-async def swarmcache(*args: str, env: dict | None = None) -> tuple[int, str, str]:
+async def swarmcache(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """Run the command; its environment has no SWARMCACHE_* variable but those in `env`.
+
+    A `serve` whose config would have discovery.mdns on is refused (refuse_host_mdns).
+    """
+    proc_env = daemon_env(env)
+    if "serve" in args:
+        _refuse_serve_with_mdns(args, proc_env)
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "swarmcache",
         *args,
-        env=env,
+        env=proc_env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
+
+
+def _refuse_serve_with_mdns(args: tuple[str, ...], env: dict[str, str]) -> None:
+    """Load the config `swarmcache serve` would load, as it would; refuse mDNS on."""
+    from swarmcache.cli import build_parser
+    from swarmcache.config import config_path_from, load_config
+    from swarmcache.errors import ConfigError
+
+    if {"-h", "--help", "--version"} & set(args):
+        return
+    try:
+        parsed = build_parser().parse_args(args)
+    except SystemExit:
+        return  # bad usage: the command stops before the daemon starts
+    if parsed.command != "serve":
+        return
+    try:
+        config = load_config(config_path_from(parsed.config, env), env)
+    except ConfigError:
+        return  # the daemon refuses this config too
+    refuse_host_mdns(config, f"swarmcache {' '.join(args)}")
 
 
 async def test_client_commands(
@@ -126,10 +163,7 @@ async def test_bad_config_is_one_line_and_exit_2(
 
 
 async def test_bad_env_override_exit_2(tmp_path: Path) -> None:
-    import os
-
-    env = {**os.environ, "SWARMCACHE_CACHE_CHUNK_SIZE": "tiny"}
-    code, _, err = await swarmcache("serve", env=env)
+    code, _, err = await swarmcache("serve", env={"SWARMCACHE_CACHE_CHUNK_SIZE": "tiny"})
     assert code == 2
     assert "environment SWARMCACHE_CACHE_CHUNK_SIZE: cache.chunk_size: cannot parse" in err
 
@@ -187,7 +221,6 @@ async def test_bad_daemon_url_is_usage_error(url: str) -> None:
 
 
 async def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
-    import os
     import socket
 
     with socket.socket() as busy:
@@ -195,9 +228,10 @@ async def test_port_in_use_is_one_clear_line(tmp_path: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         env = {
-            **os.environ,
             "SWARMCACHE_DAEMON_LISTEN": f"127.0.0.1:{port}",
             "SWARMCACHE_CACHE_DIR": str(tmp_path / "cache"),
+            # the daemon starts discovery before it listens: off, not on the host network
+            "SWARMCACHE_DISCOVERY_MDNS": "false",
         }
         code, _, err = await swarmcache("serve", env=env)
     assert code == 1
@@ -291,3 +325,159 @@ async def test_access_log_line_per_request(
     log = (tmp_path / "d.log").read_text()
     assert re.search(r'127\.0\.0\.1 "GET /v1/images/img HTTP/1\.1" 200 100000 [0-9.]+', log), log
     assert '"GET /v1/images/nope/status HTTP/1.1" 404' in log
+
+
+async def test_global_options_after_the_command(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list
+) -> None:
+    data = images.add("img", 100_000)
+    d = await start_daemon_process(tmp_path, origin.url)
+    daemon_processes.append(d)
+    out_file = tmp_path / "img.out"
+    code, _, err = await swarmcache("fetch", "img", "-o", str(out_file), "--daemon", d.url)
+    assert (code, err) == (0, "")
+    assert out_file.read_bytes() == data
+    code, out, err = await swarmcache("status", "img", "--daemon", d.url)
+    assert (code, err) == (0, "")
+    assert "complete" in out
+    code, out, _ = await swarmcache("ls", "--json", "--config", str(d.config_path))
+    assert code == 0
+    assert [i["id"] for i in json.loads(out)["images"]] == ["img"]
+    code, out, _ = await swarmcache("status", "img", "-c", str(d.config_path))
+    assert (code, "complete" in out) == (0, True)
+    # a value given before the command is not reset by the command's own options
+    code, out, _ = await swarmcache("--daemon", d.url, "status", "img", "--json")
+    assert (code, json.loads(out)["sha256"]) == (0, sha256(data))
+    code, out, _ = await swarmcache("--config", str(d.config_path), "ls")
+    assert (code, out.splitlines()[1].split()[0]) == (0, "img")
+    # given both before and after, the later one counts
+    code, _, err = await swarmcache("--daemon", "notaurl", "status", "img", "--daemon", d.url)
+    assert (code, err) == (0, "")
+    # still usage errors, after the command too
+    code, _, err = await swarmcache("ls", "--daemon", "notaurl")
+    assert code == 2
+    assert err.startswith("swarmcache: --daemon ")
+    code, _, err = await swarmcache("ls", "--daemon")
+    assert code == 2
+    assert "expected one argument" in err
+    code, _, err = await swarmcache("serve", "--config", str(tmp_path / "missing.toml"))
+    assert code == 2
+    assert err == f"swarmcache: config error: {tmp_path / 'missing.toml'}: file not found\n"
+
+
+async def test_host_network_daemons_refuse_mdns(
+    tmp_path: Path, origin: Origin, aiohttp_client, daemon_processes: list
+) -> None:
+    import socket
+
+    from conftest import make_config, serve_app
+    from swarmcache.config import load_config
+
+    with pytest.raises(AssertionError, match=r"discovery\.mdns"):
+        daemon_processes.append(
+            await start_daemon_process(tmp_path, origin.url, extra="[discovery]\nmdns = true\n")
+        )
+    with pytest.raises(AssertionError, match=r"discovery\.mdns"):
+        daemon_processes.append(
+            await start_daemon_process(
+                tmp_path, origin.url, name="e", env={"SWARMCACHE_DISCOVERY_MDNS": "true"}
+            )
+        )
+    with pytest.raises(AssertionError, match=r"discovery\.mdns"):
+        await serve_app(aiohttp_client, make_config(tmp_path, {"discovery": {"mdns": True}}))
+    with socket.socket() as busy:  # were the guard missing, serve would end at once
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(AssertionError, match=r"discovery\.mdns"):
+            await swarmcache(
+                "serve",
+                env={
+                    "SWARMCACHE_DAEMON_LISTEN": f"127.0.0.1:{busy.getsockname()[1]}",
+                    "SWARMCACHE_CACHE_DIR": str(tmp_path / "cli-cache"),
+                },
+            )
+    # a [discovery] section that does not mention mdns gets it off, not the built-in on
+    d = await start_daemon_process(
+        tmp_path, origin.url, name="f", extra="[discovery]\nstatic_peers = []\n"
+    )
+    daemon_processes.append(d)
+    assert load_config(d.config_path, {}).discovery.mdns is False
+    d.proc.terminate()
+    await d.proc.wait()
+    log = (tmp_path / "f.log").read_text()
+    assert "swarmcache listening on" in log
+    assert "mDNS" not in log
+
+
+async def test_runner_swarmcache_env_does_not_reach_test_daemons(
+    tmp_path: Path,
+    images: ImageDir,
+    origin: Origin,
+    daemon_processes: list,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    wrong_dir = tmp_path / "not-this-cache"
+    # each of these would change what the daemons and commands below do
+    monkeypatch.setenv("SWARMCACHE_BOGUS", "1")  # no such key: exit 2
+    monkeypatch.setenv("SWARMCACHE_CACHE_MAX_SIZE", "1B")  # every image too large
+    monkeypatch.setenv("SWARMCACHE_CACHE_DIR", str(wrong_dir))
+    monkeypatch.setenv("SWARMCACHE_DAEMON_LISTEN", "127.0.0.1:1")
+    data = images.add("img", 100_000)
+    d = await start_daemon_process(tmp_path, origin.url)
+    daemon_processes.append(d)
+    code, _, err = await swarmcache("--config", str(d.config_path), "fetch", "img")
+    assert (code, err) == (0, "")
+    code, out, _ = await swarmcache("--daemon", d.url, "status", "img", "--json")
+    assert (code, json.loads(out)["sha256"]) == (0, sha256(data))
+    assert any(d.cache_dir.iterdir())
+    assert not wrong_dir.exists()
+    # `serve` run by the command helper: only what the test gives it
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, _, err = await swarmcache(
+            "serve",
+            env={
+                "SWARMCACHE_DAEMON_LISTEN": f"127.0.0.1:{port}",
+                "SWARMCACHE_CACHE_DIR": str(tmp_path / "serve-cache"),
+                "SWARMCACHE_DISCOVERY_MDNS": "false",
+            },
+        )
+    assert code == 1
+    assert f"cannot listen on 127.0.0.1:{port} (daemon.listen)" in err
+    assert not wrong_dir.exists()
+
+
+async def test_metric_helper_reads_a_real_daemons_metrics(
+    daemon: DaemonFactory, images: ImageDir
+) -> None:
+    from conftest import metric
+
+    data = images.add("img", 100_000)
+    client = await daemon()
+    assert await (await client.get("/v1/images/img")).read() == data
+    for _ in range(500):  # the reader has its bytes; verification may still be running
+        if (await (await client.get("/v1/images/img/status")).json())["state"] == "complete":
+            break
+        await asyncio.sleep(0.01)
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "swarmcache_cache_misses_total") == 1
+    assert metric(text, "swarmcache_fetched_bytes_total", source="origin") == len(data)
+    assert metric(text, "swarmcache_images", state="complete") == 1
+    assert metric(text, "swarmcache_fetch_duration_seconds_count") == 1
+    # declared, no sample for these labels yet: 0
+    assert metric(text, "swarmcache_fetched_bytes_total", source="peer") == 0
+    assert metric(text, "swarmcache_verification_failures_total", kind="chunk") == 0
+    assert metric(text, "swarmcache_peer_quarantines_total") == 0
+    # not declared at all, or asked with labels the family does not have: an error
+    for name, labels in [
+        ("swarmcache_no_such_thing_total", {}),
+        ("swarmcache_cache_miss_total", {}),  # a renamed metric
+        ("swarmcache_cache_misses", {}),  # the family, not a sample of it
+        ("swarmcache_fetched_bytes_total", {"src": "origin"}),
+    ]:
+        with pytest.raises(AssertionError, match=name):
+            metric(text, name, **labels)

@@ -7,6 +7,7 @@ Exit status: 0 success, 1 the operation failed (the daemon's error is printed),
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -34,6 +35,24 @@ class CliError(Exception):
         self.status = status
 
 
+def _add_global_options(p: argparse.ArgumentParser, default: object) -> None:
+    p.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        default=default,
+        help="config file (default: $SWARMCACHE_CONFIG, else "
+        "/etc/swarmcache/swarmcache.toml if present, else built-in defaults)",
+    )
+    p.add_argument(
+        "--daemon",
+        metavar="URL",
+        default=default,
+        help="daemon API base URL for client commands "
+        "(default: http://<daemon.listen> from the config)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     p = argparse.ArgumentParser(
@@ -44,27 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
         "3 daemon unreachable.",
     )
     p.add_argument("--version", action="version", version=f"swarmcache {__version__}")
-    p.add_argument(
-        "-c",
-        "--config",
-        metavar="FILE",
-        help="config file (default: $SWARMCACHE_CONFIG, else "
-        "/etc/swarmcache/swarmcache.toml if present, else built-in defaults)",
-    )
-    p.add_argument(
-        "--daemon",
-        metavar="URL",
-        help="daemon API base URL for client commands "
-        "(default: http://<daemon.listen> from the config)",
-    )
+    _add_global_options(p, None)
+    # The same options after the command (`swarmcache serve --config FILE`). SUPPRESS: a
+    # command that is not given one leaves the value from before the command alone.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub_parser = functools.partial(sub.add_parser, parents=[common])
 
-    sub.add_parser(
+    sub_parser(
         "serve",
         help="run the daemon in the foreground",
         description="Run the daemon: HTTP API on daemon.listen, cache in cache.dir.",
     )
-    f = sub.add_parser(
+    f = sub_parser(
         "fetch",
         help="fetch an image into the cache (or into a file with -o)",
         description="Fetch an image through the daemon. Without -o, the daemon "
@@ -76,32 +88,32 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("image_id", metavar="ID")
     f.add_argument("-o", "--output", metavar="FILE", help="write the image to FILE ('-' = stdout)")
     f.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    ls = sub.add_parser("ls", help="list cached images", description="List cached images.")
+    ls = sub_parser("ls", help="list cached images", description="List cached images.")
     ls.add_argument("--json", action="store_true", help="print the API's JSON")
-    st = sub.add_parser(
+    st = sub_parser(
         "status",
         help="show one image's state and fetch progress",
         description="Show one image's state, chunks and fetch progress.",
     )
     st.add_argument("image_id", metavar="ID")
     st.add_argument("--json", action="store_true", help="print the API's JSON")
-    ev = sub.add_parser(
+    ev = sub_parser(
         "evict",
         help="remove an image from the cache",
         description="Remove an image from the cache (fails while it is read).",
     )
     ev.add_argument("image_id", metavar="ID")
-    pin = sub.add_parser(
+    pin = sub_parser(
         "pin",
         help="keep an image in the cache (never evicted)",
         description="Pin a cached image so eviction never removes it.",
     )
     pin.add_argument("image_id", metavar="ID")
-    unpin = sub.add_parser(
+    unpin = sub_parser(
         "unpin", help="let eviction remove an image again", description="Unpin an image."
     )
     unpin.add_argument("image_id", metavar="ID")
-    peers = sub.add_parser(
+    peers = sub_parser(
         "peers",
         help="show the peer table",
         description="Show the other daemons this one knows: node id, address, state "
