@@ -151,6 +151,12 @@ async def test_peer_api_serves_held_chunks_only_and_survives_garbage(
         async with s.get(a.url + "/v1/peer/images/img/chunks/0") as resp:
             assert resp.status == 404  # not held yet
         assert await _get(s, a.url + "/v1/images/img") == data
+        # The response ends once the image passed its checksum; the fetch then still makes
+        # it durable and marks it complete. A peer saying hello before that is subscribed
+        # to by the running fetch (one more peer error: nothing listens on its port 9) and
+        # told the image is not complete yet: wait for the fetch to end.
+        async with s.get(a.url + "/v1/images/img/status?wait=30") as resp:
+            assert (await resp.json())["state"] == "complete"
         async with s.get(a.url + "/v1/peer/images/img/chunks/3") as resp:
             assert resp.status == 200
             assert await resp.read() == data[3 * 64 * 1024 : 4 * 64 * 1024]
