@@ -1,0 +1,690 @@
+"""Pure block exchange: what one host asks of which neighbour, and what of the origin.
+
+Theory of operation. An image is cut into chunks, the unit of verification and
+durability (one digest each in the manifest, one record in the chunk log), and each
+chunk into blocks, the unit of transfer (`BLOCK_SIZE` by default). Hosts trade
+blocks, so that from the first seconds of a boot storm every host has something to
+give the others, however many hosts there are and however few chunks.
+
+Each host talks to a bounded set of neighbours per image (see `ActiveSet`), never to
+the whole cluster. A neighbour tells us which blocks it holds (a bitmap, then Have
+batches); `Exchange.next_requests` fills each neighbour's request slots with the
+blocks we lack that it holds: blocks a client waits for first, then the rarest
+among our neighbours (ties broken at random), preferring chunks already begun so
+they complete, verify and become durable early. With nothing left to ask for, the
+blocks still in flight may be asked of a second holder (endgame); the first copy to
+land wins.
+
+The origin is read by a few *readers* only (`readers`): the hosts that rank first
+for the image by rendezvous hashing over the cluster's members, as many as the
+origin should serve streams at once (origin.concurrency). Every host with the same
+member table computes the same readers, so no tracker decides and the origin sends
+each chunk about once, whether 4 or 1,000 hosts fetch: a reader reads its share of
+chunks in order, announcing each block as it lands, and everyone else gets the
+blocks from neighbours. A reader skips a chunk some neighbour already holds (a late
+joiner reads nothing the swarm has). When a reader dies, the next host in rank takes
+its place (`OriginLane.replace`). A host that is not a reader still reads a block from
+the origin when a client waits for it far ahead of the fetch and no neighbour has
+it, or when the swarm has brought it nothing for `stall` seconds (the readers are
+gone and nobody noticed yet).
+
+No I/O, no clock, no randomness of its own: `now` and `rng` are passed in, so the
+daemon and the simulator (swarmtools.sim) drive the same code.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import xxhash
+
+BLOCK_SIZE = 256 * 1024  # default unit of transfer between hosts
+SLOTS = 2  # requests in flight to one neighbour (its pipeline)
+MAX_INFLIGHT = 32  # requests in flight from one host in all
+CANDIDATES = 64  # blocks looked at per pick (the rarest of them goes)
+FAR_AHEAD = 4  # chunks past the first missing one: "far ahead" for a waiting client
+BACKLOG = 1  # untouched chunks a reader keeps before others help with its share
+GATHER = 1.0  # seconds a fetch waits for its neighbours' states before reading the origin
+ENDGAME_COPIES = 2  # sources a block may be asked of at once, near the end
+ENDGAME_SLOW = 2.0  # ... once it has been in flight this many times as long as usual
+BACKOFF_DOUBLINGS = 3  # a busy neighbour's hint is doubled per refusal in a row, this often
+
+UPLOAD_SLOTS = 8  # neighbours a host uploads to at once (unchoked)
+ROTATE = 0.2  # seconds between turns of the upload slots (every interested one is served)
+
+MISSING, INFLIGHT, HAVE = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an image is cut: chunks (verified, durable) of blocks (traded)."""
+
+    size: int
+    chunk_size: int
+    block_size: int = BLOCK_SIZE
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.chunk_size % self.block_size:
+            raise ValueError("chunk_size must be a multiple of block_size")
+
+    @property
+    def chunks(self) -> int:
+        """Number of chunks."""
+        return -(-self.size // self.chunk_size)
+
+    @property
+    def blocks(self) -> int:
+        """Number of blocks."""
+        return -(-self.size // self.block_size)
+
+    @property
+    def per_chunk(self) -> int:
+        """Blocks in a full chunk."""
+        return self.chunk_size // self.block_size
+
+    def chunk_of(self, block: int) -> int:
+        """The chunk block `block` belongs to."""
+        return block // self.per_chunk
+
+    def blocks_of(self, chunk: int) -> range:
+        """The blocks of chunk `chunk`."""
+        first = chunk * self.per_chunk
+        return range(first, min(first + self.per_chunk, self.blocks))
+
+    def block_span(self, block: int) -> tuple[int, int]:
+        """(offset, length) of block `block`."""
+        offset = block * self.block_size
+        if block < 0 or offset >= self.size:
+            raise IndexError(f"block {block} is outside an image of {self.size} bytes")
+        return offset, min(self.block_size, self.size - offset)
+
+
+def rank(image_key: str, nodes: Iterable[str]) -> list[str]:
+    """Nodes in rendezvous order for an image: the same on every host, and a node
+    joining or leaving moves only the places after its own."""
+    return sorted(nodes, key=lambda n: (-xxhash.xxh64_intdigest(f"{image_key}\0{n}".encode()), n))
+
+
+def readers(image_key: str, members: Iterable[str], concurrency: int) -> list[str]:
+    """The hosts that read an image from the origin: the first `concurrency` in rank."""
+    return rank(image_key, members)[: max(1, concurrency)]
+
+
+@dataclass
+class _Neighbour:
+    """What one neighbour holds of the image and what we asked of it."""
+
+    bitmap: bytearray
+    inflight: int = 0
+    busy_until: float = float("-inf")  # it refused a request: ask again from then on
+    refusals: int = 0  # in a row: each waits twice as long as the last
+    serves_us: bool = False  # it gave us one of its upload slots (it unchoked us)
+    offer: int = 0  # blocks we hold that it lacks: it wants one of our upload slots
+    served_at: float = float("-inf")  # when we last gave it an upload slot
+    useful: dict[int, None] = field(default_factory=dict)  # held there, missing here
+
+
+class Exchange:
+    """One host's view of one image's blocks: which block to ask of which neighbour."""
+
+    def __init__(
+        self,
+        geometry: Geometry,
+        have: Iterable[int],
+        rng: random.Random,
+        slots: int = SLOTS,
+        max_inflight: int = MAX_INFLIGHT,
+        upload_slots: int = UPLOAD_SLOTS,
+    ) -> None:
+        self.geometry = geometry
+        n = geometry.blocks
+        self.state = bytearray(n)
+        for b in have:
+            self.state[b] = HAVE
+        self.missing = self.state.count(MISSING)  # MISSING or INFLIGHT
+        self.rng = rng
+        self.slots = slots
+        self.max_inflight = max_inflight
+        self.count = [0] * n  # neighbours holding each block
+        self.neighbours: dict[str, _Neighbour] = {}
+        self.sources: dict[int, set[str]] = {}  # block in flight -> neighbours asked
+        self.asked_at: dict[int, float] = {}  # block in flight -> when first asked
+        self.usual = 0.0  # seconds a block request usually takes (EWMA)
+        self.inflight = 0  # requests to neighbours in flight
+        # blocks of each chunk we hold: chunks begun are finished first
+        self.chunk_have = [0] * geometry.chunks
+        for b in range(n):
+            if self.state[b] == HAVE:
+                self.chunk_have[geometry.chunk_of(b)] += 1
+        self._urgent: deque[int] = deque()
+        self._turn = 0
+        self.upload_slots = upload_slots
+        self.serving: set[str] = set()  # neighbours we upload to (unchoked)
+        self._rotate_at = float("-inf")
+
+    @property
+    def finished(self) -> bool:
+        """Every block is here."""
+        return self.missing == 0
+
+    def has(self, block: int) -> bool:
+        """Block `block` is here."""
+        return self.state[block] == HAVE
+
+    # -- what neighbours tell us ----------------------------------------------------
+
+    def add_neighbour(self, node: str, bitmap: bytes | None = None) -> None:
+        """A neighbour's full state (it holds the blocks set in `bitmap`)."""
+        self.drop_neighbour(node)
+        size = (self.geometry.blocks + 7) // 8
+        bits = bytearray(bitmap) if bitmap is not None and len(bitmap) == size else bytearray(size)
+        peer = self.neighbours[node] = _Neighbour(bytearray(size))
+        peer.offer = self.holding()
+        self._add_bits(node, peer, bits)
+
+    def holding(self) -> int:
+        """Blocks here."""
+        return self.geometry.blocks - self.missing
+
+    def neighbour_has(self, node: str, blocks: Iterable[int]) -> None:
+        """Blocks that became readable at a neighbour."""
+        peer = self.neighbours.get(node)
+        if peer is None:
+            return
+        n = self.geometry.blocks
+        for b in blocks:
+            if 0 <= b < n and not peer.bitmap[b >> 3] & (1 << (b & 7)):
+                peer.bitmap[b >> 3] |= 1 << (b & 7)
+                self.count[b] += 1
+                if self.state[b] != HAVE:
+                    peer.useful[b] = None
+                else:
+                    peer.offer -= 1
+
+    def drop_neighbour(self, node: str) -> list[int]:
+        """A neighbour left (or is no longer trusted): forget what it holds. Returns the
+        blocks that were in flight from it; they are missing again unless another
+        neighbour is sending them."""
+        peer = self.neighbours.pop(node, None)
+        if peer is None:
+            return []
+        bits = peer.bitmap
+        for i, byte in enumerate(bits):
+            while byte:
+                low = byte & -byte
+                self.count[(i << 3) + low.bit_length() - 1] -= 1
+                byte ^= low
+        self.serving.discard(node)
+        lost = [b for b, nodes in self.sources.items() if node in nodes]
+        for b in lost:
+            self._settle(b, node)
+        return lost
+
+    def _add_bits(self, node: str, peer: _Neighbour, bits: bytearray) -> None:
+        blocks = []
+        for i, byte in enumerate(bits):
+            while byte:
+                low = byte & -byte
+                blocks.append((i << 3) + low.bit_length() - 1)
+                byte ^= low
+        self.neighbour_has(node, blocks)
+
+    def holders(self, block: int) -> list[str]:
+        """Neighbours that hold block `block`."""
+        return [n for n, p in self.neighbours.items() if p.bitmap[block >> 3] & (1 << (block & 7))]
+
+    # -- what we ask for --------------------------------------------------------------
+
+    def want(self, blocks: Iterable[int]) -> None:
+        """A client waits for these blocks: ask for them before anything else."""
+        for b in blocks:
+            if self.state[b] != HAVE:
+                self._urgent.append(b)
+
+    def urgent(self) -> list[int]:
+        """Blocks a client waits for that are still missing, in the order asked."""
+        while self._urgent and self.state[self._urgent[0]] == HAVE:
+            self._urgent.popleft()
+        return [b for b in self._urgent if self.state[b] != HAVE]
+
+    def next_requests(self, now: float, limit: int | None = None) -> list[tuple[str, int]]:
+        """Fill free request slots: (neighbour, block) pairs, now in flight. `limit`
+        lowers the requests in flight in all (see OriginLane.peer_limit)."""
+        out: list[tuple[str, int]] = []
+        cap = self.max_inflight if limit is None else min(limit, self.max_inflight)
+        if self.missing == 0 or self.inflight >= cap:
+            return out
+        urgent = self.urgent()
+        order = [
+            (n, p)
+            for n, p in self.neighbours.items()
+            if p.serves_us and p.busy_until <= now and p.inflight < self.slots and p.useful
+        ]
+        if len(order) > 1:  # no neighbour always first in line
+            turn = self._turn % len(order)
+            order = order[turn:] + order[:turn]
+            self._turn += 1
+        while order and self.inflight < cap:
+            still = []
+            for node, peer in order:
+                if self.inflight >= cap:
+                    break
+                block = self._pick(peer, urgent)
+                if block is None:
+                    continue
+                self._ask(node, peer, block, now)
+                out.append((node, block))
+                if peer.inflight < self.slots:
+                    still.append((node, peer))
+            order = still
+        if self.inflight < cap and not self._requestable(now):
+            out += self._endgame(now)
+        return out
+
+    def _pick(self, peer: _Neighbour, urgent: list[int]) -> int | None:
+        bits = peer.bitmap
+        for b in urgent:
+            if self.state[b] == MISSING and bits[b >> 3] & (1 << (b & 7)):
+                return b
+        best: int | None = None
+        best_key = (0, 0)
+        ties = 0
+        looked = 0
+        stale = []
+        state, count, chunk_have = self.state, self.count, self.chunk_have
+        per_chunk = self.geometry.per_chunk
+        for b in peer.useful:
+            st = state[b]
+            if st != MISSING:
+                if st == HAVE:
+                    stale.append(b)
+                continue
+            # rarest first; of equally rare, a chunk begun; then at random
+            key = (count[b], -chunk_have[b // per_chunk])
+            if best is None or key < best_key:
+                best, best_key, ties = b, key, 1
+            elif key == best_key:
+                ties += 1
+                if self.rng.random() * ties < 1:
+                    best = b
+            looked += 1
+            if looked >= CANDIDATES:
+                break
+        for b in stale:
+            del peer.useful[b]
+        return best
+
+    def _requestable(self, now: float) -> bool:
+        """Some missing block not in flight is held by a neighbour with a free slot."""
+        for peer in self.neighbours.values():
+            if not peer.serves_us or peer.busy_until > now:
+                continue
+            if peer.inflight < self.slots and any(self.state[b] == MISSING for b in peer.useful):
+                return True
+        return False
+
+    def _endgame(self, now: float) -> list[tuple[str, int]]:
+        """Nothing new to ask for: ask a second holder for blocks still in flight."""
+        out: list[tuple[str, int]] = []
+        if self.missing > len(self.sources) or not self.sources:
+            return out  # blocks nobody holds yet: the swarm will bring them
+        slow = now - ENDGAME_SLOW * self.usual
+        for b, nodes in list(self.sources.items()):
+            if len(nodes) >= ENDGAME_COPIES or self.inflight >= self.max_inflight:
+                continue
+            if self.asked_at.get(b, now) > slow:
+                continue  # it may well come in time: a copy would only split our link
+            for node in self.holders(b):
+                peer = self.neighbours[node]
+                if (
+                    node not in nodes
+                    and peer.serves_us
+                    and peer.inflight < self.slots
+                    and peer.busy_until <= now
+                ):
+                    self._ask(node, peer, b, now)
+                    out.append((node, b))
+                    break
+        return out
+
+    def _ask(self, node: str, peer: _Neighbour, block: int, now: float) -> None:
+        self.asked_at.setdefault(block, now)
+        self.state[block] = INFLIGHT
+        self.sources.setdefault(block, set()).add(node)
+        peer.inflight += 1
+        self.inflight += 1
+
+    # -- what came of it ----------------------------------------------------------------
+
+    def landed(self, block: int, node: str | None = None, now: float | None = None) -> list[str]:
+        """Block `block` arrived (checked) from `node` (None: the origin, or a restart)
+        at `now`. Returns the other neighbours still sending it (their requests can be
+        cancelled)."""
+        asked = self.asked_at.pop(block, None)
+        if asked is not None and now is not None:
+            took = now - asked
+            self.usual = took if not self.usual else 0.8 * self.usual + 0.2 * took
+        if node is not None:
+            self._settle(block, node)
+            peer = self.neighbours.get(node)
+            if peer is not None:
+                peer.refusals = 0
+        others = sorted(self.sources.pop(block, ()))
+        for other in others:
+            peer = self.neighbours.get(other)
+            if peer is not None:
+                peer.inflight -= 1
+            self.inflight -= 1
+        if self.state[block] != HAVE:
+            self.state[block] = HAVE
+            self.missing -= 1
+            self.chunk_have[self.geometry.chunk_of(block)] += 1
+            bit, byte = 1 << (block & 7), block >> 3
+            for peer in self.neighbours.values():
+                peer.useful.pop(block, None)
+                if not peer.bitmap[byte] & bit:
+                    peer.offer += 1
+        return others
+
+    def failed(self, block: int, node: str) -> None:
+        """A request for `block` from `node` failed or was cancelled."""
+        self._settle(block, node)
+
+    def refused(self, block: int, node: str, now: float, until: float) -> None:
+        """`node` is busy (its upload slots are full): ask it nothing before `until`."""
+        self._settle(block, node)
+        peer = self.neighbours.get(node)
+        if peer is not None:
+            wait = max(0.0, until - now) * (1 << min(peer.refusals, BACKOFF_DOUBLINGS))
+            peer.busy_until = max(peer.busy_until, now + wait)
+            peer.refusals += 1
+
+    def lost(self, blocks: Iterable[int]) -> None:
+        """Blocks we had turned out bad (their chunk failed its check): missing again."""
+        for b in blocks:
+            if self.state[b] == HAVE:
+                self.state[b] = MISSING
+                self.missing += 1
+                self.chunk_have[self.geometry.chunk_of(b)] -= 1
+                for peer in self.neighbours.values():
+                    if peer.bitmap[b >> 3] & (1 << (b & 7)):
+                        peer.useful[b] = None
+
+    def _settle(self, block: int, node: str) -> None:
+        nodes = self.sources.get(block)
+        if nodes is None or node not in nodes:
+            return
+        nodes.discard(node)
+        peer = self.neighbours.get(node)
+        if peer is not None:
+            peer.inflight -= 1
+        self.inflight -= 1
+        if not nodes:
+            del self.sources[block]
+            self.asked_at.pop(block, None)
+            if self.state[block] == INFLIGHT:
+                self.state[block] = MISSING
+
+    # -- our upload slots -----------------------------------------------------------------
+
+    def served_by(self, node: str, serves: bool) -> None:
+        """`node` gave us an upload slot (unchoked us), or took it back."""
+        peer = self.neighbours.get(node)
+        if peer is not None:
+            peer.serves_us = serves
+            if serves:
+                peer.busy_until = float("-inf")
+                peer.refusals = 0
+
+    def may_serve(self, node: str) -> bool:
+        """`node` holds one of our upload slots: its requests are served."""
+        return node in self.serving
+
+    def rotate(self, now: float) -> list[tuple[str, bool]]:
+        """Hand out our upload slots: (neighbour, True) to unchoke, (neighbour, False)
+        to choke. Slots go to neighbours that lack something we hold, longest waiting
+        first; every ROTATE seconds the slot held longest goes to the next in line, so
+        each interested neighbour is served in turn and fresh blocks spread through
+        different neighbours. A neighbour with nothing left to get from us frees its
+        slot at once."""
+        changes: list[tuple[str, bool]] = []
+        for node in sorted(self.serving):
+            peer = self.neighbours.get(node)
+            if peer is None or peer.offer <= 0:
+                self.serving.discard(node)
+                if peer is not None:
+                    changes.append((node, False))
+        waiting = sorted(
+            (p.served_at, self.rng.random(), n)
+            for n, p in self.neighbours.items()
+            if n not in self.serving and p.offer > 0
+        )
+        if waiting and now >= self._rotate_at and len(self.serving) >= self.upload_slots:
+            oldest = min(self.serving, key=lambda n: self.neighbours[n].served_at)
+            self.serving.discard(oldest)
+            changes.append((oldest, False))
+        if now >= self._rotate_at:
+            self._rotate_at = now + ROTATE
+        for _, _, node in waiting[: self.upload_slots - len(self.serving)]:
+            self.serving.add(node)
+            self.neighbours[node].served_at = now
+            changes.append((node, True))
+        return changes
+
+    @property
+    def rotate_at(self) -> float:
+        """When `rotate` next hands a slot on."""
+        return self._rotate_at
+
+
+class ActiveSet:
+    """The neighbours one host keeps for one image: `degree` it looks for, and no more
+    than twice that in all (others' links to it count), so links, messages and memory
+    per host grow with `degree`, never with the cluster."""
+
+    def __init__(self, degree: int, rng: random.Random) -> None:
+        self.degree = degree
+        self.rng = rng
+        self.links: set[str] = set()
+
+    @property
+    def limit(self) -> int:
+        """Links at most, ours and others' to us."""
+        return 2 * self.degree
+
+    def wanted(self) -> int:
+        """How many more neighbours to look for."""
+        return max(0, self.degree - len(self.links))
+
+    def choose(self, offered: Iterable[str]) -> list[str]:
+        """Of the hosts offered (fetching or holding the image), the ones to link to:
+        a random sample, so the hosts form a random graph (few hops between any two)."""
+        fresh = sorted(set(offered) - self.links)
+        return self.rng.sample(fresh, min(self.wanted(), len(fresh)))
+
+    def accept(self, node: str) -> bool:
+        """May `node` link to us (and we to it)?"""
+        return node in self.links or len(self.links) < self.limit
+
+    def add(self, node: str) -> None:
+        """A link is up."""
+        self.links.add(node)
+
+    def drop(self, node: str) -> None:
+        """A link is gone."""
+        self.links.discard(node)
+
+
+class OriginLane:
+    """Which blocks this host reads from the origin, and when.
+
+    The readers (`readers`) split the chunks in turn from an offset given by the
+    image, so a client streaming from the start finds neighbouring chunks read in
+    parallel. A reader reads, in ascending order, the chunks of its share that no
+    neighbour holds any block of and that are not in flight here; of a chunk some of
+    whose blocks are around (a reader died mid-chunk, or a client's far-ahead read),
+    it reads the missing blocks only.
+    """
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        self_id: str,
+        image_key: str,
+        members: Iterable[str],
+        concurrency: int,
+        stall: float,
+        now: float,
+        gather: float = GATHER,
+    ) -> None:
+        self.exchange = exchange
+        self.self_id = self_id
+        # what neighbours hold decides what we read: not before their states are in
+        self.ready_at = now + gather
+        self.image_key = image_key
+        self.concurrency = max(1, concurrency)
+        self.stall = stall
+        self.members = {*members, self_id}
+        self.readers = readers(image_key, self.members, self.concurrency)
+        self._share = self._my_share()
+        self.progress_at = now  # when a block last arrived from anywhere
+        self.reading: dict[int, int] = {}  # first block of a read in flight -> its end
+        self._cursor = 0  # chunks before it are settled for this lane
+
+    @property
+    def streams(self) -> int:
+        """Origin reads this host keeps in flight: origin.concurrency shared by the readers."""
+        return -(-self.concurrency // len(self.readers))
+
+    def is_reader(self) -> bool:
+        """This host reads its share from the origin."""
+        return self.self_id in self.readers
+
+    def replace(self, gone: str) -> bool:
+        """A member is gone (left, down): if it was a reader, the next in rank takes its
+        place (every host that sees it go picks the same one). True if the readers changed."""
+        self.members.discard(gone)
+        if gone not in self.readers:
+            return False
+        at = self.readers.index(gone)
+        spare = [n for n in rank(self.image_key, self.members) if n not in self.readers]
+        if spare:
+            self.readers[at] = spare[0]
+        else:
+            del self.readers[at]
+        self._share = self._my_share()
+        return True
+
+    def _my_share(self) -> list[int]:
+        if self.self_id not in self.readers:
+            return []
+        return [c for c in range(self.exchange.geometry.chunks) if self.owner(c) == self.self_id]
+
+    def owner(self, chunk: int) -> str:
+        """The reader whose share chunk `chunk` is."""
+        base = xxhash.xxh64_intdigest(self.image_key.encode()) % len(self.readers)
+        return self.readers[(chunk + base) % len(self.readers)]
+
+    def landed(self, now: float) -> None:
+        """A block arrived: the swarm is alive."""
+        self.progress_at = now
+
+    def heard_all(self, now: float) -> None:
+        """Every neighbour's state is in (or there is none): the lane may start."""
+        self.ready_at = min(self.ready_at, now)
+
+    def next_read(self, now: float) -> tuple[int, int] | None:
+        """A run of blocks [first, end) to read from the origin now (marked in flight
+        in the exchange), or None."""
+        if len(self.reading) >= self.streams or now < self.ready_at:
+            return None
+        ex = self.exchange
+        if not self._share and not ex._urgent and now - self.progress_at <= self.stall:
+            return None  # not a reader, nobody waits, the swarm is alive
+        geo = ex.geometry
+        # a client waits for it, far ahead, and no neighbour has it: at once
+        first_missing = self._first_missing()
+        if first_missing is None:
+            return None
+        far = geo.chunk_of(first_missing) + FAR_AHEAD
+        for b in ex.urgent():
+            chunk = geo.chunk_of(b)
+            if ex.state[b] == MISSING and not ex.count[b] and (chunk >= far or self._mine(chunk)):
+                return self._take(chunk, b)
+        stalled = now - self.progress_at > self.stall
+        start = geo.chunk_of(first_missing)
+        # our share, and once the swarm has brought nothing for `stall`, everything:
+        # the blocks no neighbour holds (a reader that died left some of its chunks
+        # half spread; we read what is missing of them, not what is around)
+        for chunk in range(start, geo.chunks) if stalled else self._share:
+            if chunk < start:
+                continue
+            for b in geo.blocks_of(chunk):
+                if ex.state[b] == MISSING and not ex.count[b]:
+                    return self._take(chunk, b)
+        return None if stalled else self._help(start)
+
+    def _help(self, start: int) -> tuple[int, int] | None:
+        """Our share is read: take an untouched chunk of the reader with the most left
+        (a slow host, or one that started late), from the top of its share, since it
+        reads from the bottom; never its next BACKLOG ones. Each of its chunks may be
+        taken by one helper only (by the chunk's place, round the other readers), so
+        readers done at the same moment never pick the same chunk."""
+        count = len(self.readers)
+        if count < 2 or not self.is_reader():
+            return None
+        ex, geo = self.exchange, self.exchange.geometry
+        base = xxhash.xxh64_intdigest(self.image_key.encode()) % count
+        backlog: list[list[int]] = [[] for _ in range(count)]
+        for chunk in range(start, geo.chunks):
+            blocks = geo.blocks_of(chunk)
+            if all(ex.state[b] == MISSING and not ex.count[b] for b in blocks):
+                backlog[(chunk + base) % count].append(chunk)
+        me = self.readers.index(self.self_id)
+        for owner in sorted(range(count), key=lambda o: -len(backlog[o])):
+            if owner == me or len(backlog[owner]) <= BACKLOG:
+                continue
+            helpers = [h for h in range(count) if h != owner]
+            for chunk in reversed(backlog[owner][BACKLOG:]):
+                if helpers[(chunk // count) % len(helpers)] == me:
+                    return self._take(chunk, geo.blocks_of(chunk)[0])
+        return None
+
+    def _mine(self, chunk: int) -> bool:
+        return self.owner(chunk) == self.self_id
+
+    def _first_missing(self) -> int | None:
+        state = self.exchange.state
+        n = len(state)
+        while self._cursor < n and state[self._cursor] == HAVE:
+            self._cursor += 1
+        return self._cursor if self._cursor < n else None
+
+    def _take(self, chunk: int, first: int) -> tuple[int, int]:
+        """Read from `first` to the end of the run of missing blocks no neighbour holds."""
+        ex = self.exchange
+        end = first
+        for b in ex.geometry.blocks_of(chunk):
+            if b < first:
+                continue
+            if ex.state[b] != MISSING or ex.count[b]:
+                break
+            end = b + 1
+        for b in range(first, end):
+            ex.state[b] = INFLIGHT
+        self.reading[first] = end
+        return first, end
+
+    def read_done(self, first: int, failed_from: int | None = None) -> None:
+        """The origin read that began at `first` ended; blocks from `failed_from` on
+        did not arrive (None: all did, each reported to the exchange as landed)."""
+        end = self.reading.pop(first)
+        if failed_from is None:
+            return
+        ex = self.exchange
+        for b in range(failed_from, end):
+            if ex.state[b] == INFLIGHT and b not in ex.sources:
+                ex.state[b] = MISSING

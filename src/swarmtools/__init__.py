@@ -1,0 +1,1 @@
+"""Tools for tests and benchmarks of swarmcache (never needed on a hypervisor host)."""

@@ -1,0 +1,367 @@
+"""Pure block exchange: geometry, rendezvous readers, request picking, upload slots,
+the origin lane and the active set (table-driven where the cases are a table)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from swarmcache.exchange import (
+    ENDGAME_COPIES,
+    HAVE,
+    INFLIGHT,
+    MISSING,
+    ActiveSet,
+    Exchange,
+    Geometry,
+    OriginLane,
+    rank,
+    readers,
+)
+
+KiB = 1024
+
+
+def _bits(blocks: int, held: range | list[int]) -> bytes:
+    bits = bytearray((blocks + 7) // 8)
+    for b in held:
+        bits[b >> 3] |= 1 << (b & 7)
+    return bytes(bits)
+
+
+def _exchange(blocks: int = 16, per_chunk: int = 4, have: list[int] | None = None, **kw: int):
+    geo = Geometry(blocks * KiB, per_chunk * KiB, KiB)
+    return Exchange(geo, have or [], random.Random(7), **kw)
+
+
+# -- geometry ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "chunk", "block", "chunks", "blocks", "last_chunk_blocks", "last_block"),
+    [
+        (16 * KiB, 4 * KiB, KiB, 4, 16, range(12, 16), (15 * KiB, KiB)),
+        (10 * KiB + 1, 4 * KiB, KiB, 3, 11, range(8, 11), (10 * KiB, 1)),
+        (KiB, 4 * KiB, KiB, 1, 1, range(0, 1), (0, KiB)),
+        (0, 4 * KiB, KiB, 0, 0, range(0, 0), None),
+    ],
+)
+def test_geometry(
+    size: int,
+    chunk: int,
+    block: int,
+    chunks: int,
+    blocks: int,
+    last_chunk_blocks: range,
+    last_block: tuple[int, int] | None,
+) -> None:
+    geo = Geometry(size, chunk, block)
+    assert (geo.chunks, geo.blocks, geo.per_chunk) == (chunks, blocks, chunk // block)
+    if chunks:
+        assert geo.blocks_of(chunks - 1) == last_chunk_blocks
+        assert geo.block_span(blocks - 1) == last_block
+        assert geo.chunk_of(blocks - 1) == chunks - 1
+    with pytest.raises(IndexError):
+        geo.block_span(blocks)
+
+
+def test_geometry_refuses_a_chunk_that_is_not_whole_blocks() -> None:
+    with pytest.raises(ValueError, match="multiple"):
+        Geometry(10, 3 * KiB, 2 * KiB)
+
+
+# -- rendezvous readers --------------------------------------------------------------------
+
+
+def test_readers_are_the_same_everywhere_and_a_join_moves_only_later_places() -> None:
+    nodes = [f"n{i}" for i in range(50)]
+    first = rank("img", nodes)
+    assert first == rank("img", reversed(nodes))  # order of the table does not matter
+    assert rank("other", nodes) != first  # each image has its own readers
+    joined = rank("img", [*nodes, "late"])
+    at = joined.index("late")
+    assert joined[:at] == first[:at]  # places before the joiner's are kept
+    assert [n for n in joined if n != "late"] == first
+    assert readers("img", nodes, 4) == first[:4]
+    assert readers("img", ["solo"], 4) == ["solo"]
+
+
+# -- requests --------------------------------------------------------------------------------
+
+
+def test_requests_go_only_to_neighbours_that_serve_us_and_respect_slots() -> None:
+    ex = _exchange(slots=2, max_inflight=3)
+    ex.add_neighbour("a", _bits(16, range(16)))
+    ex.add_neighbour("b", _bits(16, range(16)))
+    assert ex.next_requests(0.0) == []  # nobody unchoked us yet
+    ex.served_by("a", True)
+    asked = ex.next_requests(0.0)
+    assert [n for n, _ in asked] == ["a", "a"]  # its two slots, no more
+    ex.served_by("b", True)
+    more = ex.next_requests(0.0)
+    assert [n for n, _ in more] == ["b"]  # three in flight in all
+    assert len({b for _, b in asked + more}) == 3
+    assert all(ex.state[b] == INFLIGHT for _, b in asked + more)
+    assert ex.next_requests(0.0) == []
+
+
+def test_urgent_blocks_first_then_rarest() -> None:
+    ex = _exchange(slots=3, max_inflight=8)
+    ex.add_neighbour("a", _bits(16, range(16)))
+    ex.add_neighbour("b", _bits(16, range(8)))  # holds the first half, serves nobody
+    ex.served_by("a", True)
+    ex.want([2])
+    asked = [b for _, b in ex.next_requests(0.0)]
+    # the wanted block first, though two neighbours hold it; then blocks only a holds
+    assert asked[0] == 2
+    assert all(b >= 8 for b in asked[1:])
+    assert len(asked) == 3
+
+
+def test_a_chunk_begun_is_preferred_among_equally_rare_blocks() -> None:
+    ex = _exchange(have=[4, 5], slots=1)  # chunk 1 (blocks 4-7) begun
+    ex.add_neighbour("a", _bits(16, [0, 6, 8]))
+    ex.served_by("a", True)
+    assert ex.next_requests(0.0) == [("a", 6)]
+
+
+def test_landed_failed_and_a_neighbour_that_leaves() -> None:
+    ex = _exchange(slots=4)
+    ex.add_neighbour("a", _bits(16, range(8)))
+    ex.served_by("a", True)
+    asked = [b for _, b in ex.next_requests(0.0)]
+    assert len(asked) == 4
+    assert ex.landed(asked[0], "a") == []
+    assert ex.state[asked[0]] == HAVE
+    assert ex.missing == 15
+    ex.failed(asked[1], "a")
+    assert ex.state[asked[1]] == MISSING
+    lost = ex.drop_neighbour("a")
+    assert sorted(lost) == sorted(asked[2:])
+    assert all(ex.state[b] == MISSING for b in lost)
+    assert ex.inflight == 0
+    assert sum(ex.count) == 0  # nothing of it counts
+
+
+def test_endgame_asks_a_second_holder_only_when_nothing_else_is_left() -> None:
+    ex = _exchange(blocks=4, per_chunk=4, slots=1)
+    ex.add_neighbour("a", _bits(4, range(4)))
+    ex.add_neighbour("b", _bits(4, range(4)))
+    ex.served_by("a", True)
+    first = ex.next_requests(0.0)
+    assert len(first) == 1
+    ex.served_by("b", True)
+    second = ex.next_requests(0.0)
+    assert second[0][0] == "b"
+    assert second[0][1] != first[0][1]  # other blocks are left: no duplicate yet
+    for _, b in first + second:
+        ex.landed(b, first[0][0] if (_, b) in first else "b")
+    # two blocks left: each of a and b asks one; then nothing new is left to ask
+    last = ex.next_requests(0.0)
+    assert sorted(b for _, b in last) == sorted(b for b in range(4) if ex.state[b] == INFLIGHT)
+    ex.landed(last[0][1], last[0][0])
+    dup = ex.next_requests(0.0)  # the freed neighbour doubles the one still in flight
+    assert dup == [(last[0][0], last[1][1])]
+    assert len(ex.sources[last[1][1]]) == ENDGAME_COPIES
+    # the first copy to land wins; the other request is reported for cancelling
+    assert ex.landed(last[1][1], last[1][0]) == [last[0][0]]
+    assert ex.finished
+    assert ex.inflight == 0
+
+
+def test_a_busy_neighbour_is_left_alone_for_longer_each_time() -> None:
+    ex = _exchange(slots=1)
+    ex.add_neighbour("a", _bits(16, range(16)))
+    ex.served_by("a", True)
+    (_, b), *_ = ex.next_requests(0.0)
+    ex.refused(b, "a", now=0.0, until=0.1)
+    assert ex.state[b] == MISSING
+    assert ex.next_requests(0.05) == []
+    (_, b), *_ = ex.next_requests(0.1)
+    ex.refused(b, "a", now=0.1, until=0.2)
+    assert ex.next_requests(0.25) == []  # twice the hint
+    assert ex.next_requests(0.31) != []
+
+
+# -- upload slots (choking) -------------------------------------------------------------------
+
+
+def test_upload_slots_go_to_interested_neighbours_in_turn() -> None:
+    ex = _exchange(have=list(range(16)), upload_slots=2)
+    for n in "abc":
+        ex.add_neighbour(n, _bits(16, []))
+    ex.add_neighbour("full", _bits(16, range(16)))  # wants nothing of ours
+    first = ex.rotate(0.0)
+    assert all(up for _, up in first)
+    assert len(first) == 2
+    assert "full" not in ex.serving
+    assert ex.rotate(0.1) == []  # not time to turn yet
+    turn = ex.rotate(1.0)
+    (out,) = [n for n, up in turn if not up]
+    (inn,) = [n for n, up in turn if up]
+    assert {out, inn} | ex.serving == {"a", "b", "c"}
+    assert inn not in {n for n, _ in first}  # the one that waited goes first
+    assert ex.may_serve(inn)
+    assert not ex.may_serve(out)
+
+
+def test_a_neighbour_that_got_everything_frees_its_slot() -> None:
+    ex = _exchange(have=[0, 1], upload_slots=1)
+    ex.add_neighbour("a", _bits(16, []))
+    ex.add_neighbour("b", _bits(16, []))
+    (n, up), *_ = ex.rotate(0.0)
+    assert up
+    ex.neighbour_has(n, [0, 1])  # it now holds everything we hold
+    changes = dict(ex.rotate(0.01))
+    assert changes[n] is False
+    other = "b" if n == "a" else "a"
+    assert changes[other] is True
+    ex.landed(5)  # we got something new: the first one is interested again
+    assert ex.neighbours[n].offer == 1
+
+
+# -- the origin lane ----------------------------------------------------------------------------
+
+
+def _lane(ex: Exchange, me: str, members: list[str], concurrency: int = 4, stall: float = 30.0):
+    return OriginLane(ex, me, "img", members, concurrency, stall, now=0.0, gather=0.0)
+
+
+def test_a_lone_host_reads_everything_in_order_with_every_stream() -> None:
+    ex = _exchange()
+    lane = _lane(ex, "me", [])
+    assert lane.is_reader()
+    assert lane.streams == 4
+    runs = [lane.next_read(0.0) for _ in range(5)]
+    assert runs == [(0, 4), (4, 8), (8, 12), (12, 16), None]
+    assert all(s == INFLIGHT for s in ex.state)
+
+
+def test_the_origin_waits_for_the_neighbours_states_or_the_gather_time() -> None:
+    ex = _exchange()
+    lane = OriginLane(ex, "me", "img", [], 4, 30.0, now=10.0, gather=1.0)
+    assert lane.next_read(10.5) is None
+    assert lane.next_read(11.0) == (0, 4)  # nobody answered in time: read
+    ex2 = _exchange()
+    lane2 = OriginLane(ex2, "me", "img", [], 4, 30.0, now=10.0, gather=1.0)
+    ex2.add_neighbour("n", _bits(16, range(4)))
+    lane2.heard_all(10.1)  # it holds chunk 0: the lane starts at chunk 1
+    assert lane2.next_read(10.1) == (4, 8)
+
+
+def test_readers_split_the_chunks_and_others_read_nothing() -> None:
+    members = [f"h{i}" for i in range(8)]
+    top = readers("img", members, 2)
+    lanes = {m: _lane(_exchange(), m, [o for o in members if o != m], 2) for m in members}
+    for m, lane in lanes.items():  # everyone is everyone's neighbour here
+        for o in members:
+            if o != m:
+                lane.exchange.add_neighbour(o)
+    got: dict[str, list[int]] = {}
+    for _ in range(4):  # rounds: each host reads what it may, the others hear of it
+        for m, lane in lanes.items():
+            run = lane.next_read(0.0)
+            if run is None:
+                continue
+            got.setdefault(m, []).append(run[0] // 4)
+            lane.read_done(run[0])
+            for b in range(*run):
+                lane.exchange.landed(b)
+            for o, other in lanes.items():
+                if o != m:
+                    other.exchange.neighbour_has(m, range(*run))
+    assert set(got) == set(top)  # only the readers read
+    assert sorted(c for cs in got.values() for c in cs) == [0, 1, 2, 3]  # each chunk once
+    assert all(len(cs) == 2 for cs in got.values())
+    assert all(lanes[m].streams == 1 for m in top)
+
+
+def test_a_reader_done_with_its_share_helps_the_one_with_most_left() -> None:
+    members = ["a", "b"]
+    ex = _exchange(blocks=64, per_chunk=4)  # 16 chunks, 8 each
+    me = readers("img", members, 2)[0]
+    lane = _lane(ex, me, [m for m in members if m != me], 2)
+    mine = [c for c in range(16) if lane.owner(c) == me]
+    theirs = [c for c in range(16) if lane.owner(c) != me]
+    for c in mine:
+        for b in ex.geometry.blocks_of(c):
+            ex.landed(b)
+    ex.add_neighbour("other", _bits(64, ex.geometry.blocks_of(theirs[0])))  # it began
+    first, _ = lane.next_read(0.0) or (-1, -1)
+    assert first // 4 == theirs[-1]  # from the top of its share
+    lane.read_done(first)
+    # with one helper, it takes all but the owner's next one, top down
+    taken = [first // 4]
+    while (run := lane.next_read(0.0)) is not None:
+        taken.append(run[0] // 4)
+        lane.read_done(run[0])
+    assert taken == sorted(theirs[2:], reverse=True)
+
+
+def test_a_reader_reads_only_the_blocks_no_neighbour_holds() -> None:
+    ex = _exchange()
+    lane = _lane(ex, "me", [])
+    ex.add_neighbour("n", _bits(16, [0, 1, 2, 3, 5]))  # chunk 0 whole, one block of chunk 1
+    assert lane.next_read(0.0) == (4, 5)  # a reader that died left chunk 1 half spread
+    assert lane.next_read(0.0) == (6, 8)
+    assert lane.next_read(0.0) == (8, 12)
+    assert ex.state[5] == MISSING  # the neighbour brings that one
+
+
+def test_a_client_far_ahead_is_read_at_once_even_by_a_non_reader() -> None:
+    members = [f"h{i}" for i in range(8)]
+    me = next(m for m in members if m not in readers("img", members, 1))
+    geo = Geometry(64 * KiB, 4 * KiB, KiB)
+    ex = Exchange(geo, [], random.Random(1))
+    lane = OriginLane(ex, me, "img", members, 1, 30.0, now=0.0, gather=0.0)
+    assert lane.next_read(0.0) is None
+    ex.want([1])  # near the front: its reader will get to it
+    assert lane.next_read(0.0) is None
+    ex.want([60])  # far ahead (chunk 15)
+    assert lane.next_read(0.0) == (60, 64)
+
+
+def test_a_dead_reader_is_replaced_by_the_next_in_rank_on_every_host() -> None:
+    members = [f"h{i}" for i in range(6)]
+    order = rank("img", members)
+    lanes = [_lane(_exchange(), m, [o for o in members if o != m], 2) for m in members]
+    assert all(lane.readers == order[:2] for lane in lanes)
+    for lane in lanes:
+        if lane.self_id != order[0]:
+            assert lane.replace(order[0])
+            assert lane.replace("not-a-reader") is False
+    survivors = [lane for lane in lanes if lane.self_id != order[0]]
+    assert all(lane.readers == [order[2], order[1]] for lane in survivors)
+    assert next(lane for lane in survivors if lane.self_id == order[2]).is_reader()
+
+
+def test_a_failed_origin_read_gives_its_blocks_back() -> None:
+    ex = _exchange()
+    lane = _lane(ex, "me", [], concurrency=1)
+    first, end = lane.next_read(0.0) or (0, 0)
+    ex.landed(first)
+    ex.landed(first + 1)
+    lane.read_done(first, failed_from=first + 2)
+    assert [ex.state[b] for b in range(first, end)] == [HAVE, HAVE, MISSING, MISSING]
+    assert lane.next_read(0.0) == (first + 2, end)
+
+
+# -- the active set -----------------------------------------------------------------------------
+
+
+def test_active_set_looks_for_degree_and_takes_at_most_twice_that() -> None:
+    links = ActiveSet(3, random.Random(1))
+    chosen = links.choose([f"n{i}" for i in range(10)])
+    assert len(chosen) == 3
+    for n in chosen:
+        links.add(n)
+    assert links.wanted() == 0
+    assert links.choose(["x", "y"]) == []
+    for i in range(3):
+        assert links.accept(f"in{i}")
+        links.add(f"in{i}")
+    assert not links.accept("one-too-many")
+    assert links.accept(chosen[0])  # a link we have is fine
+    links.drop(chosen[0])
+    assert links.accept("one-too-many")
