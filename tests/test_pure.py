@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import msgpack
 import pytest
 
 from swarmcache.config import build_config, parse_duration, parse_size
@@ -20,6 +21,7 @@ from swarmcache.manifest import (
     chunk_digest,
     chunk_span,
     decode_log,
+    digest_blocks,
     encode_log_record,
     pieces_digest,
     pieces_size,
@@ -369,3 +371,52 @@ def test_plan_hold_keeps_workers_off_until_settled() -> None:
 def test_origin_url_must_be_http() -> None:
     with pytest.raises(ConfigError, match="must start with http:// or https://"):
         build_config({"origin": {"url": "ftp://x/{image_id}"}}, {}, "f.toml")
+
+
+def test_manifest_with_blocks_round_trips_and_version_1_still_loads() -> None:
+    m = Manifest("img", size=10 * 1024 + 1, chunk_size=4096, block_size=1024)
+    assert (m.chunks, m.blocks, list(m.blocks_of(2))) == (3, 11, [8, 9, 10])
+    m.set_block_digest(10, b"\x05" * 16)
+    back = Manifest.decode(m.encode())
+    assert back == m
+    assert back.block_digest(10) == b"\x05" * 16
+    assert back.block_digest(9) is None
+    v1 = msgpack.packb(
+        {
+            "v": 1,
+            "id": "old",
+            "size": 8192,
+            "chunk_size": 4096,
+            "origin_sha256": None,
+            "origin_validator": "",
+            "sha256": None,
+            "complete": False,
+            "digests": bytes(32),
+        },
+        use_bin_type=True,
+    )
+    old = Manifest.decode(v1)
+    assert (old.block_size, old.blocks, list(old.blocks_of(0))) == (0, 0, [])
+
+
+@pytest.mark.parametrize(
+    ("block_size", "digests", "problem"),
+    [
+        (1000, b"", "multiple"),
+        (1024, b"\x00" * 16, "block digest list"),
+        (-1, b"", "block_size"),
+    ],
+)
+def test_manifest_refuses_bad_blocks(block_size: int, digests: bytes, problem: str) -> None:
+    obj = msgpack.unpackb(Manifest("img", size=8192, chunk_size=4096).encode())
+    obj.update(block_size=block_size, block_digests=digests)
+    with pytest.raises(IntegrityError, match=problem):
+        Manifest.decode(msgpack.packb(obj, use_bin_type=True))
+
+
+def test_digest_blocks_in_one_pass_over_uneven_pieces() -> None:
+    data = bytes(range(256)) * 40 + b"tail"  # 10244 bytes: 10 full blocks and a short one
+    pieces = [data[:1], data[1:3000], data[3000:3000], data[3000:]]
+    chunk, blocks = digest_blocks(pieces, 1024)
+    assert chunk == chunk_digest(data)
+    assert blocks == [chunk_digest(data[i : i + 1024]) for i in range(0, len(data), 1024)]

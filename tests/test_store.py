@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from swarmcache.errors import StorageError
+from swarmcache.errors import IntegrityError, StorageError
 from swarmcache.manifest import LOG_RECORD_SIZE, Manifest, chunk_digest
 from swarmcache.store import Store, pwrite_all
 
@@ -232,3 +232,90 @@ def test_pwrite_all_finishes_short_writes(
         os.close(fd)
     assert path.read_bytes() == bytes(10) + data
     assert len(calls) >= min(len(pieces), -(-len(data) // most))
+
+
+# -- blocks: the unit of transfer ---------------------------------------------------------
+
+BLOCK = 16 * 1024
+
+
+def _blocky(i: int) -> bytes:
+    return b"".join(bytes([(i * 7 + k) % 251]) * BLOCK for k in range(CHUNK // BLOCK))
+
+
+def test_blocks_land_one_by_one_and_the_chunk_is_sealed_from_disk(tmp_path: Path) -> None:
+    store = Store(tmp_path, 1 << 30)
+    store.open()
+    m = Manifest("img", size=2 * CHUNK, chunk_size=CHUNK, block_size=BLOCK)
+    image = _new(store, m)
+    data = _blocky(1)
+    blocks = list(m.blocks_of(1))
+    assert blocks == [4, 5, 6, 7]
+    for n, b in enumerate(reversed(blocks)):  # any order
+        piece = data[(b - 4) * BLOCK : (b - 3) * BLOCK]
+        last = image.write_block(b, piece, chunk_digest(piece))
+        assert last == (n == len(blocks) - 1)
+        assert image.has_block(b)
+    assert not image.has(1)  # blocks are in, the chunk is not sealed yet
+    assert image.seal_chunk(1) == chunk_digest(data)
+    assert image.has(1)
+    image.sync_chunks([1])
+    store.close()
+    store = Store(tmp_path, 1 << 30)
+    store.open()
+    image = store.images["img"]
+    assert not image.has_block(5)  # nothing served before the re-check
+    assert image.check_present() == []
+    assert image.has_block(5)
+    assert image.manifest.block_digest(5) == chunk_digest(data[BLOCK : 2 * BLOCK])
+
+
+def test_sealing_refuses_a_block_that_changed_on_disk(tmp_path: Path) -> None:
+    store = Store(tmp_path, 1 << 30)
+    store.open()
+    m = Manifest("img", size=CHUNK, chunk_size=CHUNK, block_size=BLOCK)
+    image = _new(store, m)
+    data = _blocky(0)
+    for b in range(4):
+        piece = data[b * BLOCK : (b + 1) * BLOCK]
+        image.write_block(b, piece, chunk_digest(piece))
+    with open(image.data_path, "r+b") as f:  # the disk lost a byte of block 2
+        f.seek(2 * BLOCK + 5)
+        f.write(b"\xff")
+    with pytest.raises(IntegrityError, match=r"blocks \[2\]"):
+        image.seal_chunk(0)
+    assert not image.has(0)
+    assert [image.has_block(b) for b in range(4)] == [True, True, False, True]
+
+
+def test_a_whole_chunk_write_records_its_block_digests(tmp_path: Path) -> None:
+    store = Store(tmp_path, 1 << 30)
+    store.open()
+    image = _new(store, Manifest("img", size=CHUNK, chunk_size=CHUNK, block_size=BLOCK))
+    data = _blocky(3)
+    pieces = [data[:1000], data[1000:40000], data[40000:]]  # not cut at block boundaries
+    image.write_chunk(0, pieces, chunk_digest(data))
+    assert all(image.has_block(b) for b in range(4))
+    assert [image.manifest.block_digest(b) for b in range(4)] == [
+        chunk_digest(data[b * BLOCK : (b + 1) * BLOCK]) for b in range(4)
+    ]
+
+
+def test_a_complete_image_from_before_blocks_gets_them_once(tmp_path: Path) -> None:
+    store = Store(tmp_path, 1 << 30)
+    store.open()
+    image = _new(store, Manifest("old", size=CHUNK + 100, chunk_size=CHUNK))
+    data = _blocky(2) + b"x" * 100
+    image.write_chunk(0, data[:CHUNK], chunk_digest(data[:CHUNK]))
+    image.write_chunk(1, data[CHUNK:], chunk_digest(data[CHUNK:]))
+    image.sync_chunks([0, 1])
+    image.mark_complete(hashlib.sha256(data).hexdigest())
+    assert image.manifest.block_size == 0
+    image.ensure_blocks(BLOCK)
+    store.close()
+    store = Store(tmp_path, 1 << 30)
+    store.open()
+    m = store.images["old"].manifest
+    assert (m.block_size, m.blocks) == (BLOCK, 5)
+    assert m.block_digest(4) == chunk_digest(b"x" * 100)
+    assert m.block_digest(1) == chunk_digest(data[BLOCK : 2 * BLOCK])

@@ -1,9 +1,12 @@
 """Pure image model: ids, chunk geometry, manifests and the chunk log records.
 
-A manifest describes one image: its size, how it is cut into chunks, the xxh3-128
-digest of every chunk (known once the chunk has been fetched and checked), the
-whole-image sha256 and the checksum the origin publishes. It travels as msgpack,
-always decoded with size limits, because later it comes from peers.
+A manifest describes one image: its size, how it is cut into chunks (the unit of
+verification and durability) and chunks into blocks (the unit of transfer between
+hosts), the xxh3-128 digest of every chunk and of every block (known once fetched
+and checked), the whole-image sha256 and the checksum the origin publishes. It
+travels as msgpack, always decoded with size limits, because it comes from peers.
+A manifest written before blocks existed (version 1) has `block_size` 0 and no
+block digests; they are worked out from the data when they are first needed.
 
 The chunk log is the crash-safe record of which chunks are on disk and verified:
 fixed-size records appended and fsynced after the chunk's bytes are durable. A torn
@@ -25,7 +28,7 @@ from .errors import IntegrityError, InvalidImageId
 
 IMAGE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DIGEST_SIZE = 16  # xxh3-128
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: block_size and block digests; version 1 is still read
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # 4M chunks: a 16 TiB image at 4 MiB chunks
 _NO_DIGEST = bytes(DIGEST_SIZE)
 
@@ -62,6 +65,28 @@ def pieces_digest(pieces: Iterable[Buffer]) -> bytes:
     return h.digest()
 
 
+def digest_blocks(pieces: Iterable[Buffer], block_size: int) -> tuple[bytes, list[bytes]]:
+    """(chunk digest, digest of each block) of a chunk held in pieces, in one pass."""
+    chunk = xxhash.xxh3_128()
+    blocks: list[bytes] = []
+    block = xxhash.xxh3_128()
+    room = block_size
+    for piece in pieces:
+        view = memoryview(piece)
+        chunk.update(view)
+        while view:
+            part = view[:room]
+            block.update(part)
+            room -= len(part)
+            view = view[len(part) :]
+            if not room:
+                blocks.append(block.digest())
+                block, room = xxhash.xxh3_128(), block_size
+    if room != block_size:
+        blocks.append(block.digest())
+    return chunk.digest(), blocks
+
+
 def pieces_size(pieces: Iterable[Buffer]) -> int:
     """Total bytes in `pieces`."""
     return sum(len(p) for p in pieces)
@@ -92,10 +117,41 @@ class Manifest:
     sha256: str | None = None
     complete: bool = False
     digests: bytearray = field(default_factory=bytearray)
+    block_size: int = 0  # 0: not cut into blocks yet (a version 1 manifest)
+    block_digests: bytearray = field(default_factory=bytearray)
 
     def __post_init__(self) -> None:
         if not self.digests:
             self.digests = bytearray(DIGEST_SIZE * self.chunks)
+        if self.block_size and not self.block_digests:
+            self.block_digests = bytearray(DIGEST_SIZE * self.blocks)
+
+    @property
+    def blocks(self) -> int:
+        """Number of blocks (0 while block_size is unknown)."""
+        return chunk_count(self.size, self.block_size) if self.block_size else 0
+
+    def block_span(self, block: int) -> tuple[int, int]:
+        """(offset, length) of block `block`."""
+        return chunk_span(block, self.size, self.block_size)
+
+    def blocks_of(self, index: int) -> range:
+        """The blocks of chunk `index` (none while block_size is unknown)."""
+        if not self.block_size:
+            return range(0)
+        per = self.chunk_size // self.block_size
+        return range(index * per, min((index + 1) * per, self.blocks))
+
+    def block_digest(self, block: int) -> bytes | None:
+        """The known digest of block `block`, or None."""
+        d = bytes(self.block_digests[block * DIGEST_SIZE : (block + 1) * DIGEST_SIZE])
+        return None if d == _NO_DIGEST else d
+
+    def set_block_digest(self, block: int, digest: bytes) -> None:
+        """Record the digest of block `block`."""
+        if len(digest) != DIGEST_SIZE:
+            raise ValueError("digest must be 16 bytes")
+        self.block_digests[block * DIGEST_SIZE : (block + 1) * DIGEST_SIZE] = digest
 
     @property
     def chunks(self) -> int:
@@ -124,7 +180,8 @@ class Manifest:
         return '"' + xxhash.xxh3_64_hexdigest(f"{self.image_id}\0{basis}".encode()) + '"'
 
     def same_source(self, other: Manifest) -> bool:
-        """True if both describe the same origin bytes (so chunks can be kept)."""
+        """True if both describe the same origin bytes cut the same way (so chunks can
+        be kept, and traded with a peer whose manifest this is)."""
         return (
             self.size == other.size
             and self.chunk_size == other.chunk_size
@@ -145,6 +202,8 @@ class Manifest:
                 "sha256": self.sha256,
                 "complete": self.complete,
                 "digests": bytes(self.digests),
+                "block_size": self.block_size,
+                "block_digests": bytes(self.block_digests),
             },
             use_bin_type=True,
         )
@@ -172,7 +231,7 @@ class Manifest:
 
     @classmethod
     def _from_obj(cls, obj: Any) -> Manifest:
-        if not isinstance(obj, dict) or obj.get("v") != MANIFEST_VERSION:
+        if not isinstance(obj, dict) or obj.get("v") not in (1, MANIFEST_VERSION):
             raise ValueError("unsupported manifest version")
         size, chunk_size = obj["size"], obj["chunk_size"]
         if (
@@ -186,6 +245,17 @@ class Manifest:
             size, chunk_size
         ):
             raise ValueError("digest list does not match the chunk count")
+        block_size, block_digests = obj.get("block_size", 0), obj.get("block_digests", b"")
+        if (
+            not isinstance(block_size, int)
+            or block_size < 0
+            or not isinstance(block_digests, bytes)
+        ):
+            raise ValueError("bad block_size or block digests")
+        if block_size and (chunk_size % block_size or block_size > chunk_size):
+            raise ValueError("chunk_size is not a multiple of block_size")
+        if len(block_digests) != (DIGEST_SIZE * chunk_count(size, block_size) if block_size else 0):
+            raise ValueError("block digest list does not match the block count")
         for key in ("origin_sha256", "sha256"):
             if obj[key] is not None and not re.fullmatch(r"[0-9a-f]{64}", obj[key]):
                 raise ValueError(f"{key} is not a sha256 hex digest")
@@ -198,11 +268,15 @@ class Manifest:
             sha256=obj["sha256"],
             complete=bool(obj["complete"]),
             digests=bytearray(digests),
+            block_size=block_size,
+            block_digests=bytearray(block_digests),
         )
 
     def restarted(self) -> Manifest:
         """A copy with no chunk known, for a fresh fetch of the same image."""
-        return replace(self, sha256=None, complete=False, digests=bytearray())
+        return replace(
+            self, sha256=None, complete=False, digests=bytearray(), block_digests=bytearray()
+        )
 
 
 # Chunk log: <index:u32><digest:16 bytes><xxh32 of the previous 20 bytes:u32>

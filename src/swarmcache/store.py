@@ -42,6 +42,7 @@ import msgpack
 from .errors import ImageBusy, ImageNotFound, IntegrityError, StorageError, SwarmcacheError
 from .eviction import Candidate, plan_eviction
 from .manifest import (
+    DIGEST_SIZE,
     LOG_RECORD_SIZE,
     Buffer,
     Manifest,
@@ -52,6 +53,7 @@ from .manifest import (
     bitmap_set,
     chunk_digest,
     decode_log,
+    digest_blocks,
     encode_log_record,
     pieces_size,
     validate_image_id,
@@ -103,6 +105,8 @@ class CachedImage:
     last_access: float = field(default_factory=time.time)
     readers: int = 0
     readable: bytearray = field(default_factory=bytearray)
+    # blocks written and checked in this run (a readable chunk's blocks count too)
+    blocks_ready: bytearray = field(default_factory=bytearray)
     _bits_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _fd_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _fd: int | None = field(default=None, repr=False)
@@ -118,6 +122,20 @@ class CachedImage:
         # straight from the log, which a crash or a bad disk may have outlived.
         if not self.readable:
             self.readable = bitmap_new(self.manifest.chunks)
+        if not self.blocks_ready:
+            self.blocks_ready = bitmap_new(self.manifest.blocks)
+
+    def cut(self, block_size: int) -> None:
+        """Give an image written before blocks existed (version 1) its blocks: their
+        digests are worked out as its chunks are checked or read (check_present,
+        ensure_blocks). No-op if it has them."""
+        m = self.manifest
+        if m.block_size:
+            return
+        with self._bits_lock:
+            m.block_size = block_size
+            m.block_digests = bytearray(DIGEST_SIZE * m.blocks)
+            self.blocks_ready = bitmap_new(m.blocks)
 
     @property
     def image_id(self) -> str:
@@ -154,6 +172,15 @@ class CachedImage:
         """Can chunk `index` be read: written and checked (durable or about to be)."""
         return self.manifest.complete or bitmap_get(self.readable, index)
 
+    def has_block(self, block: int) -> bool:
+        """Can block `block` be read (and served on): written and checked."""
+        m = self.manifest
+        return (
+            m.complete
+            or bitmap_get(self.blocks_ready, block)
+            or bitmap_get(self.readable, block * m.block_size // m.chunk_size)
+        )
+
     # -- blocking I/O: call through asyncio.to_thread --------------------------------
 
     def write_chunk(self, index: int, data: Buffer | Pieces, digest: bytes) -> None:
@@ -164,13 +191,58 @@ class CachedImage:
         size = pieces_size(pieces)
         if size != length:
             raise IntegrityError(f"chunk {index} of {self.image_id}: {size} bytes, want {length}")
+        blocks: list[bytes] = []
+        if self.manifest.block_size:
+            _, blocks = digest_blocks(pieces, self.manifest.block_size)
         try:
             pwrite_all(self._data_fd(), pieces, offset)
         except OSError as err:
             raise _storage_error(f"cannot store chunk {index} of {self.image_id}", err) from err
         with self._bits_lock:
             self.manifest.set_digest(index, digest)
+            for block, block_digest in zip(self.manifest.blocks_of(index), blocks, strict=True):
+                self.manifest.set_block_digest(block, block_digest)
             bitmap_set(self.readable, index)
+
+    def write_block(self, block: int, data: Buffer | Pieces, digest: bytes) -> bool:
+        """Write a checked block: readable (and served on) now. True when it was the
+        last of its chunk: seal_chunk() then makes the chunk readable. Blocking."""
+        m = self.manifest
+        offset, length = m.block_span(block)
+        pieces = [data] if isinstance(data, Buffer) else data
+        size = pieces_size(pieces)
+        if size != length:
+            raise IntegrityError(f"block {block} of {self.image_id}: {size} bytes, want {length}")
+        try:
+            pwrite_all(self._data_fd(), pieces, offset)
+        except OSError as err:
+            raise _storage_error(f"cannot store block {block} of {self.image_id}", err) from err
+        chunk = offset // m.chunk_size
+        with self._bits_lock:
+            m.set_block_digest(block, digest)
+            bitmap_set(self.blocks_ready, block)
+            return not bitmap_get(self.readable, chunk) and all(
+                bitmap_get(self.blocks_ready, b) for b in m.blocks_of(chunk)
+            )
+
+    def seal_chunk(self, index: int) -> bytes:
+        """Every block of chunk `index` is written: read it back, check each block
+        against its digest once more (what is logged must be what is on disk), and
+        make the chunk readable with its digest, which it returns. Blocking."""
+        m = self.manifest
+        digest, blocks = digest_blocks([self.read_chunk(index)], m.block_size)
+        bad = [b for b, d in zip(m.blocks_of(index), blocks, strict=True) if d != m.block_digest(b)]
+        with self._bits_lock:
+            if bad:
+                for b in bad:
+                    self.blocks_ready[b >> 3] &= ~(1 << (b & 7))
+                raise IntegrityError(
+                    f"chunk {index} of {self.image_id}: blocks {bad} on disk do not match "
+                    "their digests"
+                )
+            m.set_digest(index, digest)
+            bitmap_set(self.readable, index)
+        return digest
 
     def sync_chunks(self, indices: list[int]) -> None:
         """Make written chunks durable, then log them as present (one group commit). Blocking."""
@@ -227,14 +299,39 @@ class CachedImage:
         for index in self.unchecked() if indices is None else indices:
             if not bitmap_get(self.bitmap, index) or bitmap_get(self.readable, index):
                 continue
-            ok = chunk_digest(self.read_chunk(index)) == self.manifest.digest(index)
+            data = self.read_chunk(index)
+            blocks: list[bytes] = []
+            if self.manifest.block_size:
+                digest, blocks = digest_blocks([data], self.manifest.block_size)
+            else:
+                digest = chunk_digest(data)
+            ok = digest == self.manifest.digest(index)
             with self._bits_lock:
                 if ok:
+                    for b, d in zip(self.manifest.blocks_of(index), blocks, strict=True):
+                        self.manifest.set_block_digest(b, d)
                     bitmap_set(self.readable, index)
                 else:
                     self.bitmap[index >> 3] &= ~(1 << (index & 7))
                     bad.append(index)
         return bad
+
+    def ensure_blocks(self, block_size: int) -> None:
+        """A complete image written before blocks existed: work out its block digests
+        from the data and save them with its manifest. No-op if it has them. Blocking."""
+        m = self.manifest
+        if not m.complete or m.block_size:
+            return
+        cut = dataclasses.replace(m, block_size=block_size, block_digests=bytearray())
+        for index in range(m.chunks):
+            _, blocks = digest_blocks([self.read_chunk(index)], block_size)
+            for b, d in zip(cut.blocks_of(index), blocks, strict=True):
+                cut.set_block_digest(b, d)
+        write_atomic(self.path / "manifest", cut.encode())
+        with self._bits_lock:
+            m.block_digests = cut.block_digests
+            m.block_size = block_size
+            self.blocks_ready = bitmap_new(m.blocks)
 
     def mark_complete(self, sha256: str) -> None:
         """Make every byte durable, persist the verified manifest, drop the log. Blocking."""
