@@ -1,6 +1,6 @@
 """Fan-out benchmark (run through scripts/bench-fanout): N hosts want one image at once.
 
-A network test bed (swarmcache.testbed: N hosts + an origin as network namespaces on
+A network test bed (swarmtools.testbed: N hosts + an origin as network namespaces on
 one bridge, every link shaped with tbf to RATE in both directions) and one image of
 SIZE MiB at the origin. In the same run, each mode starts with cold caches:
 
@@ -43,7 +43,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from swarmcache.testbed import (
+from swarmtools.testbed import (
     DAEMON_PORT,
     ORIGIN_PORT,
     Host,

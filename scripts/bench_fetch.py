@@ -235,7 +235,7 @@ def run(
             [
                 sys.executable,
                 "-m",
-                "swarmcache.origin.server",
+                "swarmtools.origin_server",
                 str(origin_dir),
                 "--listen",
                 f"{oaddr}:{oport}",

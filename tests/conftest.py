@@ -18,8 +18,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from swarmcache.config import Config, build_config, load_config
 from swarmcache.daemon import build_app
-from swarmcache.origin.server import FAULTS, STATS, Faults, OriginStats, make_origin_app
-from swarmcache.testbed import daemon_env
+from swarmtools.origin_server import FAULTS, STATS, Faults, OriginStats, make_origin_app
+from swarmtools.testbed import daemon_env
 
 CHUNK = 64 * 1024
 
@@ -101,12 +101,12 @@ def refuse_host_mdns(config: Config, what: object) -> None:
     """Fail the test if a daemon on the host's own network would have mDNS on.
 
     mDNS announces to and browses the machine's real network; tests use it only in
-    network namespaces of their own (swarmcache.testbed: test_swarm.py, test_testbed.py).
+    network namespaces of their own (swarmtools.testbed: test_swarm.py, test_testbed.py).
     """
     if config.discovery.mdns:
         raise AssertionError(
             f"{what}: discovery.mdns is on for a daemon on the host network; "
-            "tests use mDNS only inside network namespaces (swarmcache.testbed)"
+            "tests use mDNS only inside network namespaces (swarmtools.testbed)"
         )
 
 

@@ -18,7 +18,7 @@ from conftest import (
     sha256,
     start_daemon_process,
 )
-from swarmcache.testbed import daemon_env
+from swarmtools.testbed import daemon_env
 
 
 async def swarmcache(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import CHUNK, ImageDir, Origin, sha256, start_daemon_process
 from swarmcache.manifest import decode_log
-from swarmcache.origin.server import Gate
+from swarmtools.origin_server import Gate
 
 T = TypeVar("T")
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from conftest import metric
-from swarmcache.testbed import (
+from swarmtools.testbed import (
     Host,
     Testbed,
     TestbedError,

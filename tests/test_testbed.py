@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from swarmcache.testbed import (
+from swarmtools.testbed import (
     Host,
     Testbed,
     TestbedError,

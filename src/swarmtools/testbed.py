@@ -17,8 +17,8 @@ the bed stops every one it started when it closes, before it deletes its namespa
 The helpers below the class start what the swarm tests and benchmarks share: the
 demo origin server, one `swarmcache serve` per host with its config file.
 
-    python -m swarmcache.testbed [--hosts N] [--rate R] [--image-size MiB]   (scripts/netns-swarm)
-    python -m swarmcache.testbed --check | --cleanup-stale
+    python -m swarmtools.testbed [--hosts N] [--rate R] [--image-size MiB]   (scripts/netns-swarm)
+    python -m swarmtools.testbed --check | --cleanup-stale
 """
 
 from __future__ import annotations
@@ -543,9 +543,9 @@ def start_origin(
     log: Path | None = None,
     timeout: float = 30,
 ) -> subprocess.Popen[bytes]:
-    """Start `swarmcache.origin.server` serving `root` in the origin host; wait for it."""
+    """Start `swarmtools.origin_server` serving `root` in the origin host; wait for it."""
     argv = python_argv(
-        "-m", "swarmcache.origin.server", str(root), "--listen", f"{bed.origin.addr}:{port}"
+        "-m", "swarmtools.origin_server", str(root), "--listen", f"{bed.origin.addr}:{port}"
     )
     proc = _start_logged(bed, bed.origin, argv, log)
     wait_http(bed, bed.origin, f"http://{bed.origin.addr}:{port}/_stats", timeout, proc, log)

@@ -10,7 +10,7 @@ image request with this status), `delay` (seconds before each answer), `truncate
 image GETs through, then hold the rest unanswered until a POST without it: a stalled
 origin, so a test stops a fetch at a known chunk).
 
-    python -m swarmcache.origin.server DIR [--listen 127.0.0.1:7481]
+    python -m swarmtools.origin_server DIR [--listen 127.0.0.1:7481]
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import RangeNotSatisfiable
-from ..httpfile import sendfile
-from ..manifest import IMAGE_ID_RE
-from ..ranges import parse_range
+from swarmcache.errors import RangeNotSatisfiable
+from swarmcache.httpfile import sendfile
+from swarmcache.manifest import IMAGE_ID_RE
+from swarmcache.ranges import parse_range
 
 
 @dataclass
