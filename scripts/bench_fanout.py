@@ -22,11 +22,23 @@ Every host writes the image to its local disk and it is checked (sha256) afterwa
 a host with wrong or missing bytes, or one not done within 10x the physical limit
 + 60 s, fails the mode. Origin egress is the origin's eth0 tx_bytes (all protocols)
 and, for the HTTP modes, the bytes the origin server counted at /_stats.
+
+--matrix runs every cell of --hosts-list x --sizes x --rates on a fresh bed, modes
+swarmcache, aria2 and naive in each, and prints one row per cell (also as JSON lines
+with --json FILE): the last host of each mode, swarmcache against the physical limit
+and against aria2c, the origin's egress in copies, whether every host verified, and
+the CPU the swarmcache mode took (machine busy %, the daemons' core-seconds per GiB
+received). Naive curl is skipped above --naive-max-hosts (its copies share the
+origin's one link, 10x-limit would fail it, so its timeout is 2x hosts x limit + 60 s);
+a cell the machine's cores cannot move within a mode's timeout, or estimated over
+--max-seconds, is skipped with the reason. A mode that breaks off shows as failed, the
+matrix goes on, and the run exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -45,6 +57,7 @@ from typing import Any
 
 from swarmtools.testbed import (
     DAEMON_PORT,
+    MAX_HOSTS,
     ORIGIN_PORT,
     Host,
     Testbed,
@@ -66,6 +79,7 @@ from swarmtools.testbed import (
 )
 
 MODES = ("naive", "aria2", "swarmcache", "swarmcache-cache")
+MATRIX_MODES = ("swarmcache", "aria2", "naive")  # in the order a cell runs them
 TRACKER_PORT = 6969
 BT_PORT = 6881
 MiB = 1 << 20
@@ -116,6 +130,9 @@ class ModeResult:
     origin_tx: int  # bytes out of the origin's eth0
     origin_served: int | None = None  # bytes the origin HTTP server counted
     notes: list[str] = field(default_factory=list)
+    daemon_cpu: float | None = None  # core-seconds the daemons used during the fetch
+    busy: float | None = None  # share of all CPUs busy during the fetch (0..1)
+    error: str | None = None  # the mode broke off (the exception's message)
 
     @property
     def ok(self) -> bool:
@@ -305,6 +322,7 @@ def run_swarmcache(
     origin_port: int = ORIGIN_PORT,
     log_level: str = "info",
     sink: str = "file",
+    start_timeout: float = 30.0,
 ) -> ModeResult:
     """One daemon per host (mDNS discovery); every host GETs the image through it at once.
 
@@ -326,7 +344,9 @@ def run_swarmcache(
             config = write_toml(work / h.name / "swarmcache.toml", sections)
             daemons[h.name] = spawn_daemon(bed, h, config, work / f"{h.name}-daemon.log")
         for h in bed.hosts:
-            wait_daemon(bed, h, daemons[h.name], log=work / f"{h.name}-daemon.log")
+            wait_daemon(
+                bed, h, daemons[h.name], log=work / f"{h.name}-daemon.log", timeout=start_timeout
+            )
         time.sleep(settle)
         files = {h.name: work / h.name / image.id for h in bed.hosts}
         reset_origin_stats(bed, origin_port)
@@ -359,11 +379,13 @@ def run_swarmcache(
         else:
             result = ModeResult("swarmcache", times, verify(image, files), tx, served)
         used = {n: cpu1[n] - cpu0[n] for n in daemons}
+        result.daemon_cpu = sum(max(c, 0.0) for c in used.values())  # 0 once a daemon is gone
+        result.busy = (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1e-9)
         wall = max(t for t in times.values() if t is not None) if any(times.values()) else 0
         result.notes.append(
             f"daemon CPU during the fetch: {sum(used.values()):.1f} core-s in all "
             f"({', '.join(f'{n}={c:.1f}' for n, c in used.items())}); machine busy "
-            f"{(busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1e-9) * 100:.0f}% of "
+            f"{result.busy * 100:.0f}% of "
             f"{os.cpu_count()} cores over {wall:.1f} s"
         )
         sources = fetched_by_source(bed)
@@ -394,6 +416,20 @@ def cached_sha256(bed: Testbed, host: Host, image_id: str) -> str | None:
         return None
     status = json.loads(body)
     return status["sha256"] if status.get("state") == "complete" else None
+
+
+def mode_timeout(limit: float) -> float:
+    """Seconds a mode may take: 10x the physical limit + 60 s; a host not done by then fails."""
+    return 10 * limit + 60
+
+
+def tidy(mode_dir: Path, keep: bool) -> None:
+    """After a mode: cold caches for the next one, and the disk space back."""
+    if not keep:
+        shutil.rmtree(mode_dir, ignore_errors=True)
+    else:  # keep logs and configs, not 2 x hosts copies of the image
+        drop_big_files(mode_dir)
+    os.sync()
 
 
 def drop_big_files(root: Path, limit: int = 1 << 20) -> None:
@@ -512,15 +548,19 @@ def check_tools(modes: Sequence[str]) -> list[str]:
 def main() -> int:
     """Run the benchmark; exit 1 if a mode failed."""
     p = argparse.ArgumentParser(description="swarmcache fan-out benchmark (needs root)")
-    p.add_argument("--hosts", type=int, default=8, help="hosts (default %(default)s)")
+    # --hosts, --rate, --size and --modes default to None so --matrix can tell whether
+    # they were given; the single-cell defaults are filled in below.
+    p.add_argument("--hosts", type=int, help="hosts (default 8)")
     p.add_argument(
         "--rate",
-        default="200mbit",
-        help="every link, both ways; 'none' for unshaped (default %(default)s)",
+        help="every link, both ways; 'none' for unshaped (default 200mbit)",
     )
-    p.add_argument("--size", type=int, default=256, help="image MiB (default %(default)s)")
+    p.add_argument("--size", type=int, help="image MiB (default 256)")
     p.add_argument("--runs", type=int, default=1, help="runs of every mode (default %(default)s)")
-    p.add_argument("--modes", default=",".join(MODES), help="(default %(default)s)")
+    p.add_argument(
+        "--modes",
+        help=f"(default {','.join(MODES)}; with --matrix {','.join(MATRIX_MODES)})",
+    )
     p.add_argument("--chunk-size", default="4MiB", help="swarmcache cache.chunk_size")
     p.add_argument(
         "--piece-size",
@@ -541,9 +581,64 @@ def main() -> int:
         action="store_true",
         help="keep the work directory: logs, configs, results.json (image copies are deleted)",
     )
+    matrix = p.add_argument_group(
+        "matrix",
+        "--matrix runs every cell (hosts x size x rate) on a fresh test bed, modes "
+        f"{', '.join(MATRIX_MODES)} in each, and prints one table (one row per cell)",
+    )
+    matrix.add_argument("--matrix", action="store_true", help="run the matrix")
+    matrix.add_argument(
+        "--hosts-list",
+        default="4,8,16,32,64",
+        metavar="N,N,..",
+        help="host counts (default %(default)s)",
+    )
+    matrix.add_argument(
+        "--sizes", default="64,256", metavar="MiB,..", help="image sizes (default %(default)s)"
+    )
+    matrix.add_argument(
+        "--rates",
+        default="50mbit,200mbit,1000mbit",
+        metavar="RATE,..",
+        help="link rates (default %(default)s)",
+    )
+    matrix.add_argument(
+        "--naive-max-hosts",
+        type=int,
+        default=16,
+        metavar="N",
+        help="skip naive curl above N hosts: N copies share the origin's link "
+        "(default %(default)s)",
+    )
+    matrix.add_argument(
+        "--max-seconds",
+        type=float,
+        default=1200,
+        metavar="S",
+        help="skip a cell estimated to take longer than S s, or whose bytes this machine's "
+        "cores cannot move within a mode's timeout; 0: run every cell, bounded by the "
+        "per-mode timeouts alone (default %(default)s)",
+    )
+    matrix.add_argument("--json", type=Path, metavar="FILE", help="also write the rows here")
     args = p.parse_args()
+    if args.matrix:
+        cells, modes = matrix_args(p, args)
+        missing = check_tools(modes)
+        if missing:
+            print(
+                f"bench-fanout: missing {', '.join(missing)}: run scripts/install-bench-tools",
+                file=sys.stderr,
+            )
+            return 2
+        return in_work_dir(args, lambda work: run_matrix(args, cells, modes, work))
+    for flag in ("hosts_list", "sizes", "rates", "naive_max_hosts", "max_seconds", "json"):
+        if getattr(args, flag) != p.get_default(flag):
+            p.error(f"--{flag.replace('_', '-')} goes with --matrix")
+    args.hosts = 8 if args.hosts is None else args.hosts
+    args.size = 256 if args.size is None else args.size
+    args.rate = "200mbit" if args.rate is None else args.rate
     args.rate = None if args.rate == "none" else args.rate
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = [m.strip() for m in (args.modes or ",".join(MODES)).split(",") if m.strip()]
     if not modes or set(modes) - set(MODES):
         p.error(f"--modes: choose from {', '.join(MODES)}")
     if args.rate:
@@ -555,6 +650,11 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
+    return in_work_dir(args, lambda work: bench(args, modes, work))
+
+
+def in_work_dir(args: argparse.Namespace, body: Callable[[Path], int]) -> int:
+    """Run `body` in a fresh work directory that Ctrl-C and SIGTERM also clean up."""
     reason = testbed_unavailable()
     if reason:
         print(f"bench-fanout: {reason}", file=sys.stderr)
@@ -565,7 +665,7 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     work = Path(tempfile.mkdtemp(prefix="swarmcache-fanout-", dir=os.environ.get("BENCH_DIR")))
     try:
-        return bench(args, modes, work)
+        return body(work)
     except KeyboardInterrupt:
         print("\ninterrupted; cleaned up", file=sys.stderr)
         return 130
@@ -582,7 +682,7 @@ def bench(args: argparse.Namespace, modes: list[str], work: Path) -> int:
     print(f"making a {args.size} MiB image ...", flush=True)
     image = Image("bench-image", image_path, make_image(image_path, args.size), args.size * MiB)
     limit = image.size * 8 / rate_bits_per_s(args.rate) if args.rate else 60.0
-    timeout = 10 * limit + 60
+    timeout = mode_timeout(limit)
     results: dict[str, list[ModeResult]] = {m: [] for m in modes}
     with Testbed(args.hosts, rate=args.rate) as bed:
         torrent = None
@@ -626,17 +726,454 @@ def bench(args: argparse.Namespace, modes: list[str], work: Path) -> int:
                     f"origin egress {mib(result.origin_tx):.0f} MiB",
                     flush=True,
                 )
-                if not args.keep:  # cold caches for the next mode, and the disk space back
-                    shutil.rmtree(mode_dir, ignore_errors=True)
-                else:  # keep logs and configs, not 2 x hosts copies of the image
-                    drop_big_files(mode_dir)
-                os.sync()
+                tidy(mode_dir, args.keep)
     report(results, image, args)
     if args.keep:
         (work / "results.json").write_text(
             json.dumps({m: [r.__dict__ for r in rs] for m, rs in results.items()}, indent=1)
         )
     return 0 if all(r.ok for rs in results.values() for r in rs) else 1
+
+
+# ---------------------------------------------------------------------------------------
+# matrix mode: every cell (hosts x size x rate) on a fresh bed, one row per cell
+# ---------------------------------------------------------------------------------------
+# Bits per second of image data one core moves to the hosts (veths, bridge, tbf, the
+# daemons' hashing and writes): on the project's 2-core machine 8 hosts x 200 Mbit/s
+# (1.6 Gbit/s) of swarmcache kept it 77-81% busy (README, 2026-12-02). Only used to skip
+# cells that plainly cannot finish in time; the table reports what was measured.
+CORE_BITS_PER_S = 0.8e9
+# Core-seconds one daemon needs to start (Python, aiohttp, zeroconf); all start at once.
+DAEMON_START_CORE_S = 1.0
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the matrix: `hosts` hosts want one `size` MiB image over `rate` links."""
+
+    hosts: int
+    size: int  # MiB
+    rate: str
+
+    @property
+    def limit(self) -> float:
+        """The physical limit: seconds for the image through one link."""
+        return self.size * MiB * 8 / rate_bits_per_s(self.rate)
+
+    @property
+    def naive_timeout(self) -> float:
+        """Naive curl's timeout: all copies cross the origin's link, so above 10 hosts
+        mode_timeout() would fail it by construction; twice that bound + 60 s instead."""
+        return max(mode_timeout(self.limit), 2 * self.hosts * self.limit + 60)
+
+    @property
+    def machine_seconds(self) -> float:
+        """Seconds this machine's cores need to move hosts x size at CORE_BITS_PER_S."""
+        return self.hosts * self.size * MiB * 8 / ((os.cpu_count() or 1) * CORE_BITS_PER_S)
+
+    def estimate(self, modes: Sequence[str], settle: float) -> float:
+        """Rough seconds the cell takes: bed, origin, each mode and its sha256 checks."""
+        moved = max(self.limit, self.machine_seconds)
+        start = self.hosts * DAEMON_START_CORE_S / (os.cpu_count() or 1) + settle
+        verify = self.hosts * self.size * MiB / 1e9
+        each = {
+            "swarmcache": start + moved,
+            "aria2": moved,
+            "naive": max(self.hosts * self.limit, self.machine_seconds),
+        }
+        return 10 + sum(each[m] + verify + 5 for m in modes)
+
+    def __str__(self) -> str:
+        return f"{self.hosts} hosts x {self.size} MiB x {self.rate}"
+
+
+@dataclass
+class CellResult:
+    """What became of one cell."""
+
+    cell: Cell
+    results: dict[str, ModeResult] = field(default_factory=dict)  # the modes that ran
+    skipped: dict[str, str] = field(default_factory=dict)  # mode -> why it did not run
+    reason: str | None = None  # why the whole cell was skipped
+    interrupted: bool = False  # Ctrl-C or SIGTERM came during the cell
+
+    @property
+    def ok(self) -> bool:
+        """Every mode that ran got every host the verified image in time."""
+        return all(r.ok for r in self.results.values())
+
+
+def matrix_args(
+    p: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[list[Cell], list[str]]:
+    """The cells and modes of --matrix (an argparse error for what does not fit)."""
+    for flag in ("hosts", "size", "rate"):
+        if getattr(args, flag) is not None:
+            p.error(f"--{flag} is for one cell; --matrix takes --hosts-list, --sizes, --rates")
+    if args.runs != 1:
+        p.error("--runs is for one cell; --matrix runs every cell once")
+    modes = [m.strip() for m in (args.modes or ",".join(MATRIX_MODES)).split(",") if m.strip()]
+    if not modes or set(modes) - set(MATRIX_MODES):
+        p.error(f"--modes with --matrix: choose from {', '.join(MATRIX_MODES)}")
+
+    def ints(flag: str, text: str, top: int) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            p.error(f"{flag}: expected whole numbers separated by commas, not {text!r}")
+        if not values or not all(1 <= v <= top for v in values):
+            p.error(f"{flag}: one or more values, each 1..{top}, not {text!r}")
+        return list(dict.fromkeys(values))
+
+    hosts = ints("--hosts-list", args.hosts_list, MAX_HOSTS)
+    sizes = ints("--sizes", args.sizes, 1 << 20)
+    rates = list(dict.fromkeys(r.strip().lower() for r in args.rates.split(",") if r.strip()))
+    for rate in rates or [args.rates]:
+        try:
+            rate_bits_per_s(rate)
+        except ValueError as err:
+            p.error(f"--rates: {err} (the matrix shapes every link)")
+    if args.naive_max_hosts < 0 or args.max_seconds < 0:
+        p.error("--naive-max-hosts and --max-seconds take 0 or more")
+    cells = [Cell(h, s, r) for h in hosts for s in sizes for r in rates]
+    return cells, [m for m in MATRIX_MODES if m in modes]
+
+
+def plan_cell(cell: Cell, modes: Sequence[str], args: argparse.Namespace) -> CellResult:
+    """Which of the cell's modes will run: naive not above --naive-max-hosts, and no mode
+    of a cell the --max-seconds guard rules out (each with the reason)."""
+    planned = CellResult(cell)
+    if "naive" in modes and cell.hosts > args.naive_max_hosts:
+        planned.skipped["naive"] = f"over {args.naive_max_hosts} hosts (--naive-max-hosts)"
+    run = [m for m in modes if m not in planned.skipped]
+    if args.max_seconds <= 0 or not run:
+        return planned
+    cores = os.cpu_count() or 1
+    if cell.machine_seconds > mode_timeout(cell.limit):
+        planned.reason = (
+            f"delivering {cell.hosts * cell.size * MiB / GiB:.1f} GiB takes "
+            f"~{cell.machine_seconds:.0f} s at the ~{cores * CORE_BITS_PER_S / 1e9:.1f} Gbit/s "
+            f"{cores} cores move, over the {mode_timeout(cell.limit):.0f} s a mode may take"
+        )
+    elif cell.estimate(run, args.settle) > args.max_seconds:
+        planned.reason = (
+            f"estimated {cell.estimate(run, args.settle):.0f} s, "
+            f"over --max-seconds {args.max_seconds:.0f}"
+        )
+    if planned.reason:
+        planned.skipped.update(dict.fromkeys(run, "cell skipped"))
+    return planned
+
+
+def broken(mode: str, hosts: Sequence[Host], err: Exception) -> ModeResult:
+    """The result of a mode that broke off: every host failed; the error's first line and,
+    if it has more (a TestbedError ends with the log's tail), its last."""
+    lines = [line.strip() for line in str(err).strip().splitlines()] or [""]
+    error = f"{type(err).__name__}: {lines[0]}"
+    if len(lines) > 1:
+        error += f" ... {lines[-1][-300:]}"
+    return ModeResult(mode, dict.fromkeys(h.name for h in hosts), [], 0, error=error)
+
+
+def run_cell(
+    args: argparse.Namespace, planned: CellResult, modes: Sequence[str], image: Image, root: Path
+) -> None:
+    """Build a bed for the cell, start the origin, run the planned modes into `planned`.
+
+    A mode that raises (or a bed that does not come up) is recorded as failed with its
+    error, so the matrix goes on; the bed still stops everything and deletes itself.
+    """
+    cell = planned.cell
+    run = [m for m in modes if m not in planned.skipped]
+    # swarmcache: the daemon's copy and the client's, on every host
+    need = cell.hosts * image.size * (2 if "swarmcache" in run else 1) + GiB
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if run and need > free:
+        planned.reason = f"needs ~{need / GiB:.1f} GiB of disk, {free / GiB:.1f} GiB free"
+        planned.skipped.update(dict.fromkeys(run, "cell skipped"))
+        return
+    timeout = mode_timeout(cell.limit)
+    start_timeout = max(30.0, 2 * cell.hosts * DAEMON_START_CORE_S / (os.cpu_count() or 1) + 10)
+    cell_dir = root / f"h{cell.hosts}-{cell.size}mib-{cell.rate}"
+    bed = Testbed(cell.hosts, rate=cell.rate)
+    announce = f"http://{bed.origin.addr}:{TRACKER_PORT}/announce"
+    runners: dict[str, Callable[[Path], ModeResult]] = {
+        "swarmcache": lambda d: run_swarmcache(
+            bed,
+            image,
+            d,
+            timeout,
+            args.chunk_size,
+            args.settle,
+            log_level=args.log_level,
+            start_timeout=start_timeout,
+        ),
+        "aria2": lambda d: run_aria2(
+            bed,
+            image,
+            d,
+            timeout,
+            make_torrent(image, d / "bench.torrent", announce, args.piece_size),
+        ),
+        "naive": lambda d: run_naive(bed, image, d, cell.naive_timeout),
+    }
+    try:
+        with bed:
+            start_origin(bed, image.path.parent, log=cell_dir / "origin.log")
+            for mode in run:
+                mode_dir = cell_dir / mode
+                mode_dir.mkdir(parents=True)
+                print(f"  {mode} ...", flush=True)
+                try:
+                    result = runners[mode](mode_dir)
+                except Exception as err:  # one broken mode must not end the matrix
+                    print(f"  {mode}: broke off: {err}", flush=True)
+                    result = broken(mode, bed.hosts, err)
+                planned.results[mode] = result
+                print(f"  {mode}: {mode_cell(result, cell)}", flush=True)
+                tidy(mode_dir, args.keep)
+    except Exception as err:  # the bed or the origin did not come up
+        print(f"  test bed: {err}", flush=True)
+        for mode in run:
+            planned.results.setdefault(mode, broken(mode, bed.hosts, err))
+
+
+def run_matrix(
+    args: argparse.Namespace, cells: Sequence[Cell], modes: Sequence[str], work: Path
+) -> int:
+    """Run every cell; print one table (also when interrupted); exit 1 if a mode failed."""
+    meta = {
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": git_describe(),
+        "cores": os.cpu_count(),
+        "modes": list(modes),
+        "chunk_size": args.chunk_size,
+        "piece_size_log2": args.piece_size,
+        "settle_s": args.settle,
+    }
+    plans = [plan_cell(c, modes, args) for c in cells]
+    todo = [p for p in plans if p.reason is None]
+    est = sum(p.cell.estimate([m for m in modes if m not in p.skipped], args.settle) for p in todo)
+    print(
+        f"matrix: {len(cells)} cells ({len(cells) - len(todo)} skipped by the guard), modes "
+        f"{', '.join(modes)}; {os.cpu_count()} cores; roughly {est / 60:.0f} min",
+        flush=True,
+    )
+    for p in plans:
+        if p.reason:
+            print(f"  skipping {p.cell}: {p.reason}", flush=True)
+    images: dict[int, Image] = {}
+    done: list[CellResult] = []
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(open(args.json, "w")) if args.json else None
+        try:
+            for i, planned in enumerate(plans, 1):
+                cell = planned.cell
+                done.append(planned)  # an interrupted cell still shows the modes it ran
+                if planned.reason is None:
+                    print(f"[{i}/{len(plans)}] {cell} (limit {cell.limit:.2f} s)", flush=True)
+                    if cell.size not in images:
+                        images[cell.size] = matrix_image(work, cell.size)
+                    try:
+                        run_cell(args, planned, modes, images[cell.size], work / "cells")
+                    except KeyboardInterrupt:
+                        planned.interrupted = True
+                        raise
+                if out:
+                    out.write(json.dumps(matrix_json(planned, meta)) + "\n")
+                    out.flush()
+        finally:
+            print_matrix(done, modes, len(plans), args)
+            if args.json:
+                print(f"rows as JSON lines: {args.json}")
+    return 0 if all(c.ok for c in done) else 1
+
+
+def matrix_image(work: Path, size: int) -> Image:
+    """The image of `size` MiB (one directory per size: the origin serves it alone)."""
+    image_id = f"bench-{size}mib"
+    path = work / "images" / str(size) / image_id
+    print(f"making a {size} MiB image ...", flush=True)
+    return Image(image_id, path, make_image(path, size), size * MiB)
+
+
+def git_describe() -> str | None:
+    """The commit this runs from, "+dirty" with uncommitted changes (None outside git)."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def good_hosts(r: ModeResult) -> int:
+    """Hosts done in time with the verified image."""
+    return sum(1 for h, t in r.host_times.items() if t is not None and h not in r.bad)
+
+
+def mode_cell(r: ModeResult | None, cell: Cell, ratio: bool = False) -> str:
+    """A mode's table cell: last host's seconds (and x limit), or why there is none."""
+    if r is None:
+        return "-"
+    if r.error:
+        return "FAILED (error)"
+    if not r.ok:
+        return f"FAILED ({good_hosts(r)}/{len(r.host_times)} ok)"
+    return f"{r.wall:.2f} s ({r.wall / cell.limit:.2f}x)" if ratio else f"{r.wall:.2f} s"
+
+
+def cpu_per_gib(r: ModeResult, cell: Cell) -> float | None:
+    """The daemons' core-seconds per GiB the hosts received (None unless every host did)."""
+    if r.daemon_cpu is None or not r.ok:
+        return None
+    return r.daemon_cpu / (cell.hosts * cell.size * MiB / GiB)
+
+
+def print_matrix(
+    done: Sequence[CellResult], modes: Sequence[str], cells: int, args: argparse.Namespace
+) -> None:
+    """The table: one row per cell, then what was skipped or failed and why."""
+    head = [
+        "hosts",
+        "size",
+        "rate",
+        "limit",
+        "swarmcache (x limit)",
+        "aria2c",
+        "naive",
+        "sc / aria2",
+        "sc origin egress",
+        "sc verified",
+        "busy (sc)",
+        "daemon CPU (sc)",
+    ]
+    print(f"\n{len(done)} of {cells} cells; last host of each mode; {os.cpu_count()} cores")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    notes: list[str] = []
+    for c in done:
+        cell, rs = c.cell, c.results
+        sc, ar = rs.get("swarmcache"), rs.get("aria2")
+        cols = {m: "skipped" if m in c.skipped else mode_cell(rs.get(m), cell) for m in modes}
+        if sc:
+            cols["swarmcache"] = mode_cell(sc, cell, ratio=True)
+        cpu = cpu_per_gib(sc, cell) if sc else None
+        row = [
+            str(cell.hosts),
+            f"{cell.size} MiB",
+            cell.rate,
+            f"{cell.limit:.2f} s",
+            cols.get("swarmcache", "-"),
+            cols.get("aria2", "-"),
+            cols.get("naive", "-"),
+            f"{sc.wall / ar.wall:.2f}x" if sc and ar and sc.ok and ar.ok else "-",
+            f"{sc.origin_tx / (cell.size * MiB):.2f} copies" if sc and not sc.error else "-",
+            ("yes" if sc.ok else "no") if sc else "-",
+            f"{sc.busy:.0%}" if sc and sc.busy is not None else "-",
+            f"{cpu:.1f} s/GiB" if cpu is not None else "-",
+        ]
+        print("| " + " | ".join(row) + " |")
+        if c.reason:
+            notes.append(f"{cell}: skipped: {c.reason}")
+        if c.interrupted:
+            notes.append(f"{cell}: interrupted; only the modes done before are shown")
+        for mode, r in rs.items():
+            if r.ok:
+                continue
+            late = [h for h, t in r.host_times.items() if t is None]
+            why = [r.error] if r.error else []
+            why += [f"not done in time: {', '.join(late)}"] if late and not r.error else []
+            why += [f"wrong or missing bytes: {', '.join(r.bad)}"] if r.bad else []
+            why += [n for n in r.notes if "exited with" in n]
+            notes.append(f"{cell}: {mode} FAILED: {'; '.join(why)}")
+    print(
+        "limit = size / rate, the time of one copy through one link; 'x limit' = last host / "
+        "limit.\nswarmcache = every host's client GETs the image through its daemon to a file "
+        "(done when curl has it; sha256-checked after). sc origin egress = the origin's veth "
+        "tx / image size.\nbusy = share of all CPUs busy while the swarmcache clients ran "
+        "(/proc/stat); daemon CPU = the daemons' user+system seconds over the same time "
+        "(/proc/PID/stat), summed, / (hosts x size)."
+    )
+    if any(c.skipped.get("naive", "").startswith("over") for c in done):
+        print(f"naive skipped above {args.naive_max_hosts} hosts (--naive-max-hosts).")
+    for note in notes:
+        print(f"- {note}")
+
+
+def matrix_json(c: CellResult, meta: Mapping[str, object]) -> dict[str, object]:
+    """One row as a JSON object: the table's columns (None where the table has '-'), each
+    mode's details, and the run's settings."""
+    cell = c.cell
+
+    def num(x: float | None, digits: int = 3) -> float | None:
+        return None if x is None or x != x else round(x, digits)  # x != x: NaN
+
+    def last(mode: str) -> float | None:
+        r = c.results.get(mode)
+        return num(r.wall) if r and r.ok else None
+
+    def detail(mode: str) -> dict[str, object]:
+        r = c.results.get(mode)
+        if r is None:
+            return {
+                "status": "skipped" if mode in c.skipped else "not run",
+                "why": c.skipped.get(mode),
+            }
+        return {
+            "status": "ok" if r.ok else "failed",
+            "last_s": num(r.wall) if r.ok else None,
+            "median_s": num(r.median),
+            "hosts_ok": good_hosts(r),
+            "host_times": {h: num(t) for h, t in r.host_times.items()},
+            "bad": r.bad,
+            "origin_tx_bytes": None if r.error else r.origin_tx,
+            "origin_served_bytes": r.origin_served,
+            "busy": num(r.busy),
+            "daemon_cpu_s": num(r.daemon_cpu),
+            "error": r.error,
+            "notes": r.notes,
+        }
+
+    sc, ar = last("swarmcache"), last("aria2")
+    scr = c.results.get("swarmcache")
+    return {
+        "hosts": cell.hosts,
+        "size_mib": cell.size,
+        "rate": cell.rate,
+        "limit_s": num(cell.limit),
+        "swarmcache_s": sc,
+        "swarmcache_x_limit": num(sc / cell.limit) if sc else None,
+        "aria2_s": ar,
+        "naive_s": last("naive"),
+        "swarmcache_vs_aria2": num(sc / ar) if sc and ar else None,
+        "swarmcache_origin_copies": (
+            num(scr.origin_tx / (cell.size * MiB)) if scr and not scr.error else None
+        ),
+        "swarmcache_verified": scr.ok if scr else None,
+        "busy_pct": num(scr.busy * 100, 1) if scr and scr.busy is not None else None,
+        "daemon_cpu_s_per_gib": num(cpu_per_gib(scr, cell)) if scr else None,
+        "skipped": c.reason,
+        "modes": {m: detail(m) for m in MATRIX_MODES},
+        "run": dict(meta),
+    }
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
