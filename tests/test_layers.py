@@ -32,8 +32,6 @@ MAX_CYCLES = 1000  # more than this means a tangle, not a few cycles to list
 # until its entry is deleted, so the list only shrinks.
 KNOWN_CYCLES: frozenset[tuple[str, ...]] = frozenset(
     {
-        # FetchJob and Swarm use each other's internals (under TYPE_CHECKING)
-        ("swarmcache.fetcher", "swarmcache.peers.swarm"),
         # make_origin imports each kind lazily; each kind imports the Origin interface
         ("swarmcache.origin", "swarmcache.origin.directory"),
         ("swarmcache.origin", "swarmcache.origin.http"),

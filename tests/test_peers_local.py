@@ -11,9 +11,17 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import ImageDir, Origin, free_port, metric, sha256, start_daemon_process
-from swarmcache.manifest import chunk_digest
-from swarmcache.wire import Hello, State, Subscribe, decode, encode
+from conftest import (
+    DaemonFactory,
+    ImageDir,
+    Origin,
+    free_port,
+    metric,
+    sha256,
+    start_daemon_process,
+)
+from swarmcache.manifest import Manifest, chunk_digest
+from swarmcache.wire import Hello, Join, Slot, State, Subscribe, decode, encode
 
 MIB = 1024 * 1024
 
@@ -141,116 +149,121 @@ async def test_three_hosts_starting_together_share_the_origin_reads(
         assert sent <= 1.05 * len(data), sent
 
 
-async def test_peer_api_serves_held_chunks_only_and_survives_garbage(
+async def _link(
+    s: aiohttp.ClientSession, url: str, image_id: str
+) -> tuple[aiohttp.ClientWebSocketResponse, State]:
+    """Link to a daemon as peer "tester", subscribe to an image, answer with an empty
+    State of our own; returns the socket and the daemon's State."""
+    ws = await s.ws_connect(url + "/v1/peer/ws")
+    await ws.send_bytes(encode(Hello("tester", "127.0.0.1", 9)))
+    assert isinstance(decode((await ws.receive(timeout=10)).data), Hello)
+    await ws.send_bytes(encode(Subscribe(image_id, True)))
+    state = decode((await ws.receive(timeout=10)).data)
+    assert isinstance(state, State)
+    if state.manifest is not None:
+        mine = state.manifest.restarted()
+        await ws.send_bytes(encode(State(image_id, mine, bytes(len(state.have)), True)))
+    return ws, state
+
+
+async def _until(ws: aiohttp.ClientWebSocketResponse, what: type, seconds: float = 10) -> Any:
+    """The next message of type `what` on the socket (others are skipped)."""
+    async with asyncio.timeout(seconds):
+        while True:
+            msg = decode((await ws.receive()).data)
+            if isinstance(msg, what):
+                return msg
+
+
+async def test_peer_api_serves_held_blocks_only_and_survives_garbage(
     tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
 ) -> None:
     data = images.add("img", 1 * MIB)
     a = await start_daemon_process(tmp_path, origin.url, name="a")
     daemon_processes.append(a)
+    block = 64 * 1024  # the test chunk size: each chunk is one block
     async with aiohttp.ClientSession() as s:
-        async with s.get(a.url + "/v1/peer/images/img/chunks/0") as resp:
+        async with s.get(a.url + "/v1/peer/images/img/blocks/0") as resp:
             assert resp.status == 404  # not held yet
         assert await _get(s, a.url + "/v1/images/img") == data
-        # The response ends once the image passed its checksum; the fetch then still makes
-        # it durable and marks it complete. A peer saying hello before that is subscribed
-        # to by the running fetch (one more peer error: nothing listens on its port 9) and
-        # told the image is not complete yet: wait for the fetch to end.
         async with s.get(a.url + "/v1/images/img/status?wait=30") as resp:
             assert (await resp.json())["state"] == "complete"
-        async with s.get(a.url + "/v1/peer/images/img/chunks/3") as resp:
+        async with s.get(a.url + "/v1/peer/images/img/blocks/3") as resp:
+            assert resp.status == 503  # held, but we hold none of its upload slots
+            assert float(resp.headers["Retry-After"]) > 0
+        ws, state = await _link(s, a.url, "img")
+        assert state.manifest is not None
+        assert state.manifest.complete
+        assert state.have == b"\xff" * 2
+        slot = await _until(ws, Slot)
+        assert slot == Slot("img", True)  # we lack what it holds: it gives us a slot
+        node = {"X-Swarmcache-Node": "tester"}
+        async with s.get(a.url + "/v1/peer/images/img/blocks/3", headers=node) as resp:
             assert resp.status == 200
-            assert await resp.read() == data[3 * 64 * 1024 : 4 * 64 * 1024]
-            assert len(resp.headers["X-Chunk-Digest"]) == 32
-        async with s.get(a.url + "/v1/peer/images/img/chunks/99") as resp:
+            body = await resp.read()
+            assert body == data[3 * block : 4 * block]
+            assert resp.headers["X-Block-Digest"] == chunk_digest(body).hex()
+            assert state.manifest.block_digest(3) == chunk_digest(body)
+        async with s.get(a.url + "/v1/peer/images/img/blocks/99", headers=node) as resp:
             assert resp.status == 404
         async with s.get(
-            a.url + "/v1/peer/images/img/chunks/1", headers={"If-Match": '"other"'}
+            a.url + "/v1/peer/images/img/blocks/1", headers={**node, "If-Match": '"other"'}
         ) as resp:
             assert resp.status == 412
-        async with s.get(a.url + "/v1/peer/images/img/chunks/x") as resp:
+        async with s.get(a.url + "/v1/peer/images/img/blocks/x", headers=node) as resp:
             assert resp.status == 400
+        await ws.close()
         # a peer speaking garbage, or skipping its hello, loses its socket, nothing more
         for frame in (b"\xc1\xc1", b"\x93\x01\x02\x03", encode(Subscribe("img", True))):
-            async with s.ws_connect(a.url + "/v1/peer/ws") as ws:
-                await ws.send_bytes(frame)
-                msg = await ws.receive(timeout=10)
+            async with s.ws_connect(a.url + "/v1/peer/ws") as bad:
+                await bad.send_bytes(frame)
+                msg = await bad.receive(timeout=10)
                 assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-        # a well-behaved subscriber gets the state: every chunk held
-        async with s.ws_connect(a.url + "/v1/peer/ws") as ws:
-            await ws.send_bytes(encode(Hello("tester", "127.0.0.1", 9)))
-            assert isinstance(decode((await ws.receive(timeout=10)).data), Hello)
-            await ws.send_bytes(encode(Subscribe("img", False)))
-            state = decode((await ws.receive(timeout=10)).data)
-            assert isinstance(state, State)
-            assert state.manifest is not None
-            assert state.manifest.complete
-            assert state.have == b"\xff" * 2
+        # a join that is not msgpack, or for another image, is a 400
+        async with s.post(a.url + "/v1/peer/images/img/join", data=b"\xc1") as resp:
+            assert resp.status == 400
+        join = encode(Join("other", "tester", "127.0.0.1", 9, True))
+        async with s.post(a.url + "/v1/peer/images/img/join", data=join) as resp:
+            assert resp.status == 400
         async with s.get(a.url + "/healthz") as resp:
             assert resp.status == 200
         async with s.get(a.url + "/metrics") as resp:
             assert metric(await resp.text(), "swarmcache_peer_errors_total") == 3
 
 
-async def test_chunk_in_flight_from_the_origin_is_streamed_with_its_digest(
-    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
-) -> None:
-    data = images.add("img", 1 * MIB)
-    a = await start_daemon_process(tmp_path, origin.url, name="a")
-    daemon_processes.append(a)
-    origin.faults.delay = 1.0  # every origin answer waits: chunks stay in flight a while
+async def test_a_block_is_served_before_its_chunk_is_complete(daemon: DaemonFactory) -> None:
+    """Blocks of 16 KiB in chunks of 64 KiB: a daemon holding two blocks of a chunk
+    that is not whole (a fetch under way elsewhere) serves them to a peer holding one
+    of its upload slots, with the digest it announced; the chunk stays unreadable to
+    clients, and a block it does not hold is a 404."""
+    from swarmcache.api import STORE
+
+    client = await daemon()
+    store = client.app[STORE]
+    image = store.make_entry(
+        Manifest("img", size=4 * 64 * 1024, chunk_size=64 * 1024, block_size=16 * 1024)
+    )
+    store.add(image)
+    blocks = [bytes([b]) * 16 * 1024 for b in range(2)]
+    for b, data in enumerate(blocks):
+        image.write_block(b, data, chunk_digest(data))
+    base = str(client.make_url(""))
     async with aiohttp.ClientSession() as s:
-        async with s.post(a.url + "/v1/images/img/fetch") as resp:
-            assert resp.status == 202
-        taking: tuple[int, ...] = ()
-        async with s.ws_connect(a.url + "/v1/peer/ws") as ws:
-            await ws.send_bytes(encode(Hello("tester", "127.0.0.1", 9)))
-            await ws.receive(timeout=10)
-            for _ in range(50):
-                await ws.send_bytes(encode(Subscribe("img", False)))
-                state = decode((await ws.receive(timeout=10)).data)
-                assert isinstance(state, State)
-                if state.taking:
-                    taking = state.taking
-                    break
-                await asyncio.sleep(0.05)
-        assert taking, "the daemon never announced a chunk it was taking"
-        index = taking[0]
-        chunk = data[index * 64 * 1024 : (index + 1) * 64 * 1024]
-        url = f"{a.url}/v1/peer/images/img/chunks/{index}"
-        async with s.get(url) as resp:
-            assert resp.status == 404  # not held yet: only a streamed read gets it
-        async with s.get(url, headers={"X-Swarmcache-Stream": "1"}) as resp:
+        ws, state = await _link(s, base, "img")
+        assert state.manifest is not None
+        assert state.have[0] == 0b11  # blocks 0 and 1 of 16
+        assert await _until(ws, Slot) == Slot("img", True)
+        node = {"X-Swarmcache-Node": "tester"}
+        async with s.get(base + "/v1/peer/images/img/blocks/1", headers=node) as resp:
             assert resp.status == 200
             body = await resp.read()
-        assert body[: len(chunk)] == chunk
-        assert body[len(chunk) :] == chunk_digest(chunk)
-        origin.faults.delay = 0
-
-
-async def test_a_relay_serves_only_what_it_may_pass_on() -> None:
-    """Streams in flight: an origin read to anyone, a relayed one only to a peer that will
-    not pass it on again (no chains, so no cycles), one arriving within the wait."""
-    from swarmcache.api import _in_flight
-    from swarmcache.fetcher import InFlight
-
-    class Job:  # the two things _in_flight reads of a FetchJob and a CachedImage
-        def __init__(self) -> None:
-            self.inflight: dict[int, InFlight] = {}
-
-        def has(self, index: int) -> bool:
-            return False
-
-    job = Job()
-    origin, relayed = InFlight(10), InFlight(10)
-    relayed.relayed = True
-    job.inflight.update({0: origin, 1: relayed})
-    assert await _in_flight(job, job, 0, to_relay=True) is origin
-    assert await _in_flight(job, job, 1, to_relay=False) is relayed
-    assert await _in_flight(job, job, 1, to_relay=True) is None
-    assert await _in_flight(job, job, 3, to_relay=False) is None  # nothing within the wait
-    late = InFlight(10)
-    asyncio.get_running_loop().call_later(0.1, job.inflight.__setitem__, 4, late)
-    assert await _in_flight(job, job, 4, to_relay=False) is late
+            assert resp.headers["X-Block-Digest"] == chunk_digest(blocks[1]).hex()
+        assert body == blocks[1]
+        assert state.manifest.block_digest(1) == chunk_digest(blocks[1])
+        async with s.get(base + "/v1/peer/images/img/blocks/2", headers=node) as resp:
+            assert resp.status == 404
+        assert not image.has(0)  # the chunk is not whole: clients cannot read it
+        await ws.close()
 
 
 async def test_reads_from_a_peer_that_is_gone_end_at_once() -> None:
@@ -269,19 +282,13 @@ async def test_reads_from_a_peer_that_is_gone_end_at_once() -> None:
 
     server = await asyncio.start_server(hang, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    swarm = Swarm(
-        "a" * 16,
-        ("127.0.0.1", 1),
-        PeersConfig(timeout=600.0),
-        origin_deadline=600.0,
-        metrics=Metrics(),
-    )
-    manifest = Manifest("img", size=2 * MIB, chunk_size=MIB)
+    swarm = Swarm("a" * 16, ("127.0.0.1", 1), PeersConfig(timeout=600.0), 4, Metrics())
+    manifest = Manifest("img", size=2 * MIB, chunk_size=MIB, block_size=MIB)
     try:
         async with swarm:
             swarm.seen("b" * 16, "127.0.0.1", port, "static")
-            held = asyncio.create_task(swarm.read_chunk("b" * 16, manifest, 0))
-            streamed = asyncio.create_task(swarm.read_chunk_streamed("b" * 16, manifest, 1))
+            held = asyncio.create_task(swarm.read_block("b" * 16, manifest, 0))
+            streamed = asyncio.create_task(swarm.read_block("b" * 16, manifest, 1))
             for _ in range(100):  # both requests are at the peer
                 if len(accepted) == 2:
                     break
@@ -297,9 +304,42 @@ async def test_reads_from_a_peer_that_is_gone_end_at_once() -> None:
                 assert "the peer is gone" in str(result)
             # and a read that starts after it went away does not wait either
             with pytest.raises(PeerGone, match="is quarantined"):
-                await swarm.read_chunk("b" * 16, manifest, 0)
+                await swarm.read_block("b" * 16, manifest, 0)
     finally:
         for writer in accepted:
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_hosts_starting_together_ask_the_origin_about_the_image_once(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
+) -> None:
+    """origin.concurrency = 1: one reader. Four hosts ask for the image at once; the
+    reader asks the origin (one HEAD and one .sha256 GET), everyone else gets the
+    manifest from the reader; the origin sends the image once."""
+    data = images.add("img", 4 * MIB)
+    ports = [free_port() for _ in range(4)]
+    daemons = []
+    for n, port in enumerate(ports):
+        others = ", ".join(f'"127.0.0.1:{p}"' for p in ports if p != port)
+        d = await start_daemon_process(
+            tmp_path,
+            origin.url,
+            name=f"h{n}",
+            port=port,
+            extra=f"[discovery]\nmdns = false\nstatic_peers = [{others}]\n",
+            env={"SWARMCACHE_ORIGIN_CONCURRENCY": "1"},
+        )
+        daemons.append(d)
+        daemon_processes.append(d)
+    async with aiohttp.ClientSession() as s:
+        for d in daemons:
+            await _wait_peers(s, d.url, 3)
+        got = await asyncio.gather(*(_get(s, d.url + "/v1/images/img") for d in daemons))
+    assert all(g == data for g in got)
+    sidecar = [r for r in origin.stats.requests if r[1] == "img.sha256"]
+    assert len(sidecar) == 1, sidecar  # the reader's stat, nobody else's
+    told = [(tmp_path / f"h{n}.log").read_text().count("manifest from peers") for n in range(4)]
+    assert sorted(told) == [0, 1, 1, 1], told  # three joiners, one reader
+    assert origin.stats.bytes_by_path["img"] == len(data)

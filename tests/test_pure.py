@@ -28,7 +28,6 @@ from swarmcache.manifest import (
     validate_image_id,
 )
 from swarmcache.origin import backoff_delay, parse_sha256_sidecar
-from swarmcache.planner import ChunkPlan
 from swarmcache.ranges import parse_range
 
 
@@ -296,33 +295,6 @@ def test_plan_eviction(entries: list, max_size: int, incoming: int, expected: li
     assert plan_eviction(entries, max_size, incoming) == expected
 
 
-def test_plan_sequential_then_wanted_first_then_retry() -> None:
-    plan = ChunkPlan(6, present=[1])
-    assert plan.remaining == 5
-    assert plan.next() == 0
-    plan.want([4, 1, 4])  # 1 is present, 4 asked twice
-    assert plan.next() == 4
-    assert plan.next() == 2
-    plan.failed(0)
-    assert plan.next() == 0
-    plan.done(0)
-    plan.done(2)
-    plan.done(4)
-    assert plan.next() == 3
-    assert plan.next() == 5
-    assert plan.next() is None
-    assert not plan.finished
-    plan.done(3)
-    plan.done(5)
-    plan.done(5)
-    assert plan.finished
-    assert plan.remaining == 0
-
-
-def test_empty_plan_is_finished() -> None:
-    assert ChunkPlan(0).finished
-
-
 def test_backoff_is_bounded_and_jittered() -> None:
     import random
 
@@ -354,18 +326,6 @@ def test_shipped_config_documents_every_key_with_its_default() -> None:
 
     raw = tomllib.loads(path.read_text())
     assert {s: set(keys) for s, keys in raw.items()} == {s: set(k) for s, k in SCHEMA.items()}
-
-
-def test_plan_hold_keeps_workers_off_until_settled() -> None:
-    plan = ChunkPlan(3)
-    plan.hold(0)
-    plan.hold(1)
-    assert plan.next() == 2
-    plan.failed(1)  # the check failed: fetch it
-    assert plan.next() == 1
-    plan.done(0)
-    assert plan.next() is None
-    assert plan.remaining == 2
 
 
 def test_origin_url_must_be_http() -> None:

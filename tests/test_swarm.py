@@ -236,13 +236,14 @@ def test_five_hosts_at_once_then_a_late_joiner(swarm: Swarm) -> None:
     # every host took part of the image from the origin and the rest from peers
     for h in five:
         assert "sources {'origin'" in swarm.log(h) or "'peer'" in swarm.log(h)
-    # with 5 fetchers, 2 of the 4 others stream each chunk from its reader and pass it
-    # on to the other 2 as it arrives (SwarmPlan.stream_source)
-    relayed = [
-        metric(http_request(bed, h, API + "/metrics").decode(), "swarmcache_relayed_bytes_total")
+    # blocks went from host to host: every one of them served others
+    served = [
+        metric(
+            http_request(bed, h, API + "/metrics").decode(), "swarmcache_served_peer_bytes_total"
+        )
         for h in five
     ]
-    assert sum(relayed) > 0, relayed
+    assert all(n > 0 for n in served), served
 
     swarm.start(late)
     wait_for("the late joiner sees the five", lambda: len(ok_peers(swarm, late)) >= 5)
@@ -268,8 +269,9 @@ def test_peer_serving_corrupt_chunks_is_quarantined_and_image_still_correct(
     assert metric(metrics, "swarmcache_peer_quarantines_total") == 1
     assert metric(metrics, "swarmcache_verification_failures_total", kind="chunk") >= 1
     assert "does not match its digest; peer quarantined" in swarm.log(good)
-    # every chunk the bad peer sent was thrown away and read from the origin instead
-    assert image_bytes_sent(bed, "corrupt-img") >= 2 * 4 * MIB
+    # every block the bad peer sent was thrown away: good kept nothing from a peer
+    assert metric(metrics, "swarmcache_fetched_bytes_total", source="peer") == 0
+    assert metric(metrics, "swarmcache_fetched_bytes_total", source="origin") == 4 * MIB
 
 
 @pytest.mark.parametrize(
@@ -330,9 +332,15 @@ def test_peer_killed_or_hung_mid_transfer_costs_a_timeout_not_the_fetch(
         if fault == "stop":  # the reads it held were ended, not waited out
             assert "is gone: ending" in s.log(c)
             assert "link to peer" in s.log(c)  # lost: its heartbeat went unanswered
-            # one error, the lost link; the reads it ended are not counted once more each
+            # counted: the lost link, and joins or links to it that failed afterwards;
+            # not the reads it ended, once more each
+            log = s.log(c)
+            counted = sum(
+                log.count(what)
+                for what in ("link to peer", "cannot link to peer", "join of ", "failed: ")
+            )
             metrics = http_request(bed, c, API + "/metrics").decode()
-            assert metric(metrics, "swarmcache_peer_errors_total") == 1
+            assert 1 <= metric(metrics, "swarmcache_peer_errors_total") <= counted
     finally:
         if stopped is not None:
             os.kill(stopped.pid, signal.SIGCONT)

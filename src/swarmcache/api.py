@@ -27,14 +27,14 @@ from .errors import (
     RangeNotSatisfiable,
     SwarmcacheError,
 )
-from .fetcher import Fetcher, FetchJob, InFlight
+from .fetcher import Fetcher, FetchJob
 from .httpfile import sendfile
-from .manifest import DIGEST_SIZE, Manifest, validate_image_id
+from .manifest import Manifest, validate_image_id
 from .metrics import CONTENT_TYPE, Metrics
-from .peers.swarm import RELAY_HEADER, STREAM_HEADER, Swarm
+from .peers.swarm import DIGEST_HEADER, NODE_HEADER, Swarm
 from .ranges import parse_range
 from .store import CachedImage, Store
-from .wire import PROTOCOL_VERSION
+from .wire import PROTOCOL_VERSION, Join, WireError, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SENT = web.ResponseKey("swarmcache.sent", int)
 SEND_SLICE = 16 * 1024 * 1024
 MAX_WAIT = 3600.0  # longest ?wait= on status and fetch
-RELAY_WAIT = 0.5  # seconds a stream request waits for the chunk to start arriving here
+MAX_JOIN = 4096  # bytes of a join message
 
 
 class AccessLog(AbstractAccessLogger):
@@ -438,40 +438,33 @@ async def peer_ws(request: web.Request) -> web.StreamResponse:
     return await request.app[SWARM].serve(request)
 
 
-async def peer_chunk(request: web.Request) -> web.StreamResponse:
-    """GET /v1/peer/images/{id}/chunks/{index}: one chunk we hold, with sendfile; else 404."""
+async def peer_block(request: web.Request) -> web.StreamResponse:
+    """GET /v1/peer/images/{id}/blocks/{index}: one block we hold, with sendfile.
+
+    404 if we do not hold it, 412 if If-Match names another version, 503 with
+    Retry-After if the asker (X-Swarmcache-Node) holds none of our upload slots.
+    """
     image_id = _image_id(request)
     try:
-        index = int(request.match_info["index"])
+        block = int(request.match_info["index"])
     except ValueError:
-        raise BadRequest("chunk index must be an integer") from None
+        raise BadRequest("block index must be an integer") from None
     image = request.app[STORE].get(image_id)
-    streamed = request.headers.get(STREAM_HEADER) == "1"
-    if image is None or not 0 <= index < image.manifest.chunks:
-        raise ImageNotFound(f"chunk {index} of {image_id!r} is not held here")
-    flight: InFlight | None = None
-    if not image.has(index):
-        job = request.app[FETCHER].jobs.get(image_id)
-        to_relay = request.headers.get(RELAY_HEADER) == "1"
-        flight = (
-            await _in_flight(image, job, index, to_relay) if job is not None and streamed else None
-        )
-        if flight is None and not image.has(index):
-            raise ImageNotFound(f"chunk {index} of {image_id!r} is not held here")
-    if flight is not None:
-        if request.headers.get("If-Match", image.manifest.etag) != image.manifest.etag:
-            raise PreconditionFailed(f"{image_id!r} here is another version")
-        return await _stream_in_flight(request, image, index, flight)
+    if image is None or not 0 <= block < image.manifest.blocks or not image.has_block(block):
+        raise ImageNotFound(f"block {block} of {image_id!r} is not held here")
     if_match = request.headers.get("If-Match")
     if if_match is not None and if_match != image.manifest.etag:
         raise PreconditionFailed(f"{image_id!r} here is another version ({image.manifest.etag})")
-    offset, length = image.manifest.span(index)
+    wait = request.app[SWARM].may_serve(image_id, request.headers.get(NODE_HEADER))
+    if wait is not None:
+        return web.Response(status=503, headers={"Retry-After": f"{wait:.3f}"})
+    offset, length = image.manifest.block_span(block)
+    digest = image.manifest.block_digest(block)
     resp = web.StreamResponse()
     resp.content_type = "application/octet-stream"
-    digest = image.manifest.digest(index)
-    resp.content_length = length + (DIGEST_SIZE if streamed and digest is not None else 0)
+    resp.content_length = length
     if digest is not None:
-        resp.headers["X-Chunk-Digest"] = digest.hex()
+        resp.headers[DIGEST_HEADER] = digest.hex()
     corrupt = bool(os.environ.get(CORRUPT_CHUNKS_ENV))
     try:
         f = open(image.data_path, "rb")  # noqa: SIM115, ASYNC230
@@ -486,8 +479,6 @@ async def peer_chunk(request: web.Request) -> web.StreamResponse:
             await resp.write(bytes(data))
         else:
             await sendfile(request, resp, f, offset, length)
-        if streamed and digest is not None:
-            await resp.write(digest)
         await resp.write_eof()
         resp[SENT] = length
         request.app[METRICS].bytes_served_peers.inc(length)
@@ -500,63 +491,20 @@ async def peer_chunk(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-async def _in_flight(
-    image: CachedImage, job: FetchJob, index: int, to_relay: bool
-) -> InFlight | None:
-    """The chunk on its way here (from the origin, or from a peer: we relay it), waiting
-    up to RELAY_WAIT for it to start, since a peer may ask us a moment before our own
-    read of it began; None if it did not start (or landed meanwhile). A peer that will
-    pass it on itself (`to_relay`) gets only an origin read's bytes."""
-    deadline = time.monotonic() + RELAY_WAIT
-    while True:
-        flight = job.inflight.get(index)
-        if flight is not None and to_relay and flight.relayed:
-            return None  # no chains: a relay passes on only what it reads from the origin
-        if flight is not None or image.has(index) or time.monotonic() >= deadline:
-            return flight
-        await asyncio.sleep(0.02)
-
-
-async def _stream_in_flight(
-    request: web.Request, image: CachedImage, index: int, flight: InFlight
-) -> web.StreamResponse:
-    """Send a chunk while it arrives (from the origin, or from its reader: we relay
-    it), then its digest (cut-through).
-
-    If the read here restarts or fails, the connection is cut: the peer must not
-    mistake a partial answer for the chunk (its digest check would catch it anyway).
-    """
-    _, length = image.manifest.span(index)
-    resp = web.StreamResponse()
-    resp.content_type = "application/octet-stream"
-    resp.content_length = length + DIGEST_SIZE
-    await resp.prepare(request)
-    attempt, sent, piece = flight.attempt, 0, 0
+async def peer_join(request: web.Request) -> web.Response:
+    """POST /v1/peer/images/{id}/join: a host joins an image we read (see wire.Join)."""
+    image_id = _image_id(request)
+    body = await request.content.read(MAX_JOIN + 1)
+    if len(body) > MAX_JOIN:
+        raise BadRequest("join message too large")
     try:
-        while True:
-            if flight.attempt != attempt or flight.failed:
-                raise ConnectionAbortedError("the read of this chunk here failed or started over")
-            if piece < flight.batches:  # a batch (see InFlight) goes out as it is
-                data = flight.batch(piece)
-                piece += 1
-                await resp.write(data)
-                sent += len(data)
-                continue
-            if flight.digest is not None:
-                if sent != length:
-                    raise ConnectionAbortedError("the chunk ended at the wrong length")
-                break
-            await flight.changed()
-        await resp.write(flight.digest)
-        await resp.write_eof()
-        resp[SENT] = sent
-        request.app[METRICS].bytes_served_peers.inc(sent)
-        if flight.relayed:
-            request.app[METRICS].bytes_relayed.inc(sent)
-    except ConnectionError:
-        if request.transport is not None:
-            request.transport.abort()
-    return resp
+        msg = decode(body)
+    except WireError as err:
+        raise BadRequest(f"bad join message: {err.detail}") from None
+    if not isinstance(msg, Join) or msg.image_id != image_id:
+        raise BadRequest("expected a join for this image")
+    answer = await request.app[SWARM].answer_join(msg, request.remote)
+    return web.Response(body=encode(answer), content_type="application/x-msgpack")
 
 
 async def list_peers(request: web.Request) -> web.Response:
@@ -583,4 +531,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/peers", list_peers)
     app.router.add_get("/v1/peer/hello", peer_hello)
     app.router.add_get("/v1/peer/ws", peer_ws)
-    app.router.add_get("/v1/peer/images/{image_id}/chunks/{index}", peer_chunk)
+    app.router.add_get("/v1/peer/images/{image_id}/blocks/{index}", peer_block)
+    app.router.add_post("/v1/peer/images/{image_id}/join", peer_join)

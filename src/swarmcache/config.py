@@ -184,9 +184,11 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
         "static_peers": (_peer_list, ()),
     },
     "peers": {
-        "concurrency": (_positive(_parse_int), 4),
+        "concurrency": (_positive(_parse_int), 2),
         "timeout": (_positive(parse_duration), 10.0),
         "quarantine": (_positive(parse_duration), 300.0),
+        "degree": (_positive(_parse_int), 8),
+        "block_size": (_positive(parse_size), parse_size("256KiB")),
     },
 }
 
@@ -250,11 +252,13 @@ class DiscoveryConfig:
 
 @dataclass(frozen=True)
 class PeersConfig:
-    """[peers]: chunk exchange between daemons."""
+    """[peers]: block exchange between daemons."""
 
-    concurrency: int = 4
+    concurrency: int = 2
     timeout: float = 10.0
     quarantine: float = 300.0
+    degree: int = 8
+    block_size: int = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -316,6 +320,14 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str], source: str) ->
     cache = values["cache"]
     if not _MIN_CHUNK <= cache["chunk_size"] <= _MAX_CHUNK:
         raise ConfigError(source, "cache.chunk_size", "must be between 64KiB and 256MiB")
+    # a chunk smaller than a block is one block
+    block = values["peers"]["block_size"] = min(values["peers"]["block_size"], cache["chunk_size"])
+    if block < 16 * 1024 or cache["chunk_size"] % block:
+        raise ConfigError(
+            source, "peers.block_size", "must be at least 16KiB and divide cache.chunk_size"
+        )
+    if values["peers"]["degree"] > 64:
+        raise ConfigError(source, "peers.degree", "must be at most 64")
     origin = values["origin"]
     if origin["kind"] == "http" and "{image_id}" not in origin["url"]:
         raise ConfigError(source, "origin.url", "must contain {image_id}")

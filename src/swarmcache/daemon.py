@@ -86,17 +86,11 @@ def advertised(config: Config) -> tuple[str, int]:
 async def _swarm_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     node = await asyncio.to_thread(_node_id, app[STORE])
-    origin = config.origin
-    # the longest an origin read of one chunk may legally take: peers wait that long
-    # for a chunk another host is taking before they read it themselves
-    deadline = (
-        origin.connect_timeout + origin.read_timeout + config.cache.chunk_size / origin.min_rate
-    )
     async with Swarm(
         node,
         advertised(config),
         config.peers,
-        deadline,
+        config.origin.concurrency,
         app[METRICS],
         config.discovery.static_peers,
     ) as swarm:
@@ -151,8 +145,10 @@ async def _fetcher_ctx(app: web.Application) -> AsyncIterator[None]:
             config.origin.concurrency,
             config.cache.chunk_size,
             app[SWARM],
+            config.peers.block_size,
         )
         app[FETCHER] = fetcher
+        app[SWARM].ride_along = fetcher.ride_along
         metrics.add_state_collector(lambda: _state_metrics(fetcher))
         fetcher.evict_now()  # max_size may have shrunk since the last run
         resume = asyncio.create_task(fetcher.resume_partial(), name="resume-partial")

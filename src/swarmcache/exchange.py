@@ -46,6 +46,7 @@ SLOTS = 2  # requests in flight to one neighbour (its pipeline)
 MAX_INFLIGHT = 32  # requests in flight from one host in all
 CANDIDATES = 64  # blocks looked at per pick (the rarest of them goes)
 FAR_AHEAD = 4  # chunks past the first missing one: "far ahead" for a waiting client
+QUIET = 2.0  # seconds without a block from anywhere: a half-spread chunk is read
 BACKLOG = 1  # untouched chunks a reader keeps before others help with its share
 GATHER = 1.0  # seconds a fetch waits for its neighbours' states before reading the origin
 ENDGAME_COPIES = 2  # sources a block may be asked of at once, near the end
@@ -106,6 +107,11 @@ def rank(image_key: str, nodes: Iterable[str]) -> list[str]:
     """Nodes in rendezvous order for an image: the same on every host, and a node
     joining or leaving moves only the places after its own."""
     return sorted(nodes, key=lambda n: (-xxhash.xxh64_intdigest(f"{image_key}\0{n}".encode()), n))
+
+
+def _top(key: str, nodes: Iterable[str]) -> str:
+    """The node that ranks first for `key` (rendezvous hashing)."""
+    return max(nodes, key=lambda n: (xxhash.xxh64_intdigest(f"{key}\0{n}".encode()), n))
 
 
 def readers(image_key: str, members: Iterable[str], concurrency: int) -> list[str]:
@@ -231,6 +237,11 @@ class Exchange:
                 blocks.append((i << 3) + low.bit_length() - 1)
                 byte ^= low
         self.neighbour_has(node, blocks)
+
+    def served(self, block: int) -> bool:
+        """A neighbour that gives us an upload slot holds block `block`."""
+        bit, byte = 1 << (block & 7), block >> 3
+        return any(p.serves_us and p.bitmap[byte] & bit for p in self.neighbours.values())
 
     def holders(self, block: int) -> list[str]:
         """Neighbours that hold block `block`."""
@@ -402,6 +413,19 @@ class Exchange:
             peer.busy_until = max(peer.busy_until, now + wait)
             peer.refusals += 1
 
+    def hold(self, blocks: Iterable[int]) -> None:
+        """Keep requests off these missing blocks: something else settles them
+        (landed, or released: a chunk being checked again after a restart)."""
+        for b in blocks:
+            if self.state[b] == MISSING:
+                self.state[b] = INFLIGHT
+
+    def release(self, blocks: Iterable[int]) -> None:
+        """Held blocks that did not land are missing again."""
+        for b in blocks:
+            if self.state[b] == INFLIGHT and b not in self.sources:
+                self.state[b] = MISSING
+
     def lost(self, blocks: Iterable[int]) -> None:
         """Blocks we had turned out bad (their chunk failed its check): missing again."""
         for b in blocks:
@@ -521,9 +545,10 @@ class ActiveSet:
 class OriginLane:
     """Which blocks this host reads from the origin, and when.
 
-    The readers (`readers`) split the chunks in turn from an offset given by the
-    image, so a client streaming from the start finds neighbouring chunks read in
-    parallel. A reader reads, in ascending order, the chunks of its share that no
+    The readers (`readers`) split the chunks by rendezvous hashing per chunk (see
+    `owner`), so a client streaming from the start finds neighbouring chunks read in
+    parallel, and hosts whose views of the readers differ for a moment never leave a
+    chunk unread. A reader reads, in ascending order, the chunks of its share that no
     neighbour holds any block of and that are not in flight here; of a chunk some of
     whose blocks are around (a reader died mid-chunk, or a client's far-ahead read),
     it reads the missing blocks only.
@@ -551,6 +576,7 @@ class OriginLane:
         self.readers = readers(image_key, self.members, self.concurrency)
         self._share = self._my_share()
         self.progress_at = now  # when a block last arrived from anywhere
+        self.stalled = False  # the swarm once brought nothing for `stall` seconds
         self.reading: dict[int, int] = {}  # first block of a read in flight -> its end
         self._cursor = 0  # chunks before it are settled for this lane
 
@@ -566,15 +592,17 @@ class OriginLane:
     def replace(self, gone: str) -> bool:
         """A member is gone (left, down): if it was a reader, the next in rank takes its
         place (every host that sees it go picks the same one). True if the readers changed."""
-        self.members.discard(gone)
-        if gone not in self.readers:
+        return self.set_members(self.members - {gone})
+
+    def set_members(self, members: Iterable[str]) -> bool:
+        """The member table changed (a host discovered or gone): the readers follow it,
+        so hosts whose tables differed for a moment agree again once they do (a chunk
+        that was nobody's in the meantime becomes its reader's). True if they changed."""
+        self.members = {*members, self.self_id}
+        new = readers(self.image_key, self.members, self.concurrency)
+        if new == self.readers:
             return False
-        at = self.readers.index(gone)
-        spare = [n for n in rank(self.image_key, self.members) if n not in self.readers]
-        if spare:
-            self.readers[at] = spare[0]
-        else:
-            del self.readers[at]
+        self.readers = new
         self._share = self._my_share()
         return True
 
@@ -584,9 +612,11 @@ class OriginLane:
         return [c for c in range(self.exchange.geometry.chunks) if self.owner(c) == self.self_id]
 
     def owner(self, chunk: int) -> str:
-        """The reader whose share chunk `chunk` is."""
-        base = xxhash.xxh64_intdigest(self.image_key.encode()) % len(self.readers)
-        return self.readers[(chunk + base) % len(self.readers)]
+        """The reader whose share chunk `chunk` is: rendezvous hashing per chunk, so
+        hosts whose member tables differ for a moment (a reader not yet discovered)
+        may both read a chunk, but never leave one to nobody: the first in rank among
+        all readers is first in every view that holds it, its own included."""
+        return _top(f"{self.image_key}\0{chunk}", self.readers)
 
     def landed(self, now: float) -> None:
         """A block arrived: the swarm is alive."""
@@ -614,42 +644,56 @@ class OriginLane:
             chunk = geo.chunk_of(b)
             if ex.state[b] == MISSING and not ex.count[b] and (chunk >= far or self._mine(chunk)):
                 return self._take(chunk, b)
-        stalled = now - self.progress_at > self.stall
+        quiet = now - self.progress_at
+        # once the swarm left us without a block for `stall`, we do not wait again:
+        # the rest is read wherever no neighbour serves it (a reader that refuses us,
+        # a neighbour that never gives us a slot)
+        self.stalled = stalled = self.stalled or quiet > self.stall
         start = geo.chunk_of(first_missing)
-        # our share, and once the swarm has brought nothing for `stall`, everything:
-        # the blocks no neighbour holds (a reader that died left some of its chunks
-        # half spread; we read what is missing of them, not what is around)
+        # Our share; once the swarm has brought nothing for `stall`, everything. Of a
+        # chunk some of whose blocks are around, only once the swarm is QUIET: someone
+        # is reading it (a helper), or a reader that died left it half spread; then
+        # we read what nobody holds, not what is around.
         for chunk in range(start, geo.chunks) if stalled else self._share:
             if chunk < start:
                 continue
-            for b in geo.blocks_of(chunk):
-                if ex.state[b] == MISSING and not ex.count[b]:
-                    return self._take(chunk, b)
-        return None if stalled else self._help(start)
+            blocks = geo.blocks_of(chunk)
+            if quiet <= QUIET and any(ex.count[b] for b in blocks):
+                continue
+            for b in blocks:
+                unserved = not ex.served(b) if stalled else not ex.count[b]
+                if ex.state[b] == MISSING and unserved:
+                    return self._take(chunk, b, stalled)
+        # helping only once the swarm is quiet: a reader that is merely busy would
+        # read what we take at the same moment
+        return None if stalled or quiet <= QUIET else self._help(start)
 
     def _help(self, start: int) -> tuple[int, int] | None:
         """Our share is read: take an untouched chunk of the reader with the most left
         (a slow host, or one that started late), from the top of its share, since it
-        reads from the bottom; never its next BACKLOG ones. Each of its chunks may be
-        taken by one helper only (by the chunk's place, round the other readers), so
-        readers done at the same moment never pick the same chunk."""
+        reads from the bottom; never its next BACKLOG ones, nor as many as it may have
+        in flight. Only a reader we are linked to (readers link to each other), whose
+        holdings we see. Each of its chunks may be taken by one helper only (by the
+        chunk's place, round the other readers), so readers done at the same moment
+        never pick the same chunk."""
         count = len(self.readers)
         if count < 2 or not self.is_reader():
             return None
         ex, geo = self.exchange, self.exchange.geometry
-        base = xxhash.xxh64_intdigest(self.image_key.encode()) % count
-        backlog: list[list[int]] = [[] for _ in range(count)]
+        backlog: dict[str, list[int]] = {r: [] for r in self.readers}
         for chunk in range(start, geo.chunks):
             blocks = geo.blocks_of(chunk)
             if all(ex.state[b] == MISSING and not ex.count[b] for b in blocks):
-                backlog[(chunk + base) % count].append(chunk)
-        me = self.readers.index(self.self_id)
-        for owner in sorted(range(count), key=lambda o: -len(backlog[o])):
-            if owner == me or len(backlog[owner]) <= BACKLOG:
+                backlog[self.owner(chunk)].append(chunk)
+        keep = BACKLOG + self.streams  # its next chunk, and the ones it may be reading
+        for owner in sorted(backlog, key=lambda o: -len(backlog[o])):
+            if owner == self.self_id or len(backlog[owner]) <= keep:
                 continue
-            helpers = [h for h in range(count) if h != owner]
-            for chunk in reversed(backlog[owner][BACKLOG:]):
-                if helpers[(chunk // count) % len(helpers)] == me:
+            if owner not in ex.neighbours:
+                continue  # we cannot see what it has read: helping would read it twice
+            helpers = [r for r in self.readers if r != owner]
+            for chunk in reversed(backlog[owner][keep:]):
+                if _top(f"{self.image_key}\0{chunk}\0help", helpers) == self.self_id:
                     return self._take(chunk, geo.blocks_of(chunk)[0])
         return None
 
@@ -663,14 +707,15 @@ class OriginLane:
             self._cursor += 1
         return self._cursor if self._cursor < n else None
 
-    def _take(self, chunk: int, first: int) -> tuple[int, int]:
-        """Read from `first` to the end of the run of missing blocks no neighbour holds."""
+    def _take(self, chunk: int, first: int, anyway: bool = False) -> tuple[int, int]:
+        """Read from `first` to the end of the run of missing blocks no neighbour holds
+        (`anyway`: that no neighbour serving us holds)."""
         ex = self.exchange
         end = first
         for b in ex.geometry.blocks_of(chunk):
             if b < first:
                 continue
-            if ex.state[b] != MISSING or ex.count[b]:
+            if ex.state[b] != MISSING or (ex.served(b) if anyway else ex.count[b]):
                 break
             end = b + 1
         for b in range(first, end):

@@ -1,13 +1,17 @@
-"""Fetching images into the store: chunk sources, one job per image, single-flight.
+"""Fetching images into the store: one job per image, single-flight.
 
-A FetchJob fills one CachedImage. Its workers take chunk indices from a pure
-ChunkPlan, read each chunk from a ChunkSource (the origin today; peers are a second
-kind of source), hash and write it in a thread, and wake the readers waiting for
-that chunk. The image's sha256 advances as chunks land; it must match the origin's
-before the image is complete.
+A FetchJob fills one CachedImage block by block. The pure `Exchange` decides which
+block to ask of which neighbour and the pure `OriginLane` what this host reads from
+the origin (see exchange.py); the job only carries that out: origin readers read
+runs of blocks (each block lands as soon as its bytes are in, so peers can have it
+while the rest of the chunk still arrives), a requester asks neighbours for blocks
+(each checked against the digest its sender announced), and once every block of a
+chunk is in, the chunk is sealed (read back and checked), becomes readable to
+clients and is made durable in group commits. The image's sha256 advances as
+chunks are sealed; it must match the origin's before the image is complete.
 
 The Fetcher keeps at most one job per image, so any number of concurrent readers
-of an uncached image cause exactly one read of each chunk.
+of an uncached image cause exactly one read of each block.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import hashlib
 import logging
+import random
 import time
 import weakref
 from collections import Counter
@@ -24,7 +30,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from .errors import (
     FetchFailed,
@@ -35,132 +41,56 @@ from .errors import (
     PeerGone,
     ShuttingDown,
     StorageError,
-    StreamRefused,
     SwarmcacheError,
 )
-from .manifest import Manifest, Pieces, pieces_digest, pieces_size
+from .exchange import GATHER, Exchange, Geometry, OriginLane
+from .manifest import Manifest, Pieces, chunk_digest, pieces_size
 from .metrics import Metrics
-from .origin import Origin, Sink
-from .planner import DONE, SwarmPlan
+from .origin import Origin
+from .peers.swarm import PeerBusy, Swarm
 from .store import CachedImage, Store
-
-if TYPE_CHECKING:
-    from .peers.swarm import Swarm
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_FAILURES = 1000  # failure records kept for the API; the oldest go first
-UNHASHED_BYTES = 64 * 1024 * 1024  # per job: chunks kept in memory for the hasher
 CHECK_BATCH = 16  # chunks re-checked per thread call when a fetch resumes
-REFRESH_EVERY = 2.0  # seconds between looks for peers that came up during a fetch
-IDLE_TICK = 1.0  # longest sleep of an idle worker (deadlines of peers' chunks expire)
-ENDGAME_CHUNKS = 8  # with this few chunks left, slow peer reads get a second source
-ENDGAME_AFTER = 1.0  # seconds a peer read runs at least before the endgame doubles it
-ENDGAME_FACTOR = 3.0  # ... and this many times the usual peer read time of the fetch
-STREAM_BATCH = 256 * 1024  # bytes of a chunk in flight handed to streaming peers at once
+IDLE_TICK = 0.25  # longest sleep of an idle worker (busy peers, endgame, the stall)
+STALL = 30.0  # seconds without a block from anywhere before a host reads what it lacks
+JOIN_KEPT = 10.0  # seconds the hosts a join named are used for the fetch that follows
 
 
-class ChunkSource(Protocol):
-    """Anything that can hand over the bytes of one chunk."""
+class _Cutter:
+    """Cuts an origin read's bytes into blocks as they arrive (an origin Sink)."""
 
-    name: str
-
-    async def read_chunk(
-        self, manifest: Manifest, index: int, sink: Sink | None = None
-    ) -> list[bytes]:
-        """The bytes of chunk `index`, in pieces (unverified: the caller checks them)."""
-        ...
-
-
-class OriginSource:
-    """The origin as a chunk source."""
-
-    name = "origin"
-
-    def __init__(self, origin: Origin) -> None:
-        self.origin = origin
-
-    async def read_chunk(
-        self, manifest: Manifest, index: int, sink: Sink | None = None
-    ) -> list[bytes]:
-        """Read the chunk's byte range from the origin (retries inside)."""
-        offset, length = manifest.span(index)
-        return await self.origin.read(
-            manifest.image_id, offset, length, manifest.origin_validator, manifest.size, sink
-        )
-
-
-class InFlight:
-    """A chunk on its way from the origin, which peers may stream before it landed.
-
-    The origin read feeds it piece by piece (a retry restarts it); readers get the
-    pieces in batches of STREAM_BATCH bytes, each joined on first use and then shared,
-    so each of the peers streaming the chunk wakes and writes once per batch, not once
-    per socket read (and a chunk nobody streams is never joined). Once the chunk is
-    checked and written, `finish` records its digest. Readers wait on `changed()`.
-    """
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-        self.attempt = 0  # moves on restart: a reader mid-way must give up
-        self.digest: bytes | None = None
-        self.failed = False
-        self.relayed = False  # it comes from the peer reading it, not from the origin
-        self._event = asyncio.Event()
-        self._pieces: list[bytes] = []  # as fed
-        self._fed = 0  # bytes in _pieces
-        self._ends: list[int] = []  # batch k is _pieces[_ends[k-1]:_ends[k]]
-        self._pending = 0  # bytes fed since the last batch
-        self._joined: dict[int, bytes] = {}
-
-    @property
-    def batches(self) -> int:
-        """Batches ready for readers."""
-        return len(self._ends)
-
-    def batch(self, k: int) -> bytes:
-        """The bytes of batch `k` (< batches)."""
-        joined = self._joined.get(k)
-        if joined is None:
-            parts = self._pieces[self._ends[k - 1] if k else 0 : self._ends[k]]
-            joined = self._joined[k] = parts[0] if len(parts) == 1 else b"".join(parts)
-        return joined
+    def __init__(self, job: FetchJob, first: int, end: int) -> None:
+        self.job = job
+        self.first = first
+        self.end = end
+        self.next = first  # the block being filled
+        self.pieces: list[bytes] = []
+        self.filled = 0
+        self.landing: list[asyncio.Task[None]] = []
 
     def restart(self) -> None:
-        """A new origin attempt: the bytes fed so far are void."""
-        self._pieces, self._fed, self._ends, self._pending = [], 0, [], 0
-        self._joined = {}
-        self.attempt += 1
-        self._wake()
+        """A retry starts over at the first block (blocks that landed stay landed)."""
+        self.next, self.pieces, self.filled = self.first, [], 0
 
     def feed(self, data: bytes) -> None:
-        """The next piece from the origin."""
-        self._pieces.append(data)
-        self._fed += len(data)
-        self._pending += len(data)
-        if self._pending >= STREAM_BATCH or self._fed >= self.length:
-            self._ends.append(len(self._pieces))
-            self._pending = 0
-            self._wake()
-
-    def finish(self, digest: bytes | None) -> None:
-        """The chunk landed with this digest (None: it failed)."""
-        self.digest = digest
-        self.failed = digest is None
-        self._wake()
-
-    @property
-    def over(self) -> bool:
-        """Finished or failed: nothing more will be fed."""
-        return self.digest is not None or self.failed
-
-    async def changed(self) -> None:
-        """Wait for the next piece, restart or end."""
-        await self._event.wait()
-
-    def _wake(self) -> None:
-        self._event.set()
-        self._event = asyncio.Event()
+        """The next bytes of the run."""
+        manifest = self.job.image.manifest
+        view = memoryview(data)
+        while view and self.next < self.end:
+            length = manifest.block_span(self.next)[1]
+            part = view[: length - self.filled]
+            self.pieces.append(bytes(part) if len(part) != len(data) else data)
+            self.filled += len(part)
+            view = view[len(part) :]
+            if self.filled == length:
+                if not self.job.image.has_block(self.next):
+                    land = self.job.land_from_origin(self.next, self.pieces)
+                    self.landing.append(asyncio.ensure_future(land))
+                self.next += 1
+                self.pieces, self.filled = [], 0
 
 
 @dataclass
@@ -173,71 +103,80 @@ class Failure:
 
 
 class FetchJob:
-    """Fetches the missing chunks of one image, verifies it, makes it durable.
+    """Fetches the missing blocks of one image, verifies it, makes it durable.
 
-    Three things run at once: workers fetch chunks and write them (a written chunk
-    can be read at once), a flusher makes written chunks durable in group commits
-    (fdatasync of the data, then their log records), and the sha256 of the image
-    advances over the written prefix as chunks land, so the whole-image check needs
-    no second read of the file. `verified` resolves when the checksum passed,
-    `result` when the image is also durable and marked complete.
+    What runs at once: origin readers and a peer requester land blocks (a landed
+    block is served to peers at once), chunks are sealed when their last block
+    lands, a flusher makes sealed chunks durable in group commits, and the sha256
+    of the image advances over the sealed prefix, so the whole-image check needs no
+    second read of the file. `verified` resolves when the checksum passed, `result`
+    when the image is also durable and marked complete.
     """
 
     def __init__(
         self,
         image: CachedImage,
-        sources: list[ChunkSource],
+        origin: Origin,
         metrics: Metrics,
         concurrency: int,
         executor: ThreadPoolExecutor,
         swarm: Swarm | None = None,
-        peer_workers: int = 4,
-        stream_workers: int = 8,
+        hosts: set[str] | None = None,
     ) -> None:
         self.image = image
+        self.origin = origin
         self.executor = executor
         self._threads: set[concurrent.futures.Future[Any]] = set()
-        self.sources = sources
         self.metrics = metrics
         self.concurrency = concurrency
         self.swarm = swarm
-        self.peer_workers = peer_workers if swarm is not None else 0
-        self.stream_workers = stream_workers if swarm is not None else 0
-        manifest = image.manifest
-        present = [i for i in range(manifest.chunks) if image.has(i)]
-        self.plan = (
-            swarm.new_plan(manifest, present)
-            if swarm is not None
-            else SwarmPlan(manifest.chunks, present, "", manifest.image_id, stall=0.0)
+        self.hosts = hosts or set()
+        m = image.manifest
+        geometry = Geometry(m.size, m.chunk_size, m.block_size)
+        self.exchange = Exchange(
+            geometry,
+            [b for b in range(m.blocks) if image.has_block(b)],
+            random.Random(),
+            slots=swarm.config.concurrency if swarm is not None else 1,
         )
-        self.taking: set[int] = set()  # chunks being read from the origin
-        self.inflight: dict[int, InFlight] = {}  # the same, streamable to peers
-        self._peer_reads: dict[int, dict[str, asyncio.Task[None]]] = {}
-        self._read_started: dict[int, tuple[float, bool]] = {}  # first read: when, streamed
-        # EWMA of successful peer read durations: held chunks (the peer's pace), streamed
-        # ones (the origin's pace, set by the host reading it)
-        self._read_time = {False: 0.0, True: 0.0}
+        now = time.monotonic()
+        self.lane = OriginLane(
+            self.exchange,
+            swarm.node_id if swarm is not None else "",
+            self.image_id,
+            [n for n in swarm.members_now() if n != swarm.node_id] if swarm is not None else [],
+            concurrency,
+            STALL,
+            now,
+            gather=GATHER if swarm is not None else 0.0,
+        )
         self.peers_used: set[str] = set()
-        self.started = time.monotonic()
+        self.started = now
         self.bytes_by_source: Counter[str] = Counter()
         loop = asyncio.get_running_loop()
         self.verified: asyncio.Future[None] = loop.create_future()
         self.result: asyncio.Future[None] = loop.create_future()
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
         self._changed = asyncio.Event()
+        self._reads: dict[tuple[int, str], asyncio.Task[None]] = {}  # peer reads in flight
+        self._seals: set[asyncio.Task[None]] = set()
+        self._error: SwarmcacheError | None = None  # a part failed: the fetch ends with it
         self._unsynced: list[int] = []
         self._dirty = asyncio.Event()
         self._closing = False
         self._sha = hashlib.sha256()
         self._hash_next = 0  # chunks before this one are in _sha or being added to it
         self._hash_wake = asyncio.Event()
-        self._unhashed: dict[int, Pieces] = {}  # written chunks the hasher has not seen yet
-        self._unhashed_bytes = 0
 
     @property
     def image_id(self) -> str:
         """The image being fetched."""
         return self.image.image_id
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest being filled."""
+        return self.image.manifest
 
     def progress(self) -> dict[str, Any]:
         """Bytes done, rate and sources of this run, for the status API."""
@@ -252,21 +191,25 @@ class FetchJob:
             "eta_s": round(left / rate, 1) if rate > 0 else None,
             "sources": dict(self.bytes_by_source),
             "verified": self.verified.done() and self.verified.exception() is None,
+            "readers": list(self.lane.readers),
+            "neighbours": len(self.exchange.neighbours),
         }
 
     def poke(self) -> None:
-        """Something changed (a peer's state): idle workers look at the plan again."""
+        """Something changed (a neighbour's state): idle workers look again."""
         self._changed.set()
 
     def want(self, first: int, last: int) -> None:
-        """A reader needs chunks first..last next: put a window of them ahead of the rest.
+        """A reader needs chunks first..last next: their blocks go ahead of the rest.
 
-        The window (twice the worker count) keeps every worker busy on what the reader
-        needs without queueing the chunk list of a whole 100 GiB image; the reader's
-        wait_chunk() moves the window along.
+        A window of a few chunks keeps the workers on what the reader needs without
+        queueing the blocks of a whole 100 GiB image; wait_chunk() moves it along.
         """
-        stop = min(last + 1, first + 2 * self.concurrency, self.image.manifest.chunks)
-        self.plan.want(i for i in range(first, stop) if not self.image.has(i))
+        m = self.image.manifest
+        stop = min(last + 1, first + max(2, self.concurrency), m.chunks)
+        self.exchange.want(
+            b for i in range(first, stop) if not self.image.has(i) for b in m.blocks_of(i)
+        )
         self._changed.set()
 
     async def wait_chunk(self, index: int, last: int | None = None) -> None:
@@ -298,48 +241,37 @@ class FetchJob:
     async def run(self) -> None:
         """The job's body: fetch, verify, make durable, mark complete. Sets `result`."""
         tasks: list[asyncio.Task[None]] = []
-        workers: asyncio.Future[Any] | None = None
         try:
-            # Chunks logged before a restart are re-checked alongside the fetch of the rest.
+            # Chunks logged before a restart are checked again alongside the rest.
             unchecked = self.image.unchecked()
-            for index in unchecked:
-                self.plan.hold(index)
+            m = self.image.manifest
+            self.exchange.hold(b for i in unchecked for b in m.blocks_of(i))
             if self.swarm is not None:
-                # peers' states first, so the origin is asked only for our share
-                await self.swarm.join(self)
+                await self.swarm.start(self, self.hosts)
                 log.debug(
-                    "%s: %d other fetchers, handover %.3fs",
+                    "%s: %d neighbours, readers %s",
                     self.image_id,
-                    len(self.plan.fetchers),
-                    self.plan.handover,
+                    len(self.exchange.neighbours),
+                    ", ".join(self.lane.readers),
                 )
-            tasks = (
-                [
-                    asyncio.create_task(self._origin_worker(), name=f"fetch-{self.image_id}-{n}")
-                    for n in range(self.concurrency)
-                ]
-                + [
-                    asyncio.create_task(self._peer_worker(False), name=f"peer-{self.image_id}-{n}")
-                    for n in range(self.peer_workers)
-                ]
-                + [
-                    asyncio.create_task(self._peer_worker(True), name=f"stream-{self.image_id}-{n}")
-                    for n in range(self.stream_workers)
-                ]
-            )
-            workers = asyncio.gather(*tasks)
+            tasks = [
+                asyncio.create_task(self._origin_reader(), name=f"origin-{self.image_id}-{n}")
+                for n in range(self.lane.streams)
+            ]
+            if self.swarm is not None:
+                tasks.append(asyncio.create_task(self._requester(), name=f"peers-{self.image_id}"))
             hasher = asyncio.create_task(self._hasher(), name=f"hash-{self.image_id}")
             flusher = asyncio.create_task(self._flusher(), name=f"flush-{self.image_id}")
             checker = asyncio.create_task(self._checker(unchecked), name=f"check-{self.image_id}")
             tasks += [hasher, flusher, checker]
-            if self.swarm is not None:
-                tasks.append(asyncio.create_task(self._refresher(), name=f"peers-{self.image_id}"))
             # Until every chunk is in and hashed, the first failure of any part ends it.
-            pending: set[asyncio.Future[Any]] = {workers, hasher, flusher, checker}
-            while not (workers.done() and hasher.done()):
+            pending: set[asyncio.Future[Any]] = set(tasks)
+            while not hasher.done():
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for part in done:
                     part.result()
+                if self._error is not None:
+                    raise self._error
             self._verify()
             self._closing = True
             self._dirty.set()
@@ -358,12 +290,12 @@ class FetchJob:
             self._fail(FetchFailed(f"fetch of {self.image_id} ended"))  # no waiter left behind
         finally:
             if self.swarm is not None:
-                self.swarm.leave(self)
-            for t in tasks:
+                self.swarm.stop(self)
+            for t in [*tasks, *self._reads.values(), *self._seals]:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if workers is not None and workers.done() and not workers.cancelled():
-                workers.exception()  # retrieved: the failure was handled above
+            await asyncio.gather(
+                *tasks, *self._reads.values(), *self._seals, return_exceptions=True
+            )
             # Threads cannot be cancelled: wait for the ones still writing to this
             # image's files, so nobody closes or deletes them underneath.
             await asyncio.gather(
@@ -386,6 +318,7 @@ class FetchJob:
 
     async def _checker(self, unchecked: list[int]) -> None:
         """Re-check chunks logged before a restart, in order; good ones become readable."""
+        m = self.image.manifest
         for start in range(0, len(unchecked), CHECK_BATCH):
             batch = unchecked[start : start + CHECK_BATCH]
             bad = set(await self._thread(self.image.check_present, batch))
@@ -395,257 +328,192 @@ class FetchJob:
                         "%s: chunk %d on disk is corrupt; fetching it again", self.image_id, index
                     )
                     self.metrics.verification_failures.labels("chunk").inc()
-                    self.plan.failed(index)
+                    self.exchange.release(m.blocks_of(index))
                 else:
-                    self.plan.done(index)
-                    self._wake(index)
+                    for b in m.blocks_of(index):
+                        self.exchange.landed(b)
+                    self._chunk_ready(index, announce=True)
             self._changed.set()
-            self._hash_wake.set()
 
-    async def _origin_worker(self) -> None:
-        """Read the chunks the plan gives the origin lane, one at a time."""
-        while not self.plan.finished:
+    # -- the origin ------------------------------------------------------------------
+
+    async def _origin_reader(self) -> None:
+        """Read the runs of blocks the origin lane gives this host, one at a time."""
+        while not self.exchange.finished:
             self._changed.clear()
-            index = (
-                self.plan.next_origin(time.monotonic())
-                if len(self.taking) < self._origin_slots()
-                else None
+            run = self.lane.next_read(time.monotonic())
+            if run is None:
+                await self._idle()
+                continue
+            await self._read_origin(*run)
+
+    async def _read_origin(self, first: int, end: int) -> None:
+        m = self.image.manifest
+        offset = m.block_span(first)[0]
+        last_offset, last_length = m.block_span(end - 1)
+        length = last_offset + last_length - offset
+        cutter = _Cutter(self, first, end)
+        t0 = time.monotonic()
+        try:
+            await self.origin.read(
+                self.image_id, offset, length, m.origin_validator, m.size, cutter
             )
-            if index is None:
-                await self._idle()
-                continue
-            self.taking.add(index)
-            flight = self.inflight[index] = InFlight(self.image.manifest.span(index)[1])
-            if self.swarm is not None:
-                self.swarm.announce_taking(self.image_id, index)
-            try:
-                await self._fetch_chunk(
-                    index, self.sources[0], self.image.manifest.digest(index), flight
-                )
-            except BaseException:
-                self.plan.failed(index)
-                flight.finish(None)
-                raise
-            finally:
-                self.taking.discard(index)
-                del self.inflight[index]
-            flight.finish(self.image.manifest.digest(index))
-            self._landed(index)
-
-    def _origin_slots(self) -> int:
-        """Origin reads this host may have in flight: origin.concurrency shared by the hosts
-        fetching the image, so the origin serves about that many streams in all, and
-        each chunk arrives (and can be passed on to peers) as early as possible."""
-        return max(1, -(-self.concurrency // (1 + len(self.plan.fetchers))))
-
-    async def _peer_worker(self, streams: bool) -> None:
-        """Read chunks from peers: held ones, or (`streams`) ones still arriving at a peer.
-
-        Streams get workers of their own: they go at the origin's pace and must start
-        the moment a peer announces the chunk, not when a held read frees a worker.
-        A failing peer costs a retry elsewhere, not the fetch.
-        """
-        assert self.swarm is not None
-        swarm = self.swarm
-        limit = swarm.config.concurrency
-        while not self.plan.finished:
-            self._changed.clear()
-            now = time.monotonic()
-
-            def pick(holders: list[str], now: float = now) -> str | None:
-                return swarm.table.rank(holders, now, limit)
-
-            task = self.plan.next_peer(pick, now, streams=streams)
-            if task is None and not streams:
-                task = self._endgame(limit)
-            if task is None:
-                await self._idle()
-                continue
-            await self._peer_read(*task)
-
-    def _endgame(self, limit: int) -> tuple[int, str, bool] | None:
-        """Near the end, a chunk slow to come from one peer is asked of a second one too."""
-        assert self.swarm is not None
-        if self.plan.remaining > ENDGAME_CHUNKS:
-            return None
-        now = time.monotonic()
-        for index, reads in self._peer_reads.items():
-            started, streamed = self._read_started[index]
-            # slow = well behind what such a read usually takes in this fetch; a streamed
-            # chunk comes at the origin's pace, and doubling it early only splits our own
-            # link between two copies
-            slow = max(ENDGAME_AFTER, ENDGAME_FACTOR * self._read_time[streamed])
-            if (
-                self.plan.state[index] == DONE  # landed; the losers are being cancelled
-                or len(reads) != 1
-                or now - started < slow
-            ):
-                continue
-            others = [n for n in self.plan.holders_of(index) if n not in reads]
-            node = self.swarm.table.rank(others, now, limit)
-            if node is not None:
-                log.debug("%s: endgame: chunk %d also from %s", self.image_id, index, node)
-                return index, node, False
-        return None
-
-    async def _peer_read(self, index: int, node: str, streamed: bool) -> None:
-        """One read of a chunk from a peer; the first of duplicate reads to land wins."""
-        assert self.swarm is not None
-        reads = self._peer_reads.setdefault(index, {})
-        if not reads:
-            self._read_started[index] = (time.monotonic(), streamed)
-        read = asyncio.create_task(self._fetch_from_peer(index, node, streamed))
-        reads[node] = read
-        peer = self.swarm.table.get(node)
-        if peer is not None:
-            peer.inflight += 1
-        try:
-            await read
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if read.cancelled() and current is not None and not current.cancelling():
-                return  # a duplicate landed first
+            await asyncio.gather(*cutter.landing)
+        except BaseException as err:
+            for task in cutter.landing:
+                task.cancel()
+            await asyncio.gather(*cutter.landing, return_exceptions=True)
+            self.lane.read_done(first, failed_from=first)
+            self._changed.set()
+            if isinstance(err, SwarmcacheError):
+                self.metrics.source_errors.labels("origin").inc()
             raise
-        except (PeerError, IntegrityError):
-            if len(reads) == 1:  # no other read of it running: it is missing again
-                self.plan.failed(index)
-                self._changed.set()
-            return
-        finally:
-            if peer is not None:
-                peer.inflight -= 1
-            reads.pop(node, None)
-            if not reads:
-                self._peer_reads.pop(index, None)
-                self._read_started.pop(index, None)
-        for other in list(reads.values()):
-            other.cancel()
-        self._peer_reads.pop(index, None)  # the cancelled reads are no longer candidates
-        if self.plan.state[index] != DONE:
-            self._landed(index)
+        self.lane.read_done(first)
+        self._account("origin", length, time.monotonic() - t0)
 
-    async def _fetch_from_peer(self, index: int, node: str, streamed: bool) -> None:
-        taker = self.plan.taken.get(index, ("", 0.0))[0]
-        relay = None
-        if streamed and node == taker and index not in self.inflight:
-            # pass it on as it arrives: we may be other hosts' relay (stream_source);
-            # only a chunk that comes straight from its reader, so there are no chains
-            relay = self.inflight[index] = InFlight(self.image.manifest.span(index)[1])
-            relay.relayed = True
-        checked = False
-        try:
-            checked = await self._fetch_from_peer_into(index, node, streamed, taker, relay)
-        finally:
-            if relay is not None:
-                if self.inflight.get(index) is relay:
-                    del self.inflight[index]
-                # our digest only for the bytes we passed on and then checked ourselves
-                relay.finish(self.image.manifest.digest(index) if checked else None)
+    async def land_from_origin(self, block: int, pieces: list[bytes]) -> None:
+        """One block of an origin read is in: its digest is what the origin sent."""
 
-    async def _fetch_from_peer_into(
-        self, index: int, node: str, streamed: bool, taker: str, relay: InFlight | None
-    ) -> bool:
-        """One read; True if its bytes were checked and written here."""
+        def write() -> tuple[bytes, bool]:
+            digest = _digest(pieces)
+            return digest, self.image.write_block(block, pieces, digest)
+
+        digest, last = await self._thread(write)
+        await self._landed(block, digest, last, None)
+
+    # -- peers ----------------------------------------------------------------------------
+
+    async def _requester(self) -> None:
+        """Ask neighbours for blocks whenever the exchange has requests to make."""
+        assert self.swarm is not None
+        while not self.exchange.finished:
+            self._changed.clear()
+            for node, block in self.exchange.next_requests(time.monotonic()):
+                task = asyncio.create_task(self._peer_block(node, block))
+                self._reads[(block, node)] = task
+                task.add_done_callback(self._read_done)
+            await self._idle()
+
+    def _read_done(self, task: asyncio.Task[None]) -> None:
+        for key, t in list(self._reads.items()):
+            if t is task:
+                del self._reads[key]
+
+    async def _peer_block(self, node: str, block: int) -> None:
+        """One read of a block from a neighbour; the first copy to land wins."""
         assert self.swarm is not None
         swarm = self.swarm
         t0 = time.monotonic()
         try:
-            if streamed:
-                # the digest comes after the bytes: the peer knows it once they are in
-                data, expected = await swarm.read_chunk_streamed(
+            data = await swarm.read_block(node, self.image.manifest, block)
+            expected = swarm.digest(self.image_id, node, block)
+            if expected is None:
+                raise PeerError(f"peer {node} announced block {block} without a digest")
+            if self.image.has_block(block):
+                self.exchange.landed(block, node, time.monotonic())
+                return  # another copy (endgame) landed first
+            digest = await self._thread(_digest, data)
+            if digest != expected:
+                log.warning(
+                    "%s: block %d from peer %s does not match its digest; peer quarantined",
+                    self.image_id,
+                    block,
                     node,
-                    self.image.manifest,
-                    index,
-                    relay.feed if relay is not None else None,
-                    # we pass it on: the peer must send what it reads from the origin
-                    to_relay=relay is not None,
                 )
-            else:
-                announced = swarm.digest(self.image_id, node, index)
-                if announced is None:
-                    raise PeerError(f"peer {node} announced chunk {index} without a digest")
-                expected = announced
-                data = await swarm.read_chunk(node, self.image.manifest, index)
-        except StreamRefused as err:
-            log.debug("%s: chunk %d: %s", self.image_id, index, err)
-            if node == taker:  # it is not reading it (any more): wait for news of it
-                self.plan.not_taking(node, index)
-            else:
-                self.plan.relay_failed(index)  # from its reader next time
-            raise
+                self.metrics.verification_failures.labels("chunk").inc()
+                self.exchange.failed(block, node)
+                swarm.quarantine(node)
+                return
+            last = await self._thread(self.image.write_block, block, data, digest)
+        except PeerBusy as err:
+            now = time.monotonic()
+            self.exchange.refused(block, node, now, now + err.retry_after)
+            return
+        except PeerGone as err:
+            log.info("%s: block %d from peer %s: %s", self.image_id, block, node, err)
+            self.exchange.failed(block, node)
+            return
         except PeerError as err:
-            if streamed and node != taker:
-                # a relay is cut off when its own stream breaks: not its failure
-                log.debug("%s: chunk %d via relay %s: %s", self.image_id, index, node, err)
-                self.plan.relay_failed(index)
-                raise
-            if isinstance(err, PeerGone):  # counted once, where it went away
-                log.info("%s: chunk %d from peer %s: %s", self.image_id, index, node, err)
-                raise
-            log.info("%s: chunk %d from peer %s failed: %s", self.image_id, index, node, err)
+            log.info("%s: block %d from peer %s failed: %s", self.image_id, block, node, err)
             self.metrics.peer_errors.inc()
             self.metrics.source_errors.labels("peer").inc()
+            self.exchange.failed(block, node)
             if swarm.table.failed(node, time.monotonic()):
                 log.warning("peer %s is down after repeated failures", node)
                 swarm.gone_for_now(node)
-            raise
-        if self.plan.state[index] == DONE:
-            return False  # a duplicate read (endgame) landed first: nothing to store
-        try:
-            if not await self._store(index, data, expected):
-                return False
-        except IntegrityError:
-            log.warning(
-                "%s: chunk %d from peer %s does not match its digest; peer quarantined",
-                self.image_id,
-                index,
-                node,
-            )
-            swarm.quarantine(node)
-            raise
+            return
+        except StorageError as err:
+            self._error = err
+            self._changed.set()
+            return
+        finally:
+            self._changed.set()
         seconds = time.monotonic() - t0
-        usual = self._read_time[streamed]
-        self._read_time[streamed] = seconds if not usual else 0.8 * usual + 0.2 * seconds
         size = pieces_size(data)
-        swarm.table.succeeded(node, size, 0.0 if streamed else seconds, time.monotonic())
+        swarm.table.succeeded(node, size, seconds, time.monotonic())
         self.peers_used.add(node)
-        log.debug("%s: chunk %d from %s%s", self.image_id, index, node, " (streamed)" * streamed)
         self._account("peer", size, seconds)
-        return True
+        await self._landed(block, digest, last, node)
 
-    async def _idle(self) -> None:
-        """Wait until the plan may have work (a change, or a peer's deadline passing)."""
-        timeout = IDLE_TICK
-        deadline = self.plan.next_deadline(time.monotonic())
-        if deadline is not None:
-            timeout = min(timeout, max(0.01, deadline - time.monotonic()))
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await self._changed.wait()
+    # -- landing -----------------------------------------------------------------------------
 
-    async def _refresher(self) -> None:
-        assert self.swarm is not None
-        while True:
-            await asyncio.sleep(REFRESH_EVERY)
-            await self.swarm.refresh(self)
-
-    def _landed(self, index: int) -> None:
-        """Chunk `index` is written and checked: readable, on its way to durable."""
-        log.debug("%s: chunk %d landed", self.image_id, index)
-        self.plan.done(index)
-        self._unsynced.append(index)
-        self._dirty.set()
-        self._changed.set()
-        self._wake(index)
-
-    def _wake(self, index: int) -> None:
+    async def _landed(self, block: int, digest: bytes, last: bool, node: str | None) -> None:
+        """A block is written and checked: tell the exchange and the neighbours; seal its
+        chunk if it was the last one."""
+        now = time.monotonic()
+        for other in self.exchange.landed(block, node, now):
+            task = self._reads.get((block, other))
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()  # a slower copy (endgame)
+        self.lane.landed(now)
         if self.swarm is not None:
-            digest = self.image.manifest.digest(index)
-            if digest is not None:
-                self.swarm.announce_have(self.image_id, index, digest)
+            self.swarm.announce_have(self.image_id, block, digest)
+        self._changed.set()
+        if last:
+            chunk = block * self.image.manifest.block_size // self.image.manifest.chunk_size
+            seal = asyncio.create_task(self._seal(chunk))
+            self._seals.add(seal)
+            seal.add_done_callback(self._seals.discard)
+
+    async def _seal(self, chunk: int) -> None:
+        try:
+            await self._thread(self.image.seal_chunk, chunk)
+        except IntegrityError as err:
+            log.warning("%s: %s; fetching them again", self.image_id, err.detail)
+            self.metrics.verification_failures.labels("chunk").inc()
+            m = self.image.manifest
+            self.exchange.lost(b for b in m.blocks_of(chunk) if not self.image.has_block(b))
+            self._changed.set()
+            return
+        except SwarmcacheError as err:
+            self._error = err
+            self._changed.set()
+            self._hash_wake.set()
+            return
+        self._chunk_ready(chunk)
+
+    def _chunk_ready(self, index: int, announce: bool = False) -> None:
+        """Chunk `index` is readable: on its way to durable, hashable, waiters woken."""
+        log.debug("%s: chunk %d sealed", self.image_id, index)
+        if announce and self.swarm is not None:  # re-checked after a restart
+            m = self.image.manifest
+            for b in m.blocks_of(index):
+                digest = m.block_digest(b)
+                if digest is not None:
+                    self.swarm.announce_have(self.image_id, b, digest)
+        if not announce:
+            self._unsynced.append(index)
+            self._dirty.set()
+        self._hash_wake.set()
         for fut in self._waiters.pop(index, ()):
             if not fut.done():
                 fut.set_result(None)
+
+    async def _idle(self) -> None:
+        """Wait until something changed, or a short tick (busy peers, endgame, stall)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(IDLE_TICK):
+                await self._changed.wait()
 
     async def _flusher(self) -> None:
         while True:
@@ -658,43 +526,6 @@ class FetchJob:
             elif self._closing:
                 return
 
-    async def _fetch_chunk(
-        self, index: int, source: ChunkSource, expected: bytes | None, sink: Sink | None = None
-    ) -> None:
-        manifest = self.image.manifest
-        t0 = time.monotonic()
-        try:
-            data = await source.read_chunk(manifest, index, sink)
-        except SwarmcacheError:
-            self.metrics.source_errors.labels(source.name).inc()
-            raise
-        await self._store(index, data, expected)
-        self._account(source.name, pieces_size(data), time.monotonic() - t0)
-
-    async def _store(self, index: int, data: Pieces, expected: bytes | None) -> bool:
-        """Check a chunk against `expected` and write it (in a thread); False if another
-        read's copy was in already."""
-        size = pieces_size(data)
-        # the hasher takes it from memory, or (past the cap) from the page cache; a late
-        # duplicate (endgame) of a chunk that is in or already hashed is not kept
-        if (
-            index >= self._hash_next
-            and index not in self._unhashed
-            and not self.image.has(index)
-            and self._unhashed_bytes + size <= UNHASHED_BYTES
-        ):
-            self._unhashed[index] = data
-            self._unhashed_bytes += size
-        try:
-            written = await self._thread(self._commit, index, data, expected)
-        except BaseException:
-            if self._unhashed.get(index) is data:  # not another read's copy of the chunk
-                del self._unhashed[index]
-                self._unhashed_bytes -= size
-            raise
-        self._hash_wake.set()
-        return written
-
     def _account(self, source: str, nbytes: int, seconds: float) -> None:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s: %d bytes from %s in %.3fs", self.image_id, nbytes, source, seconds)
@@ -702,45 +533,28 @@ class FetchJob:
         self.metrics.bytes_fetched.labels(source).inc(nbytes)
         self.bytes_by_source[source] += nbytes
 
-    def _commit(self, index: int, data: Pieces, expected: bytes | None) -> bool:
-        """Check and write one chunk (runs in a thread); False if it was in already."""
-        if self.image.has(index):
-            return False  # a duplicate read (endgame) lost the race
-        digest = pieces_digest(data)
-        if expected is not None and digest != expected:
-            self.metrics.verification_failures.labels("chunk").inc()
-            raise IntegrityError(f"chunk {index} of {self.image_id} does not match its digest")
-        self.image.write_chunk(index, data, digest)
-        return True
-
     async def _hasher(self) -> None:
-        """Advance the image's sha256 over the readable prefix, as chunks land.
-
-        The loop takes the run of readable chunks (with what memory holds of them) and
-        a thread hashes it: only the loop touches `_unhashed` and its byte count.
-        """
+        """Advance the image's sha256 over the readable prefix, as chunks are sealed."""
         chunks = self.image.manifest.chunks
         while self._hash_next < chunks:
+            if self._error is not None:
+                return
             if not self.image.has(self._hash_next):
                 self._hash_wake.clear()
                 await self._hash_wake.wait()
                 continue
-            run: list[tuple[int, Pieces | None]] = []
+            run = []
             i = self._hash_next
             while i < chunks and self.image.has(i):
-                data = self._unhashed.pop(i, None)
-                if data is not None:
-                    self._unhashed_bytes -= pieces_size(data)
-                run.append((i, data))
+                run.append(i)
                 i += 1
             self._hash_next = i
             await self._thread(self._hash_run, run)
 
-    def _hash_run(self, run: list[tuple[int, Pieces | None]]) -> None:
-        """Add chunks to the sha256 in order, from memory or the page cache (in a thread)."""
-        for index, data in run:
-            for piece in data if data is not None else (self.image.read_chunk(index),):
-                self._sha.update(piece)
+    def _hash_run(self, run: list[int]) -> None:
+        """Add chunks to the sha256 in order, read back from the page cache (in a thread)."""
+        for index in run:
+            self._sha.update(self.image.read_chunk(index))
 
     def _verify(self) -> None:
         manifest = self.image.manifest
@@ -786,11 +600,12 @@ class Fetcher:
         concurrency: int,
         chunk_size: int,
         swarm: Swarm | None = None,
+        block_size: int = 256 * 1024,
     ) -> None:
         self.swarm = swarm
         self.store = store
         self.origin = origin
-        self.sources: list[ChunkSource] = [OriginSource(origin)]
+        self.block_size = block_size
         self.metrics = metrics
         self.concurrency = concurrency
         self.chunk_size = chunk_size
@@ -801,10 +616,12 @@ class Fetcher:
         )
         self._starting: dict[str, asyncio.Task[Any]] = {}
         self._stats: dict[str, asyncio.Task[Any]] = {}
+        self._origin_stats: dict[str, asyncio.Task[Any]] = {}
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._background: set[asyncio.Task[None]] = set()  # deletes, stats saves
+        self._background: set[asyncio.Task[Any]] = set()  # deletes, stats saves, ride-alongs
         self._reserved: dict[str, int] = {}  # bytes promised to fetches being set up
+        self._joined: dict[str, tuple[float, set[str]]] = {}  # image -> (when, hosts named)
         self.stopping = False
         self._closed = False
 
@@ -816,14 +633,38 @@ class Fetcher:
         return lock
 
     async def manifest_for(self, image_id: str) -> Manifest:
-        """The manifest of a cached image, or a fresh one from the origin's stat."""
+        """The manifest of a cached image, or a fresh one: from the image's readers when
+        they have it (N hosts starting together ask the origin about once), else from
+        the origin's stat."""
         image = self.store.get(image_id)
         if image is not None:
             return image.manifest
-        # single-flight: concurrent first readers of an image ask the origin once
-        return await self._shared(self._stats, image_id, lambda: self._origin_manifest(image_id))
+        # single-flight: concurrent first readers of an image ask once
+        return await self._shared(self._stats, image_id, lambda: self._find_manifest(image_id))
+
+    async def _find_manifest(self, image_id: str) -> Manifest:
+        if self.swarm is not None:
+            found, hosts = await self.swarm.join(image_id)
+            self._joined[image_id] = (time.monotonic(), hosts)
+            if found is not None and found.block_size == self.block_size:
+                log.info(
+                    "%s: manifest from peers (%d bytes, origin sha256 %s); not asking the origin",
+                    image_id,
+                    found.size,
+                    found.origin_sha256,
+                )
+                return dataclasses.replace(
+                    found.restarted(), block_size=found.block_size, block_digests=bytearray()
+                )
+        return await self._origin_manifest(image_id)
 
     async def _origin_manifest(self, image_id: str) -> Manifest:
+        """A fresh manifest from the origin's stat (single-flight per image)."""
+        return await self._shared(
+            self._origin_stats, image_id, lambda: self._stat_origin(image_id)
+        )
+
+    async def _stat_origin(self, image_id: str) -> Manifest:
         try:
             stat = await self.origin.stat(image_id)
         except ImageNotFound:
@@ -838,7 +679,33 @@ class Fetcher:
             chunk_size=self.chunk_size,
             origin_sha256=stat.sha256,
             origin_validator=stat.validator,
+            block_size=self.block_size,
         )
+
+    async def ride_along(self, image_id: str) -> Manifest | None:
+        """A host joined an image we read from the origin: fetch it too if we do not
+        (our share is read by nobody else), and answer with our manifest. Never asks
+        other readers (they may be asking us): only the store or the origin."""
+        image = self.store.get(image_id)
+        if image is None or not image.complete:
+            if image is not None and image_id in self.jobs:
+                return image.manifest
+            manifest = await self._origin_manifest(image_id)
+            self.in_background_async(self.start(image_id, fresh=manifest), f"ride-{image_id}")
+            image = self.store.get(image_id)
+            return image.manifest if image is not None else manifest
+        if not image.manifest.block_size:
+            await asyncio.to_thread(image.ensure_blocks, self.block_size)
+        return image.manifest
+
+    def in_background_async(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run a coroutine without making a request wait; its failure is logged."""
+        if self._closed or self.stopping:
+            coro.close()
+            return
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
 
     async def _shared(
         self,
@@ -898,7 +765,7 @@ class Fetcher:
     async def _start(self, image_id: str, fresh: Manifest | None) -> FetchJob | None:
         if image_id in self.jobs:
             return self.jobs[image_id]
-        manifest = fresh or await self._origin_manifest(image_id)
+        manifest = fresh or await self._find_manifest(image_id)
         image = self.store.get(image_id)
         if image is not None and image.complete:
             return None
@@ -921,8 +788,14 @@ class Fetcher:
             self.store.add(image)
         if self.stopping:
             raise ShuttingDown(f"the daemon is stopping; not starting a fetch of {image_id}")
+        image.cut(self.block_size)
+        joined = self._joined.pop(image_id, None)
+        fresh_join = joined is not None and time.monotonic() - joined[0] < JOIN_KEPT
+        hosts = joined[1] if joined is not None and fresh_join else None
+        if self.swarm is not None and hosts is None:
+            _, hosts = await self.swarm.join(image_id)
         job = FetchJob(
-            image, self.sources, self.metrics, self.concurrency, self.executor, self.swarm
+            image, self.origin, self.metrics, self.concurrency, self.executor, self.swarm, hosts
         )
         self.jobs[image_id] = job
         self.failures.pop(image_id, None)
@@ -1025,7 +898,7 @@ class Fetcher:
         self._background.add(task)
         task.add_done_callback(self._background_done)
 
-    def _background_done(self, task: asyncio.Task[None]) -> None:
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed: %r", task.exception())
@@ -1071,7 +944,12 @@ class Fetcher:
     async def cancel_all(self) -> None:
         """Start no more fetches; cancel every running one and wait until each stopped."""
         self.stopping = True
-        tasks = [*self._tasks.values(), *self._starting.values(), *self._stats.values()]
+        tasks = [
+            *self._tasks.values(),
+            *self._starting.values(),
+            *self._stats.values(),
+            *self._origin_stats.values(),
+        ]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -1083,3 +961,8 @@ class Fetcher:
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         self.executor.shutdown(wait=True)
+
+
+def _digest(pieces: Pieces) -> bytes:
+    """xxh3-128 of a block held in pieces."""
+    return chunk_digest(pieces[0]) if len(pieces) == 1 else chunk_digest(b"".join(pieces))

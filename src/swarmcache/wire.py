@@ -1,13 +1,17 @@
 """Pure peer protocol: the msgpack messages daemons exchange over a WebSocket.
 
-Theory of operation. A daemon that fetches an image opens one WebSocket to each
-peer (`GET /v1/peer/ws`), says Hello, and Subscribes to the image. The peer answers
-with a State (its manifest with the digests it knows, a bitmap of the chunks it
-holds, the chunks it is taking from the origin right now, whether it is fetching
-the image itself) and then pushes Have (chunks that became readable, with their
-digests), Taking (chunks it started to take from the origin) and Status (it started
-or stopped fetching) until Unsubscribe or the socket closes. Chunks themselves go
-over plain HTTP (`GET /v1/peer/images/{id}/chunks/{index}`) with sendfile.
+Theory of operation. A daemon that fetches an image first Joins it at the image's
+readers (`POST /v1/peer/images/{id}/join`, a Join; the answer is Peers: the reader's
+manifest and a sample of the hosts fetching or holding the image). It then links to
+a bounded set of them (one WebSocket per peer, `GET /v1/peer/ws`, carrying every image
+the two share), says Hello, and Subscribes to the image with its own State. The peer
+answers with its State (its manifest with the digests it knows, a bitmap of the
+blocks it holds, whether it is fetching the image itself); from then on both sides
+push Have (blocks that became readable, with their digests), Slot (the sender gives
+the other one of its upload slots, or takes it back) and Status (it started or
+stopped fetching, or dropped the image) until Unsubscribe or the socket closes.
+Blocks themselves go over plain HTTP (`GET /v1/peer/images/{id}/blocks/{index}`)
+with sendfile.
 
 Every message is a msgpack map with "v" (PROTOCOL_VERSION) and "t" (its type). The
 size is capped before decoding and the decoder has per-field limits; anything
@@ -24,9 +28,10 @@ import msgpack
 from .errors import IntegrityError, PeerError
 from .manifest import DIGEST_SIZE, MAX_MANIFEST_BYTES, Manifest, validate_image_id
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: blocks, slots, joins (1: chunks, takings; not spoken any more)
 MAX_MESSAGE = MAX_MANIFEST_BYTES + 1024 * 1024  # a State carries a whole manifest
-MAX_LIST = 1 << 22  # chunk indices in one message
+MAX_LIST = 1 << 22  # block indices in one message
+MAX_PEERS = 64  # hosts in one Peers answer
 NODE_ID_MAX = 64
 
 
@@ -45,7 +50,7 @@ class Hello:
 
 @dataclass(frozen=True)
 class Subscribe:
-    """Send me the state of this image and its changes; `fetching`: I am fetching it."""
+    """Let us trade this image: my State follows; `fetching`: I am fetching it."""
 
     image_id: str
     fetching: bool
@@ -60,29 +65,28 @@ class Unsubscribe:
 
 @dataclass(frozen=True)
 class State:
-    """What the sender holds of an image (answer to Subscribe)."""
+    """What the sender holds of an image (after Subscribe, and as its answer)."""
 
     image_id: str
     manifest: Manifest | None  # None: the sender has no entry for the image
-    have: bytes  # bitmap of readable chunks (empty if manifest is None)
-    taking: tuple[int, ...]
+    have: bytes  # bitmap of readable blocks (empty if manifest is None)
     fetching: bool
 
 
 @dataclass(frozen=True)
 class Have:
-    """Chunks that became readable at the sender, with their digests."""
+    """Blocks that became readable at the sender, with their digests."""
 
     image_id: str
-    chunks: tuple[tuple[int, bytes], ...]
+    blocks: tuple[tuple[int, bytes], ...]
 
 
 @dataclass(frozen=True)
-class Taking:
-    """Chunks the sender started to read from the origin (others should wait for them)."""
+class Slot:
+    """The sender gives the receiver one of its upload slots (open) or takes it back."""
 
     image_id: str
-    chunks: tuple[int, ...]
+    open: bool
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,28 @@ class Status:
     gone: bool = False
 
 
-Message = Hello | Subscribe | Unsubscribe | State | Have | Taking | Status
+@dataclass(frozen=True)
+class Join:
+    """To an image's reader: I fetch (or hold) this image; where are the others?"""
+
+    image_id: str
+    node: str
+    host: str
+    port: int
+    fetching: bool
+
+
+@dataclass(frozen=True)
+class Peers:
+    """A reader's answer to Join: its manifest (None if it has none) and hosts that
+    fetch or hold the image (node, host, port)."""
+
+    image_id: str
+    manifest: Manifest | None
+    peers: tuple[tuple[str, str, int], ...]
+
+
+Message = Hello | Subscribe | Unsubscribe | State | Have | Slot | Status | Join | Peers
 
 
 def encode(msg: Message) -> bytes:
@@ -113,19 +138,34 @@ def encode(msg: Message) -> bytes:
                 "image": msg.image_id,
                 "manifest": msg.manifest.encode() if msg.manifest is not None else None,
                 "have": msg.have,
-                "taking": list(msg.taking),
                 "fetching": msg.fetching,
             }
         case Have():
-            body = {"t": "have", "image": msg.image_id, "chunks": [list(c) for c in msg.chunks]}
-        case Taking():
-            body = {"t": "taking", "image": msg.image_id, "chunks": list(msg.chunks)}
+            body = {"t": "have", "image": msg.image_id, "blocks": [list(c) for c in msg.blocks]}
+        case Slot():
+            body = {"t": "slot", "image": msg.image_id, "open": msg.open}
         case Status():
             body = {
                 "t": "status",
                 "image": msg.image_id,
                 "fetching": msg.fetching,
                 "gone": msg.gone,
+            }
+        case Join():
+            body = {
+                "t": "join",
+                "image": msg.image_id,
+                "node": msg.node,
+                "host": msg.host,
+                "port": msg.port,
+                "fetching": msg.fetching,
+            }
+        case Peers():
+            body = {
+                "t": "peers",
+                "image": msg.image_id,
+                "manifest": msg.manifest.encode() if msg.manifest is not None else None,
+                "peers": [list(p) for p in msg.peers],
             }
     body["v"] = PROTOCOL_VERSION
     return msgpack.packb(body, use_bin_type=True)
@@ -159,53 +199,73 @@ def decode(data: bytes) -> Message:
 def _parse(obj: dict[str, Any]) -> Message:
     kind = obj["t"]
     if kind == "hello":
-        node, host, port = obj["node"], obj["host"], obj["port"]
-        if not isinstance(node, str) or not 0 < len(node) <= NODE_ID_MAX:
-            raise ValueError("bad node id")
-        if not isinstance(host, str) or len(host) > 255:
-            raise ValueError("bad host")
-        if not isinstance(port, int) or not 0 < port < 65536:
-            raise ValueError("bad port")
-        return Hello(node, host, port)
+        return Hello(*_where(obj["node"], obj["host"], obj["port"]))
     image_id = validate_image_id(obj["image"])
     if kind == "sub":
         return Subscribe(image_id, _bool(obj["fetching"]))
     if kind == "unsub":
         return Unsubscribe(image_id)
     if kind == "state":
-        manifest = Manifest.decode(obj["manifest"]) if obj["manifest"] is not None else None
+        manifest = _manifest(obj["manifest"], image_id)
         have = obj["have"]
         if not isinstance(have, bytes):
             raise TypeError("have is not a bitmap")
-        if manifest is not None and len(have) != (manifest.chunks + 7) // 8:
-            raise ValueError("have bitmap does not match the chunk count")
-        if manifest is not None and manifest.image_id != image_id:
-            raise ValueError("manifest of another image")
-        return State(image_id, manifest, have, _indices(obj["taking"]), _bool(obj["fetching"]))
+        if manifest is not None and len(have) != (manifest.blocks + 7) // 8:
+            raise ValueError("have bitmap does not match the block count")
+        if manifest is not None and not manifest.block_size:
+            raise ValueError("manifest without blocks")
+        return State(image_id, manifest, have, _bool(obj["fetching"]))
     if kind == "have":
-        chunks = []
-        for entry in obj["chunks"]:
+        blocks = []
+        for entry in obj["blocks"]:
             index, digest = entry
             if not isinstance(index, int) or index < 0:
-                raise ValueError("bad chunk index")
+                raise ValueError("bad block index")
             if not isinstance(digest, bytes) or len(digest) != DIGEST_SIZE:
                 raise ValueError("bad digest")
-            chunks.append((index, digest))
-        return Have(image_id, tuple(chunks))
-    if kind == "taking":
-        return Taking(image_id, _indices(obj["chunks"]))
+            blocks.append((index, digest))
+        return Have(image_id, tuple(blocks))
+    if kind == "slot":
+        return Slot(image_id, _bool(obj["open"]))
     if kind == "status":
         return Status(image_id, _bool(obj["fetching"]), _bool(obj.get("gone", False)))
+    if kind == "join":
+        node, host, port = _where(obj["node"], obj["host"], obj["port"])
+        return Join(image_id, node, host, port, _bool(obj["fetching"]))
+    if kind == "peers":
+        peers = obj["peers"]
+        if not isinstance(peers, list) or len(peers) > MAX_PEERS:
+            raise ValueError("bad peer list")
+        return Peers(
+            image_id,
+            _manifest(obj["manifest"], image_id),
+            tuple(_where(*p) for p in peers),
+        )
     raise ValueError(f"unknown message type {kind!r}")
+
+
+def _where(node: object, host: object, port: object) -> tuple[str, str, int]:
+    if not isinstance(node, str) or not 0 < len(node) <= NODE_ID_MAX:
+        raise ValueError("bad node id")
+    if not isinstance(host, str) or len(host) > 255:
+        raise ValueError("bad host")
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ValueError("bad port")
+    return node, host, port
+
+
+def _manifest(data: object, image_id: str) -> Manifest | None:
+    if data is None:
+        return None
+    if not isinstance(data, bytes):
+        raise TypeError("manifest is not bytes")
+    manifest = Manifest.decode(data)
+    if manifest.image_id != image_id:
+        raise ValueError("manifest of another image")
+    return manifest
 
 
 def _bool(value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError("expected a boolean")
     return value
-
-
-def _indices(values: object) -> tuple[int, ...]:
-    if not isinstance(values, list) or not all(isinstance(i, int) and i >= 0 for i in values):
-        raise ValueError("expected a list of chunk indices")
-    return tuple(values)

@@ -276,7 +276,18 @@ class Simulator:
         ]
         if len(self.hosts) > 1:
             h.messages += 1  # asks the image's readers, who answer with hosts fetching it
-        for name in h.links.choose(offered):
+        chosen = h.links.choose(offered)
+        assert h.lane is not None
+        if h.lane.is_reader():  # readers link to each other (as the daemon does)
+            chosen += [
+                r
+                for r in h.lane.readers
+                if r != h.name
+                and r not in chosen
+                and r not in h.links.links
+                and self.by_name[r].alive
+            ]
+        for name in chosen:
             self._link(h, self.by_name[name])
 
     def _link(self, a: _Host, b: _Host) -> None:

@@ -1,15 +1,20 @@
-"""The swarm: links to other daemons, subscriptions, pushes to subscribers, chunk reads.
+"""The swarm: joins at an image's readers, links to a bounded set of peers, block reads.
 
-Client side: a running fetch joins the swarm (`join`): it subscribes to the image
-on every usable peer over one WebSocket per peer (PeerLink) and feeds what comes
-back (State, Have, Taking, Status; see wire.py) into its SwarmPlan. Chunks are read
-with a plain GET and checked against the digest the holder announced; a mismatch
-quarantines the holder.
+Theory of operation. When a fetch starts, the swarm Joins the image at its readers
+(the hosts that rank first for the image, see exchange.readers): each answers with
+its manifest and a sample of the hosts fetching or holding the image, and starts
+fetching the image itself if it was not (it reads its share from the origin). The
+swarm then links to `peers.degree` of those hosts (`ActiveSet`): one WebSocket per
+peer (`Link`), whichever side opened it, carrying every image the two trade. On a
+link both sides send their State of the image, then Have, Slot and Status messages
+(see wire.py) that feed each side's `Exchange` for the image (a `Trade`). A host
+that holds an image it is not fetching keeps a Trade for it too while peers are
+linked to it for that image, so it hands out upload slots and serves blocks.
 
-Server side: peers subscribe to our images over `/v1/peer/ws` (Subscriber); the
-fetcher's announcements (a chunk became readable, a chunk is being taken from the
-origin, a fetch started or stopped) are queued per subscriber and written by one
-task per socket, so a slow peer never blocks a fetch.
+Blocks are read with a plain GET (`read_block`), bounded by peers.timeout, and
+checked by the caller against the digest the sender announced. A peer that is
+gone (link lost, down, quarantined) has its reads ended at once and is dropped
+from every Trade; its blocks are asked of others.
 """
 
 from __future__ import annotations
@@ -17,30 +22,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 
 from ..config import PeersConfig
-from ..errors import PeerError, PeerGone, StreamRefused
+from ..errors import PeerError, PeerGone, SwarmcacheError
+from ..exchange import ROTATE, ActiveSet, Exchange, Geometry, OriginLane, readers
 from ..httpfile import RCVLOWAT, read_pieces
 from ..manifest import DIGEST_SIZE, Manifest, bitmap_new, bitmap_set
 from ..metrics import Metrics
-from ..planner import HANDOVER, SwarmPlan
 from ..wire import (
     MAX_MESSAGE,
     PROTOCOL_VERSION,
     Have,
     Hello,
+    Join,
     Message,
+    Peers,
+    Slot,
     State,
     Status,
     Subscribe,
-    Taking,
     Unsubscribe,
     WireError,
     decode,
@@ -48,28 +57,74 @@ from ..wire import (
 )
 from .table import PeerTable
 
-if TYPE_CHECKING:
-    from ..fetcher import FetchJob
-    from ..store import Store
-
 log = logging.getLogger(__name__)
-GATHER_TIMEOUT = 1.0  # a fetch waits this long at most for peers' states before the origin
 HEARTBEAT = 5.0  # WebSocket ping interval; a peer silent for twice this is dead
-MAX_QUEUE = 10_000  # messages waiting for one subscriber before it is cut off
+MAX_QUEUE = 10_000  # messages waiting for one link before it is cut off
 STATIC_EVERY = 10.0  # seconds between hellos to static peers
-STREAM_HEADER = "X-Swarmcache-Stream"  # ask for a chunk + digest trailer, in flight or not
-RELAY_HEADER = "X-Swarmcache-Relay"  # ... to pass on: only from the origin read itself
-MAX_REQUEST = 64 * 1024  # largest message a subscriber may send us
+MAX_REQUEST = 1024 * 1024  # largest message a peer's socket may send us (a State)
 MAINTENANCE_EVERY = 60.0  # seconds between sweeps of the peer table
-# A change of the fetchers reaches every host within about one answer to a subscription:
-# the handover (SwarmPlan) lasts HANDOVER_ANSWERS times the slowest recent answer
-HANDOVER_ANSWERS = 3
-HANDOVER_MIN = 0.02
-HANDOVER_MAX = 0.5
+REFRESH_EVERY = 2.0  # seconds between looks for more neighbours while short of them
+JOIN_TIMEOUT = 5.0  # seconds a Join at a reader may take
+MEMBERS_KEPT = 4096  # hosts a reader remembers per image (the oldest go first)
+MEMBER_TTL = 600.0  # seconds a reader remembers a host that joined an image
+NODE_HEADER = "X-Swarmcache-Node"  # who asks for a block (upload slots are per peer)
+DIGEST_HEADER = "X-Block-Digest"
+
+
+class Fetching(Protocol):
+    """What the swarm sees of a running fetch."""
+
+    exchange: Exchange
+    lane: OriginLane
+
+    @property
+    def image_id(self) -> str:
+        """The image fetched."""
+        ...
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest being filled."""
+        ...
+
+    def poke(self) -> None:
+        """Something changed: look at the exchange again."""
+
+
+class PeerBusy(PeerError):
+    """A peer has no upload slot for us now; ask again after `retry_after` seconds."""
+
+    def __init__(self, detail: str, retry_after: float) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+@dataclass
+class Trade:
+    """One image traded with neighbours: its exchange and who is linked for it."""
+
+    image_id: str
+    manifest: Manifest
+    exchange: Exchange
+    active: ActiveSet
+    job: Fetching | None = None
+    digests: dict[str, bytearray] = field(default_factory=dict)  # node -> block digests
+    waiting: set[str] = field(default_factory=set)  # linked, their State not in yet
+    heard: asyncio.Event = field(default_factory=asyncio.Event)  # every first State is in
+    rotating: bool = False
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def digest(self, node: str, block: int) -> bytes | None:
+        """The digest `node` announced for `block`."""
+        digests = self.digests.get(node)
+        if digests is None:
+            return None
+        d = bytes(digests[block * DIGEST_SIZE : (block + 1) * DIGEST_SIZE])
+        return d if any(d) else None
 
 
 class _Read:
-    """A chunk read from a peer that `Swarm._drop` can end at once (the peer is gone)."""
+    """A block read from a peer that `Swarm._drop` can end at once (the peer is gone)."""
 
     def __init__(self, deadline: asyncio.Timeout) -> None:
         self.deadline = deadline
@@ -82,170 +137,120 @@ class _Read:
             self.deadline.reschedule(asyncio.get_running_loop().time())
 
 
-class PeerLink:
-    """Our WebSocket to one peer, carrying our subscriptions to its images."""
+class Link:
+    """One WebSocket to a peer (opened by us or by it): messages both ways."""
 
-    def __init__(self, swarm: Swarm, node_id: str) -> None:
+    def __init__(self, swarm: Swarm, node_id: str, ws: Any) -> None:
         self.swarm = swarm
-        self.node_id = node_id
-        self.ws: aiohttp.ClientWebSocketResponse | None = None
-        self.reader: asyncio.Task[None] | None = None
-        self.images: set[str] = set()
-        self.answered: dict[str, asyncio.Event] = {}
-        self._lock = asyncio.Lock()
-
-    @property
-    def open(self) -> bool:
-        """The socket is up."""
-        return self.ws is not None and not self.ws.closed
-
-    async def subscribe(self, image_id: str, fetching: bool) -> asyncio.Event:
-        """Subscribe to an image; the event is set when the peer's State arrived."""
-        async with self._lock:
-            await self._connect()
-            event = self.answered.setdefault(image_id, asyncio.Event())
-            self.images.add(image_id)
-            assert self.ws is not None
-            await self.ws.send_bytes(encode(Subscribe(image_id, fetching)))
-            return event
-
-    async def unsubscribe(self, image_id: str) -> None:
-        """Stop following an image (and tell the peer we no longer fetch it)."""
-        self.images.discard(image_id)
-        self.answered.pop(image_id, None)
-        if self.open:
-            assert self.ws is not None
-            with contextlib.suppress(ConnectionError, RuntimeError, aiohttp.ClientError):
-                await self.ws.send_bytes(encode(Unsubscribe(image_id)))
-
-    async def _connect(self) -> None:
-        if self.open:
-            return
-        peer = self.swarm.table.get(self.node_id)
-        if peer is None:
-            raise PeerError(f"peer {self.node_id} is not known")
-        url = f"http://{peer.address}/v1/peer/ws"
-        try:
-            async with asyncio.timeout(self.swarm.config.timeout):  # a hung peer costs this
-                ws = await self.swarm.session.ws_connect(
-                    url,
-                    heartbeat=HEARTBEAT,
-                    max_msg_size=MAX_MESSAGE,
-                    timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
-                )
-                await ws.send_bytes(encode(self.swarm.hello()))
-        except (TimeoutError, aiohttp.ClientError, OSError) as err:
-            raise PeerError(f"cannot connect to peer {self.node_id} at {url}: {err!r}") from err
-        self.ws = ws
-        self.reader = asyncio.create_task(self._read(ws), name=f"peer-link-{self.node_id}")
-
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        try:
-            async for frame in ws:
-                if frame.type == aiohttp.WSMsgType.ERROR:  # e.g. no pong: a hung peer
-                    raise ConnectionError(f"{ws.exception()!r}")
-                if frame.type != aiohttp.WSMsgType.BINARY:
-                    raise WireError(f"unexpected {frame.type.name} frame")
-                msg = decode(frame.data)
-                if isinstance(msg, Hello):
-                    if msg.node != self.node_id:
-                        raise WireError(f"expected node {self.node_id}, it says {msg.node}")
-                    continue
-                self.swarm.on_message(self.node_id, msg)
-                if isinstance(msg, State) and msg.image_id in self.answered:
-                    self.answered[msg.image_id].set()
-        except WireError as err:
-            log.warning("peer %s sent a bad message, closing its link: %s", self.node_id, err)
-            self.swarm.metrics.peer_errors.inc()
-        except (aiohttp.ClientError, ConnectionError) as err:
-            log.info("link to peer %s lost: %s", self.node_id, err)
-            self.swarm.metrics.peer_errors.inc()
-        finally:
-            await ws.close()
-            self.swarm.on_link_closed(self)
-
-    async def close(self) -> None:
-        """Close the socket and wait for the reader."""
-        if self.ws is not None:
-            await self.ws.close()
-        if self.reader is not None:
-            self.reader.cancel()
-            await asyncio.gather(self.reader, return_exceptions=True)
-
-
-class Subscriber:
-    """A peer's WebSocket to us: what it follows and what we still have to tell it."""
-
-    def __init__(self, node_id: str, ws: web.WebSocketResponse) -> None:
         self.node_id = node_id
         self.ws = ws
         self.images: set[str] = set()
         self.queue: deque[Message] = deque()
         self.wake = asyncio.Event()
         self.overflow = False
+        self.writer: asyncio.Task[None] | None = None
 
-    def push(self, msg: Message) -> None:
-        """Queue a message (cut the subscriber off if it cannot keep up)."""
+    @property
+    def open(self) -> bool:
+        """The socket is up."""
+        return not self.ws.closed
+
+    def send(self, msg: Message) -> None:
+        """Queue a message (the link is cut if the peer cannot keep up)."""
         if len(self.queue) >= MAX_QUEUE:
             self.overflow = True
         else:
             self.queue.append(msg)
         self.wake.set()
 
-    async def writer(self) -> None:
+    def start(self) -> None:
+        """Start the writer task."""
+        self.writer = asyncio.create_task(self._write(), name=f"link-out-{self.node_id}")
+
+    async def _write(self) -> None:
         """Send queued messages, merging runs of Have for the same image."""
         while not self.ws.closed:
             await self.wake.wait()
             self.wake.clear()
             if self.overflow:
-                log.warning("peer %s cannot keep up with our updates; closing", self.node_id)
+                log.warning("peer %s cannot keep up with our messages; closing", self.node_id)
                 await self.ws.close()
                 return
             while self.queue:
                 msg = self.queue.popleft()
                 if isinstance(msg, Have):
-                    chunks = list(msg.chunks)
+                    blocks = list(msg.blocks)
                     while self.queue and isinstance(self.queue[0], Have):
                         nxt = self.queue[0]
                         assert isinstance(nxt, Have)
                         if nxt.image_id != msg.image_id:
                             break
-                        chunks.extend(nxt.chunks)
+                        blocks.extend(nxt.blocks)
                         self.queue.popleft()
-                    msg = Have(msg.image_id, tuple(chunks))
-                await self.ws.send_bytes(encode(msg))
+                    msg = Have(msg.image_id, tuple(blocks))
+                with contextlib.suppress(ConnectionError, RuntimeError):
+                    await self.ws.send_bytes(encode(msg))
+
+    async def read(self) -> None:
+        """Dispatch incoming messages until the socket closes."""
+        try:
+            async for frame in self.ws:
+                if frame.type == aiohttp.WSMsgType.ERROR:  # e.g. no pong: a hung peer
+                    raise ConnectionError(f"{self.ws.exception()!r}")
+                if frame.type != aiohttp.WSMsgType.BINARY:
+                    raise WireError(f"unexpected {frame.type.name} frame")
+                msg = decode(frame.data)
+                if isinstance(msg, Hello):
+                    continue
+                self.swarm.on_message(self, msg)
+        except WireError as err:
+            log.warning("peer %s sent a bad message, closing its link: %s", self.node_id, err)
+            self.swarm.metrics.peer_errors.inc()
+        except (aiohttp.ClientError, ConnectionError) as err:
+            log.info("link to peer %s lost: %s", self.node_id, err)
+            self.swarm.metrics.peer_errors.inc()
+
+    async def close(self) -> None:
+        """Close the socket and stop the writer."""
+        await self.ws.close()
+        if self.writer is not None:
+            self.writer.cancel()
+            await asyncio.gather(self.writer, return_exceptions=True)
 
 
 class Swarm:
-    """Peers, our links to them, their subscriptions to us."""
+    """Peers, links to them, the images traded with them."""
 
     def __init__(
         self,
         node_id: str,
         advertise: tuple[str, int],
         config: PeersConfig,
-        origin_deadline: float,
+        concurrency: int,
         metrics: Metrics,
         static_peers: tuple[str, ...] = (),
         clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self.node_id = node_id
         self.advertise = advertise
         self.config = config
-        self.origin_deadline = origin_deadline  # longest legal origin read of one chunk
+        self.concurrency = concurrency  # origin.concurrency: how many readers an image has
         self.metrics = metrics
         self.static_peers = static_peers
         self.clock = clock
+        self.rng = rng or random.Random()
         self.table = PeerTable(node_id)
-        self.links: dict[str, PeerLink] = {}
-        self.subscribers: dict[str, set[Subscriber]] = {}
-        self._sockets: set[web.WebSocketResponse] = set()  # peers' sockets to us
-        self.jobs: dict[str, FetchJob] = {}
-        self.store: Store | None = None
-        self.digests: dict[tuple[str, str], bytearray] = {}  # (image, node) -> digests
+        self.links: dict[str, Link] = {}
+        self.trades: dict[str, Trade] = {}
+        self.store: Any = None  # the Store (set by the daemon)
+        # a reader's answer to a Join for an image it may not fetch yet: our manifest
+        # once we fetch it too (set by the daemon: the fetcher)
+        self.ride_along: Callable[[str], Awaitable[Manifest | None]] | None = None
+        self.members: dict[str, dict[str, tuple[str, int, float]]] = {}  # image -> joiners
         self.generation = 0  # moves whenever what we hold changes (announced over mDNS)
-        self.answer_times: deque[float] = deque(maxlen=16)  # seconds, subscribe -> state
-        self._reading: dict[str, set[_Read]] = {}  # our chunk reads running, by peer
+        self._connecting: dict[str, asyncio.Task[Link | None]] = {}
+        self._reading: dict[str, set[_Read]] = {}  # our block reads running, by peer
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
@@ -254,14 +259,10 @@ class Swarm:
 
     async def __aenter__(self) -> Swarm:
         self._session = aiohttp.ClientSession(
-            # no sock_read timeout: aiohttp re-arms it on every packet received, which
-            # costs more CPU than anything else per chunk; read_chunk bounds each read
-            # with peers.timeout as a whole instead
+            # no sock_read timeout (aiohttp re-arms it per packet): each read is bounded
             timeout=aiohttp.ClientTimeout(total=None, connect=min(5.0, self.config.timeout)),
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
-            # bodies as sent (read_pieces counts body bytes against SO_RCVLOWAT)
             auto_decompress=False,
-            # room for what one SO_RCVLOWAT wake-up brings, so reading is not paused
             read_bufsize=RCVLOWAT,
         )
         if self.static_peers:
@@ -273,16 +274,17 @@ class Swarm:
         await self.close()
 
     async def close(self) -> None:
-        """Close every link and socket; stop background tasks (idempotent)."""
+        """Close every link; stop background tasks (idempotent)."""
         if self._closed:
             return
         self._closed = True
+        for trade in self.trades.values():
+            for task in trade.tasks:
+                task.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(link.close() for link in self.links.values()))
-        for ws in list(self._sockets):
-            await ws.close()
+        await asyncio.gather(*(link.close() for link in list(self.links.values())))
         if self._session is not None:
             await self._session.close()
 
@@ -292,14 +294,15 @@ class Swarm:
         assert self._session is not None, "Swarm used outside 'async with'"
         return self._session
 
-    def spawn(self, coro: Any, name: str) -> None:
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[Any] | None:
         """Run a background task owned by the swarm (cancelled at close)."""
         if self._closed:
             coro.close()
-            return
+            return None
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
@@ -321,15 +324,18 @@ class Swarm:
         generation: int | None = None,
         inventory: tuple[int, int] | None = None,
     ) -> None:
-        """A peer was discovered or refreshed; running fetches subscribe to it."""
+        """A peer was discovered or refreshed."""
         known = node_id in self.table.peers and not self.table.peers[node_id].gone
-        now = self.clock()
-        if self.table.seen(node_id, host, port, source, now, generation, inventory) is None:
-            return
-        if not known:
+        peer = self.table.seen(node_id, host, port, source, self.clock(), generation, inventory)
+        if peer is not None and not known:
             log.info("peer %s at %s:%d (%s)", node_id, host, port, source)
-            for job in list(self.jobs.values()):
-                self.spawn(self._subscribe(job, node_id), f"sub-{node_id}")
+            members = self.members_now()
+            for trade in self.trades.values():  # the readers follow the member table
+                if trade.job is not None and trade.job.lane.set_members(members):
+                    log.info(
+                        "%s: readers now %s", trade.image_id, ", ".join(trade.job.lane.readers)
+                    )
+                    trade.job.poke()
 
     def gone(self, node_id: str) -> None:
         """A peer said goodbye: nothing of it counts any more."""
@@ -339,22 +345,21 @@ class Swarm:
         self.gone_for_now(node_id)
 
     async def _maintenance(self) -> None:
-        """Forget peers long gone, and close our sockets to peers that left."""
+        """Forget peers long gone, and joiners readers no longer need to remember."""
         while True:
             await asyncio.sleep(MAINTENANCE_EVERY)
-            for node_id in self.table.expire(self.clock()):
+            now = self.clock()
+            for node_id in self.table.expire(now):
                 log.info("peer %s forgotten (not seen for a long time)", node_id)
-            for node_id, link in list(self.links.items()):
-                peer = self.table.get(node_id)
-                if peer is None or peer.gone:
-                    del self.links[node_id]
-                    await link.close()
+            for image_id, members in list(self.members.items()):
+                for node, (_, _, t) in list(members.items()):
+                    if now - t > MEMBER_TTL:
+                        del members[node]
+                if not members:
+                    del self.members[image_id]
 
     async def _static_loop(self) -> None:
-        """Say hello to every static peer now and then (they have no mDNS to find them).
-
-        One that does not answer is asked again after 1 s, then less and less often.
-        """
+        """Say hello to every static peer now and then (they have no mDNS to find them)."""
         retry = dict.fromkeys(self.static_peers, 0.0)  # address -> when to ask next
         backoff = dict.fromkeys(self.static_peers, 1.0)
         while True:
@@ -395,190 +400,507 @@ class Swarm:
         self.seen(node, host, int(port), "static", gen if isinstance(gen, int) else None, inventory)
         return True
 
-    # -- client side: our fetches ----------------------------------------------------
+    # -- joins: finding the others ----------------------------------------------------
 
-    def new_plan(self, manifest: Manifest, present: list[int]) -> SwarmPlan:
-        """The plan for a new fetch of `manifest`'s image."""
-        return SwarmPlan(
-            manifest.chunks,
-            present,
-            self.node_id,
-            f"{manifest.image_id}:{manifest.etag}",
-            stall=3 * self.config.timeout,
-            handover=self.handover(),
-        )
+    def members_now(self) -> list[str]:
+        """The cluster as this host sees it: usable peers and itself."""
+        return [p.node_id for p in self.table.usable(self.clock())] + [self.node_id]
 
-    def handover(self) -> float:
-        """How long hosts may disagree on who fetches an image: a few recent answer
-        times (peers' loops and the network as they are now); HANDOVER before any."""
-        if not self.answer_times:
-            return HANDOVER
-        slowest = max(self.answer_times)
-        return min(HANDOVER_MAX, max(HANDOVER_MIN, HANDOVER_ANSWERS * slowest))
+    def readers_of(self, image_id: str) -> list[str]:
+        """The hosts that read `image_id` from the origin (and answer Joins for it)."""
+        return readers(image_id, self.members_now(), self.concurrency)
 
-    async def join(self, job: FetchJob) -> None:
-        """Subscribe to the image on every usable peer; return once they answered (or 1 s).
+    async def join(self, image_id: str, fetching: bool = True) -> tuple[Manifest | None, set[str]]:
+        """Join the image at its readers: (a manifest one of them has, the hosts they
+        know that fetch or hold it). Readers that do not answer are skipped."""
+        asks = [n for n in self.readers_of(image_id) if n != self.node_id]
+        answers = await asyncio.gather(*(self._join_at(n, image_id, fetching) for n in asks))
+        manifest: Manifest | None = None
+        hosts: set[str] = set()
+        for answer in answers:
+            if answer is None:
+                continue
+            if answer.manifest is not None and manifest is None:
+                manifest = answer.manifest
+            for node, host, port in answer.peers:
+                if node != self.node_id:
+                    self.seen(node, host, port, "inbound")
+                    hosts.add(node)
+        hosts |= {n for n in asks if answers[asks.index(n)] is not None}
+        if self.node_id in self.readers_of(image_id):  # we are a reader: our joiners too
+            self._remember(image_id, self.node_id, *self.advertise)
+            hosts |= set(self.members.get(image_id, {})) - {self.node_id}
+        return manifest, hosts
 
-        Peers that answer late are still followed: their subscriptions go on in the
-        background.
-        """
-        self.jobs[job.image_id] = job
-        self.push_all(job.image_id, Status(job.image_id, True))
-        tasks = [
-            asyncio.create_task(self._subscribe_and_wait(job, p.node_id))
-            for p in self.table.usable(self.clock())
-        ]
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=GATHER_TIMEOUT)
-        for task in pending:  # keep them, owned by the swarm
-            self._tasks.add(task)
-            task.add_done_callback(self._task_done)
-        # a peer that has not answered yet may learn of us that late
-        job.plan.handover = HANDOVER_MAX if pending else self.handover()
-
-    async def _subscribe_and_wait(self, job: FetchJob, node_id: str) -> None:
-        started = self.clock()
-        event = await self._subscribe(job, node_id)
-        if event is not None:
-            await event.wait()
-            link = self.links.get(node_id)
-            if link is not None and link.open:  # a State came (not: the link closed)
-                self.answer_times.append(self.clock() - started)
-
-    async def _subscribe(self, job: FetchJob, node_id: str) -> asyncio.Event | None:
-        link = self.links.get(node_id)
-        if link is None:
-            link = self.links[node_id] = PeerLink(self, node_id)
-        if job.image_id in link.images and link.open:
-            return link.answered.get(job.image_id)
-        try:
-            event = await link.subscribe(job.image_id, fetching=True)
-        except (PeerError, ConnectionError, RuntimeError, aiohttp.ClientError) as err:
-            log.info("cannot subscribe to %s on peer %s: %s", job.image_id, node_id, err)
-            self.metrics.peer_errors.inc()
-            self.table.failed(node_id, self.clock())
-            return None
-        if self.jobs.get(job.image_id) is not job:  # the fetch ended meanwhile
-            await link.unsubscribe(job.image_id)
-            return None
-        return event
-
-    async def refresh(self, job: FetchJob) -> None:
-        """Subscribe to peers that came up since the fetch joined (called now and then)."""
-        now = self.clock()
-        todo = []
-        for peer in self.table.usable(now):
-            link = self.links.get(peer.node_id)
-            if link is None or not link.open or job.image_id not in link.images:
-                todo.append(self._subscribe(job, peer.node_id))
-        await asyncio.gather(*todo)
-
-    def leave(self, job: FetchJob) -> None:
-        """The fetch ended: tell subscribers, unsubscribe everywhere (in the background)."""
-        if self.jobs.get(job.image_id) is job:
-            del self.jobs[job.image_id]
-        self.push_all(job.image_id, Status(job.image_id, False))
-        for link in list(self.links.values()):
-            if job.image_id in link.images:
-                self.spawn(link.unsubscribe(job.image_id), f"unsub-{link.node_id}")
-        for key in [k for k in self.digests if k[0] == job.image_id]:
-            del self.digests[key]
-
-    def on_message(self, node_id: str, msg: Message) -> None:
-        """A message from a peer we subscribed to."""
-        now = self.clock()
+    async def _join_at(self, node_id: str, image_id: str, fetching: bool) -> Peers | None:
         peer = self.table.get(node_id)
+        if peer is None:
+            return None
+        host, port = self.advertise
+        body = encode(Join(image_id, self.node_id, host, port, fetching))
+        url = f"http://{peer.address}/v1/peer/images/{image_id}/join"
+        try:
+            async with (
+                asyncio.timeout(JOIN_TIMEOUT),
+                self.session.post(url, data=body) as resp,
+            ):
+                if resp.status != 200:
+                    raise PeerError(f"HTTP {resp.status}")
+                data = await resp.content.read(MAX_MESSAGE + 1)
+            msg = decode(data)
+            if not isinstance(msg, Peers) or msg.image_id != image_id:
+                raise WireError("the answer to a join is not Peers for that image")
+        except (TimeoutError, aiohttp.ClientError, OSError, PeerError) as err:
+            log.info("join of %s at reader %s failed: %r", image_id, node_id, err)
+            self.metrics.peer_errors.inc()
+            return None
+        return msg
+
+    async def answer_join(self, msg: Join, remote: str | None) -> Peers:
+        """A host joins an image we read (the `/join` handler): remember it, fetch the
+        image too if we do not yet, answer with our manifest and some of its hosts."""
+        self.seen(msg.node, msg.host or (remote or ""), msg.port, "inbound")
+        self._remember(msg.image_id, msg.node, msg.host or (remote or ""), msg.port)
+        manifest = None
+        if self.ride_along is not None:
+            try:
+                manifest = await self.ride_along(msg.image_id)
+            except SwarmcacheError as err:
+                log.info("cannot fetch %s for a joiner: %s", msg.image_id, err.detail)
+        members = self.members.get(msg.image_id, {})
+        others = [n for n in members if n != msg.node]
+        sample = self.rng.sample(others, min(len(others), 2 * self.config.degree))
+        peers = [(n, *members[n][:2]) for n in sample]
+        if manifest is not None or self._trade_manifest(msg.image_id) is not None:
+            peers.append((self.node_id, *self.advertise))
+        return Peers(msg.image_id, manifest or self._trade_manifest(msg.image_id), tuple(peers))
+
+    def _remember(self, image_id: str, node: str, host: str, port: int) -> None:
+        members = self.members.setdefault(image_id, {})
+        members.pop(node, None)
+        members[node] = (host, port, self.clock())
+        while len(members) > MEMBERS_KEPT:
+            del members[next(iter(members))]
+
+    def _trade_manifest(self, image_id: str) -> Manifest | None:
+        trade = self.trades.get(image_id)
+        if trade is not None:
+            return trade.manifest
+        image = self.store.get(image_id) if self.store is not None else None
+        return image.manifest if image is not None and image.manifest.block_size else None
+
+    # -- trades: our fetches --------------------------------------------------------------
+
+    async def start(self, job: Fetching, hosts: Iterable[str]) -> None:
+        """A fetch begins: trade its image with some of `hosts` (from the join); return
+        once their States are in (or GATHER)."""
+        trade = self.trades.get(job.image_id)
+        if trade is None:
+            trade = Trade(
+                job.image_id,
+                job.manifest,
+                job.exchange,
+                ActiveSet(self.config.degree, random.Random(self.rng.random())),
+            )
+            self.trades[job.image_id] = trade
+        else:  # we served it before we fetched it: the job's exchange takes over,
+            # and asks the neighbours for their states again
+            trade.exchange = job.exchange
+            trade.manifest = job.manifest
+            for link in self._links_for(trade):
+                trade.waiting.add(link.node_id)
+                trade.heard.clear()
+                link.send(Subscribe(job.image_id, True))
+                self._send_state(link, trade)
+        trade.job = job
+        self._tick(trade)
+        await self._link_more(trade, hosts)
+        if trade.waiting:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(job.lane.ready_at - self.clock()):
+                    await trade.heard.wait()
+        job.lane.heard_all(self.clock())
+        self._spawn_for(trade, self._refresher(trade), f"refresh-{job.image_id}")
+
+    def stop(self, job: Fetching) -> None:
+        """The fetch ended: keep serving what we hold to the neighbours we have."""
+        trade = self.trades.get(job.image_id)
+        if trade is None or trade.job is not job:
+            return
+        trade.job = None
+        for link in self._links_for(trade):
+            link.send(Status(job.image_id, False))
+        image = self.store.get(job.image_id) if self.store is not None else None
+        if image is None or not trade.exchange.neighbours:
+            self._end_trade(trade)
+
+    async def _link_more(self, trade: Trade, hosts: Iterable[str]) -> None:
+        usable = {p.node_id for p in self.table.usable(self.clock())}
+        candidates = [n for n in hosts if n in usable and n != self.node_id]
+        chosen = trade.active.choose(candidates)
+        job = trade.job
+        if job is not None and job.lane.is_reader():
+            # readers link to each other: a reader helping another sees what it read
+            chosen += [
+                n
+                for n in job.lane.readers
+                if n != self.node_id
+                and n in usable
+                and n not in trade.active.links
+                and n not in chosen
+            ]
+        await asyncio.gather(*(self._subscribe(trade, node) for node in chosen))
+
+    async def _subscribe(self, trade: Trade, node: str) -> None:
+        trade.active.add(node)
+        trade.waiting.add(node)
+        trade.heard.clear()
+        link = await self._link_to(node)
+        if link is None or trade.image_id not in self.trades:
+            self._unlink(trade, node)
+            return
+        link.images.add(trade.image_id)
+        link.send(Subscribe(trade.image_id, trade.job is not None))
+        self._send_state(link, trade)
+
+    def _send_state(self, link: Link, trade: Trade) -> None:
+        manifest = trade.manifest
+        bits = bitmap_new(manifest.blocks)
+        for b in range(manifest.blocks):
+            if trade.exchange.has(b):
+                bitmap_set(bits, b)
+        link.send(State(trade.image_id, manifest, bytes(bits), trade.job is not None))
+
+    def _unlink(self, trade: Trade, node: str) -> None:
+        trade.active.drop(node)
+        trade.digests.pop(node, None)
+        self._heard(trade, node)
+        for block in trade.exchange.drop_neighbour(node):
+            log.debug("%s: block %d from %s goes elsewhere", trade.image_id, block, node)
+        if trade.job is not None:
+            trade.job.poke()
+
+    def _heard(self, trade: Trade, node: str) -> None:
+        trade.waiting.discard(node)
+        if not trade.waiting:
+            trade.heard.set()
+
+    async def _refresher(self, trade: Trade) -> None:
+        """While short of neighbours, ask the readers for more now and then."""
+        while trade.job is not None:
+            await asyncio.sleep(REFRESH_EVERY)
+            if trade.active.wanted() and trade.job is not None:
+                _, hosts = await self.join(trade.image_id, fetching=True)
+                await self._link_more(trade, hosts)
+
+    def _tick(self, trade: Trade) -> None:
+        """Hand out upload slots now and every ROTATE seconds while the trade lasts."""
+        if not trade.rotating:
+            trade.rotating = True
+            self._spawn_for(trade, self._rotator(trade), f"slots-{trade.image_id}")
+
+    async def _rotator(self, trade: Trade) -> None:
+        while True:
+            self._rotate(trade)
+            await asyncio.sleep(ROTATE)
+
+    def _rotate(self, trade: Trade) -> None:
+        for node, opened in trade.exchange.rotate(self.clock()):
+            link = self.links.get(node)
+            if link is not None and link.open:
+                link.send(Slot(trade.image_id, opened))
+
+    def _spawn_for(self, trade: Trade, coro: Any, name: str) -> None:
+        task = self.spawn(coro, name)
+        if task is not None:
+            trade.tasks.add(task)
+            task.add_done_callback(trade.tasks.discard)
+
+    def _end_trade(self, trade: Trade) -> None:
+        if self.trades.get(trade.image_id) is trade:
+            del self.trades[trade.image_id]
+        for task in trade.tasks:
+            task.cancel()
+        for link in self._links_for(trade):
+            link.images.discard(trade.image_id)
+            link.send(Unsubscribe(trade.image_id))
+
+    def _links_for(self, trade: Trade) -> list[Link]:
+        return [
+            link
+            for node in trade.active.links
+            if (link := self.links.get(node)) is not None and link.open
+        ]
+
+    # -- links ------------------------------------------------------------------------------
+
+    async def _link_to(self, node: str) -> Link | None:
+        link = self.links.get(node)
+        if link is not None and link.open:
+            return link
+        task = self._connecting.get(node)
+        if task is None:
+            task = asyncio.create_task(self._connect(node), name=f"connect-{node}")
+            self._connecting[node] = task
+            task.add_done_callback(lambda _: self._connecting.pop(node, None))
+        return await asyncio.shield(task)
+
+    async def _connect(self, node: str) -> Link | None:
+        peer = self.table.get(node)
+        if peer is None or not peer.usable(self.clock()):
+            return None
+        url = f"http://{peer.address}/v1/peer/ws"
+        try:
+            async with asyncio.timeout(self.config.timeout):  # a hung peer costs this
+                ws = await self.session.ws_connect(
+                    url,
+                    heartbeat=HEARTBEAT,
+                    max_msg_size=MAX_MESSAGE,
+                    timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
+                )
+                await ws.send_bytes(encode(self.hello()))
+        except (TimeoutError, aiohttp.ClientError, OSError) as err:
+            log.info("cannot link to peer %s at %s: %r", node, url, err)
+            self.metrics.peer_errors.inc()
+            self.table.failed(node, self.clock())
+            return None
+        link = Link(self, node, ws)
+        self._adopt(link)
+        self.spawn(self._run_link(link), f"link-{node}")
+        return link
+
+    def _adopt(self, link: Link) -> None:
+        old = self.links.get(link.node_id)
+        self.links[link.node_id] = link
+        link.start()
+        if old is not None and old is not link:
+            link.images |= old.images  # both opened one at once: either carries them
+
+    async def _run_link(self, link: Link) -> None:
+        try:
+            await link.read()
+        finally:
+            await link.close()
+            self._link_closed(link)
+
+    def _link_closed(self, link: Link) -> None:
+        if self.links.get(link.node_id) is not link:
+            return  # another link to the same peer took over
+        del self.links[link.node_id]
+        self._drop(link.node_id)
+
+    async def serve(self, request: web.Request) -> web.WebSocketResponse:
+        """The `/v1/peer/ws` handler: a peer links to us."""
+        ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=MAX_REQUEST)
+        if self._closed:
+            raise web.HTTPServiceUnavailable(text="the daemon is stopping")
+        await ws.prepare(request)
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                frame = await ws.receive()
+            if frame.type != aiohttp.WSMsgType.BINARY:
+                raise WireError("the first message must be a hello")
+            hello = decode(frame.data)
+            if not isinstance(hello, Hello):
+                raise WireError("the first message must be a hello")
+            if hello.node == self.node_id:
+                raise WireError("a peer uses our own node id (a copied cache dir?)")
+        except (WireError, TimeoutError) as err:
+            log.warning("peer %s: %s", request.remote, err)
+            self.metrics.peer_errors.inc()
+            await ws.close()
+            return ws
+        self.seen(hello.node, hello.host or (request.remote or ""), hello.port, "inbound")
+        link = Link(self, hello.node, ws)
+        self._adopt(link)
+        link.send(self.hello())
+        await self._run_link(link)
+        return ws
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def on_message(self, link: Link, msg: Message) -> None:
+        """A message from a linked peer."""
+        node = link.node_id
+        now = self.clock()
+        peer = self.table.get(node)
         if peer is None or not peer.usable(now):
             return  # quarantined, down or gone: what it says does not count
         peer.last_seen = now
-        job = self.jobs.get(getattr(msg, "image_id", ""))
-        if job is None:
+        if isinstance(msg, Join | Peers | Hello):
+            raise WireError(f"{type(msg).__name__} is not for a link")
+        image_id = msg.image_id
+        if isinstance(msg, Subscribe):
+            self._subscribed(link, image_id)
             return
-        plan = job.plan
-        if isinstance(msg, State):
-            if msg.manifest is not None and not msg.manifest.same_source(job.image.manifest):
-                log.info("peer %s holds another version of %s; ignored", node_id, msg.image_id)
-                plan.drop_peer(node_id, now)
-            else:
-                if msg.manifest is not None:
-                    self.digests[(msg.image_id, node_id)] = msg.manifest.digests
-                have = msg.have if msg.manifest is not None else b""
-                plan.peer_state(
-                    node_id, have, msg.taking, msg.fetching, now, now + self.origin_deadline
-                )
+        trade = self.trades.get(image_id)
+        if trade is None or node not in trade.active.links:
+            return
+        if isinstance(msg, Unsubscribe):
+            link.images.discard(image_id)
+            self._unlink(trade, node)
+            self._maybe_end(trade)
+        elif isinstance(msg, State):
+            self._state(trade, node, msg)
         elif isinstance(msg, Have):
-            digests = self.digests.get((msg.image_id, node_id))
-            if digests is None:
-                digests = self.digests[(msg.image_id, node_id)] = bytearray(
-                    DIGEST_SIZE * job.image.manifest.chunks
-                )
-            good = []
-            for index, digest in msg.chunks:
-                if index < job.image.manifest.chunks:
-                    digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE] = digest
-                    good.append(index)
-            plan.peer_has(node_id, good, now)
-        elif isinstance(msg, Taking):
-            plan.peer_taking(node_id, msg.chunks, now, now + self.origin_deadline)
-        elif isinstance(msg, Status):
-            if msg.gone:
-                plan.drop_peer(node_id, now)
-            else:
-                plan.peer_fetching(node_id, msg.fetching, now)
-        job.poke()
+            self._have(trade, node, msg)
+        elif isinstance(msg, Slot):
+            trade.exchange.served_by(node, msg.open)
+            if trade.job is not None:
+                trade.job.poke()
+        elif isinstance(msg, Status) and msg.gone:
+            self._unlink(trade, node)
+            self._maybe_end(trade)
 
-    def on_link_closed(self, link: PeerLink) -> None:
-        """Our socket to a peer closed: forget what it told us."""
-        link.images.clear()
-        for event in link.answered.values():
-            event.set()  # nobody waits for a State that will not come
-        link.answered.clear()
-        self._drop(link.node_id)
+    def _subscribed(self, link: Link, image_id: str) -> None:
+        """A peer wants to trade an image with us."""
+        node = link.node_id
+        trade = self.trades.get(image_id) or self._serving(image_id)
+        if trade is None or not trade.active.accept(node):
+            link.send(Unsubscribe(image_id))  # nothing of it here, or no room
+            return
+        link.images.add(image_id)
+        if node not in trade.active.links:
+            trade.active.add(node)
+            trade.waiting.add(node)
+        self._send_state(link, trade)  # a Subscribe on a link: "send me your state again"
+
+    def _serving(self, image_id: str) -> Trade | None:
+        """A Trade for an image we hold but do not fetch (created on demand)."""
+        image = self.store.get(image_id) if self.store is not None else None
+        if image is None or image.removed or not image.manifest.block_size:
+            return None
+        m = image.manifest
+        geo = Geometry(m.size, m.chunk_size, m.block_size)
+        have = [b for b in range(m.blocks) if image.has_block(b)]
+        trade = Trade(
+            image_id,
+            m,
+            Exchange(geo, have, random.Random(self.rng.random())),
+            ActiveSet(self.config.degree, random.Random(self.rng.random())),
+        )
+        self.trades[image_id] = trade
+        self._tick(trade)
+        return trade
+
+    def _state(self, trade: Trade, node: str, msg: State) -> None:
+        ours = trade.manifest
+        if msg.manifest is None:
+            log.debug("peer %s has nothing of %s", node, trade.image_id)
+            self._unlink(trade, node)
+            return
+        if not msg.manifest.same_source(ours) or msg.manifest.block_size != ours.block_size:
+            log.info("peer %s holds another version of %s; ignored", node, trade.image_id)
+            self._unlink(trade, node)
+            return
+        trade.digests[node] = bytearray(msg.manifest.block_digests)
+        trade.exchange.add_neighbour(node, msg.have)
+        self._heard(trade, node)
+        self._rotate(trade)
+        if trade.job is not None:
+            trade.job.poke()
+
+    def _have(self, trade: Trade, node: str, msg: Have) -> None:
+        digests = trade.digests.get(node)
+        if digests is None:
+            return
+        n = trade.manifest.blocks
+        good = []
+        for block, digest in msg.blocks:
+            if block < n:
+                digests[block * DIGEST_SIZE : (block + 1) * DIGEST_SIZE] = digest
+                good.append(block)
+        trade.exchange.neighbour_has(node, good)
+        if trade.job is not None:
+            trade.job.poke()
+        self._rotate(trade)
+
+    def _maybe_end(self, trade: Trade) -> None:
+        if trade.job is None and not trade.active.links:
+            self._end_trade(trade)
+
+    # -- what we tell the others ------------------------------------------------------------
+
+    def announce_have(self, image_id: str, block: int, digest: bytes) -> None:
+        """A block became readable here (it was checked)."""
+        self.generation += 1
+        trade = self.trades.get(image_id)
+        if trade is None:
+            return
+        for link in self._links_for(trade):
+            link.send(Have(image_id, ((block, digest),)))
+        self._rotate(trade)
+
+    def announce_gone(self, image_id: str) -> None:
+        """We dropped the image (evicted, deleted, discarded)."""
+        self.generation += 1
+        trade = self.trades.get(image_id)
+        if trade is None:
+            return
+        for link in self._links_for(trade):
+            link.send(Status(image_id, False, gone=True))
+        if trade.job is None:
+            self._end_trade(trade)
+
+    def may_serve(self, image_id: str, node: str | None) -> float | None:
+        """None if `node` may read a block of the image now, else seconds to wait."""
+        trade = self.trades.get(image_id)
+        if trade is None or node is None:
+            return ROTATE  # not linked for it: no slot
+        return None if trade.exchange.may_serve(node) else ROTATE
+
+    # -- peers that go away -------------------------------------------------------------------
 
     def quarantine(self, node_id: str) -> None:
         """The peer sent bad bytes: use it for nothing until peers.quarantine has passed."""
         peer = self.table.get(node_id)
         if peer is None or peer.state(self.clock()) == "quarantined":
-            return  # other chunks in flight from it failed too: one quarantine
+            return
         self.table.quarantine(node_id, self.clock(), self.config.quarantine)
         self.metrics.peer_quarantines.inc()
         log.warning("peer %s quarantined for %.0fs", node_id, self.config.quarantine)
         self.gone_for_now(node_id)
 
     def gone_for_now(self, node_id: str) -> None:
-        """The peer is down: forget what it told us (it is asked again once back up)."""
+        """The peer is down: forget what it told us and close our link to it."""
         self._drop(node_id)
         link = self.links.get(node_id)
         if link is not None:
             self.spawn(link.close(), f"close-{node_id}")
 
     def _drop(self, node_id: str) -> None:
-        now = self.clock()
-        for job in self.jobs.values():
-            job.plan.drop_peer(node_id, now)
-            job.poke()
-        # a hung peer (stopped, or cut off without a reset) would hold these until their
-        # timeouts (a streamed one: the origin's deadline): end them, they go elsewhere
+        for trade in list(self.trades.values()):
+            if node_id in trade.active.links:
+                self._unlink(trade, node_id)
+                self._maybe_end(trade)
+        peer = self.table.get(node_id)
+        if peer is not None and peer.usable(self.clock()):
+            self._end_reads(node_id)  # a link lost, the peer still a member
+            return
+        for trade in self.trades.values():  # readers change when a member goes
+            if trade.job is not None and trade.job.lane.replace(node_id):
+                log.info(
+                    "%s: reader %s is gone: readers now %s",
+                    trade.image_id,
+                    node_id,
+                    ", ".join(trade.job.lane.readers),
+                )
+                trade.job.poke()
+        self._end_reads(node_id)
+
+    def _end_reads(self, node_id: str) -> None:
         reads = self._reading.pop(node_id, set())
         if reads:
-            log.info("peer %s is gone: ending %d chunk reads from it", node_id, len(reads))
+            log.info("peer %s is gone: ending %d block reads from it", node_id, len(reads))
         for read in reads:
             read.end()
 
-    def _chunk_url(self, node_id: str, manifest: Manifest, index: int) -> str:
-        """Where to read a chunk from a usable peer (PeerError / PeerGone if none)."""
-        peer = self.table.get(node_id)
-        if peer is None:
-            raise PeerError(f"peer {node_id} is not known")
-        if not peer.usable(self.clock()):  # it went away before this read began
-            raise PeerGone(f"peer {node_id} is {peer.state(self.clock())}")
-        return f"http://{peer.address}/v1/peer/images/{manifest.image_id}/chunks/{index}"
+    # -- block reads ----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _chunk_read(self, node_id: str, what: str, seconds: float) -> AsyncIterator[None]:
-        """Bound a chunk read from a peer by `seconds`, keep it where `_drop` can end it,
-        and turn what can go wrong into PeerError (PeerGone if `_drop` ended it)."""
+    async def _block_read(self, node_id: str, what: str, seconds: float) -> AsyncIterator[None]:
+        """Bound a read from a peer by `seconds`, keep it where `_drop` can end it, and
+        turn what can go wrong into PeerError (PeerGone if `_drop` ended it)."""
         read = None
         try:
             async with asyncio.timeout(seconds) as deadline:
@@ -598,167 +920,41 @@ class Swarm:
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
             raise PeerError(f"{what}: {err!r}") from err
 
-    def digest(self, image_id: str, node_id: str, index: int) -> bytes | None:
-        """The digest a peer announced for one of its chunks."""
-        digests = self.digests.get((image_id, node_id))
-        if digests is None:
-            return None
-        d = bytes(digests[index * DIGEST_SIZE : (index + 1) * DIGEST_SIZE])
-        return d if any(d) else None
-
-    async def read_chunk(self, node_id: str, manifest: Manifest, index: int) -> list[bytes]:
-        """Chunk `index` from a peer, in pieces (unverified); PeerError on any failure."""
-        url = self._chunk_url(node_id, manifest, index)
-        _, length = manifest.span(index)
+    async def read_block(self, node_id: str, manifest: Manifest, block: int) -> list[bytes]:
+        """Block `block` from a peer, in pieces (unverified: the caller checks it against
+        the digest the peer announced). PeerBusy if it has no upload slot for us now,
+        PeerError on any failure."""
+        peer = self.table.get(node_id)
+        if peer is None:
+            raise PeerError(f"peer {node_id} is not known")
+        if not peer.usable(self.clock()):  # it went away before this read began
+            raise PeerGone(f"peer {node_id} is {peer.state(self.clock())}")
+        url = f"http://{peer.address}/v1/peer/images/{manifest.image_id}/blocks/{block}"
+        _, length = manifest.block_span(block)
+        headers = {"If-Match": manifest.etag, NODE_HEADER: self.node_id}
+        what = f"peer {node_id}: block {block}"
         async with (
-            self._chunk_read(node_id, f"peer {node_id}: chunk {index}", self.config.timeout),
-            self.session.get(url, headers={"If-Match": manifest.etag}) as resp,
-        ):
-            if resp.status != 200:
-                raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
-            if resp.content_length is not None and resp.content_length != length:
-                raise PeerError(f"peer {node_id}: chunk {index} has the wrong length")
-            return await read_pieces(resp, length)
-
-    async def read_chunk_streamed(
-        self,
-        node_id: str,
-        manifest: Manifest,
-        index: int,
-        feed: Callable[[bytes], None] | None = None,
-        to_relay: bool = False,
-    ) -> tuple[list[bytes], bytes]:
-        """Chunk `index` from a peer that may still be reading it from the origin.
-
-        The answer is the chunk followed by its 16-byte digest (known to the peer only
-        once the chunk is in); (pieces, digest), unverified. The wait is bounded by how
-        long the peer's own origin read may take, plus peers.timeout. `feed` gets the
-        bytes as they arrive (we relay them); `to_relay` asks for bytes straight from the
-        peer's origin read (relays pass on nothing relayed: no cycles). StreamRefused if
-        the peer has nothing of it.
-        """
-        url = self._chunk_url(node_id, manifest, index)
-        _, length = manifest.span(index)
-        headers = {"If-Match": manifest.etag, STREAM_HEADER: "1"}
-        if to_relay:
-            headers[RELAY_HEADER] = "1"
-        what = f"peer {node_id}: chunk {index} (streamed)"
-        async with (
-            self._chunk_read(node_id, what, self.origin_deadline + self.config.timeout),
+            self._block_read(node_id, what, self.config.timeout),
             self.session.get(url, headers=headers) as resp,
         ):
-            if resp.status == 404:
-                raise StreamRefused(f"peer {node_id} has no chunk {index} to stream")
+            if resp.status == 503:
+                try:
+                    wait = float(resp.headers.get("Retry-After", ROTATE))
+                except ValueError:
+                    wait = ROTATE
+                raise PeerBusy(f"peer {node_id} has no upload slot for us", min(wait, 60.0))
             if resp.status != 200:
-                raise PeerError(f"peer {node_id}: HTTP {resp.status} for chunk {index}")
-            if resp.content_length not in (None, length + DIGEST_SIZE):
-                raise PeerError(f"peer {node_id}: chunk {index} has the wrong length")
-            data = await read_pieces(resp, length, feed, then=DIGEST_SIZE)
-            digest = await resp.content.readexactly(DIGEST_SIZE)
-        return data, digest
+                raise PeerError(f"peer {node_id}: HTTP {resp.status} for block {block}")
+            if resp.content_length is not None and resp.content_length != length:
+                raise PeerError(f"peer {node_id}: block {block} has the wrong length")
+            return await read_pieces(resp, length)
 
-    # -- server side: peers following our images -------------------------------------
+    def digest(self, image_id: str, node_id: str, block: int) -> bytes | None:
+        """The digest a peer announced for one of its blocks."""
+        trade = self.trades.get(image_id)
+        return trade.digest(node_id, block) if trade is not None else None
 
-    async def serve(self, request: web.Request) -> web.WebSocketResponse:
-        """The `/v1/peer/ws` handler: one peer's subscriptions to our images."""
-        # subscribers send only Hello/Subscribe/Unsubscribe: tiny messages
-        ws = web.WebSocketResponse(heartbeat=HEARTBEAT, max_msg_size=MAX_REQUEST)
-        if self._closed:
-            raise web.HTTPServiceUnavailable(text="the daemon is stopping")
-        await ws.prepare(request)
-        self._sockets.add(ws)
-        sub: Subscriber | None = None
-        writer: asyncio.Task[None] | None = None
-        try:
-            async for frame in ws:
-                if frame.type != aiohttp.WSMsgType.BINARY:
-                    raise WireError(f"unexpected {frame.type.name} frame")
-                msg = decode(frame.data)
-                if sub is None:
-                    if not isinstance(msg, Hello):
-                        raise WireError("the first message must be a hello")
-                    if msg.node == self.node_id:
-                        raise WireError("a peer uses our own node id (a copied cache dir?)")
-                    host = msg.host or (request.remote or "")
-                    self.seen(msg.node, host, msg.port, "inbound")
-                    sub = Subscriber(msg.node, ws)
-                    await ws.send_bytes(encode(self.hello()))
-                    writer = asyncio.create_task(sub.writer(), name=f"peer-sub-{msg.node}")
-                elif isinstance(msg, Subscribe):
-                    sub.images.add(msg.image_id)
-                    self.subscribers.setdefault(msg.image_id, set()).add(sub)
-                    sub.push(self._state(msg.image_id))
-                    job = self.jobs.get(msg.image_id)
-                    if job is not None and msg.fetching:
-                        # it fetches what we fetch: share the work, and follow its chunks
-                        job.plan.peer_fetching(sub.node_id, True, self.clock())
-                        job.poke()
-                        self.spawn(self._subscribe(job, sub.node_id), f"sub-{sub.node_id}")
-                elif isinstance(msg, Unsubscribe):
-                    self._unsubscribe(sub, msg.image_id)
-                else:
-                    raise WireError(f"unexpected {type(msg).__name__} from a subscriber")
-        except WireError as err:
-            log.warning("peer %s sent a bad message, closing: %s", request.remote, err)
-            self.metrics.peer_errors.inc()
-        finally:
-            self._sockets.discard(ws)
-            if sub is not None:
-                for image_id in list(sub.images):
-                    self._unsubscribe(sub, image_id)
-            await ws.close()
-            if writer is not None:
-                writer.cancel()
-                await asyncio.gather(writer, return_exceptions=True)
-        return ws
-
-    def _unsubscribe(self, sub: Subscriber, image_id: str) -> None:
-        sub.images.discard(image_id)
-        subs = self.subscribers.get(image_id)
-        if subs is not None:
-            subs.discard(sub)
-            if not subs:
-                del self.subscribers[image_id]
-        job = self.jobs.get(image_id)
-        if job is not None:
-            job.plan.peer_fetching(sub.node_id, False, self.clock())
-            job.poke()
-
-    def _state(self, image_id: str) -> State:
-        image = self.store.get(image_id) if self.store is not None else None
-        job = self.jobs.get(image_id)
-        if image is None or image.removed:
-            return State(image_id, None, b"", (), job is not None)
-        m = image.manifest
-        if m.complete:
-            have = bytes(bytearray(b"\xff" * ((m.chunks + 7) // 8)))
-        else:
-            bits = bitmap_new(m.chunks)
-            for i in range(m.chunks):
-                if image.has(i):
-                    bitmap_set(bits, i)
-            have = bytes(bits)
-        taking = tuple(job.taking) if job is not None else ()
-        return State(image_id, m, have, taking, job is not None)
-
-    def push_all(self, image_id: str, msg: Message) -> None:
-        """Queue a message for every subscriber of the image."""
-        for sub in self.subscribers.get(image_id, ()):
-            sub.push(msg)
-
-    def announce_have(self, image_id: str, index: int, digest: bytes) -> None:
-        """A chunk became readable here."""
-        self.generation += 1
-        self.push_all(image_id, Have(image_id, ((index, digest),)))
-
-    def announce_taking(self, image_id: str, index: int) -> None:
-        """We started reading a chunk from the origin."""
-        self.push_all(image_id, Taking(image_id, (index,)))
-
-    def announce_gone(self, image_id: str) -> None:
-        """We dropped the image (evicted, deleted, discarded)."""
-        self.generation += 1
-        self.push_all(image_id, Status(image_id, False, gone=True))
+    # -- for the API -----------------------------------------------------------------------------
 
     def inventory(self) -> tuple[int, int]:
         """(images, chunks) this daemon holds, for mDNS and hello."""
