@@ -660,9 +660,7 @@ class Fetcher:
 
     async def _origin_manifest(self, image_id: str) -> Manifest:
         """A fresh manifest from the origin's stat (single-flight per image)."""
-        return await self._shared(
-            self._origin_stats, image_id, lambda: self._stat_origin(image_id)
-        )
+        return await self._shared(self._origin_stats, image_id, lambda: self._stat_origin(image_id))
 
     async def _stat_origin(self, image_id: str) -> Manifest:
         try:
