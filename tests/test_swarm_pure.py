@@ -167,3 +167,22 @@ def test_wire_refuses_a_state_without_blocks_or_of_another_image() -> None:
     other = Manifest("other", size=4096, chunk_size=1024, block_size=1024)
     with pytest.raises(WireError, match="another image"):
         decode(_raw(t="state", image="img", manifest=other.encode(), have=b"\x00", fetching=False))
+
+
+def test_haves_of_an_image_go_out_as_one_message_in_place() -> None:
+    from swarmcache.peers.swarm import _merge_haves
+
+    d = b"\x01" * 16
+    batch = [
+        Have("a", ((1, d),)),
+        Slot("a", True),
+        Have("b", ((7, d),)),
+        Have("a", ((2, d), (3, d))),
+        Status("a", False),
+    ]
+    assert _merge_haves(batch) == [
+        Have("a", ((1, d), (2, d), (3, d))),
+        Slot("a", True),
+        Have("b", ((7, d),)),
+        Status("a", False),
+    ]
