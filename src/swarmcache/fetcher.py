@@ -44,7 +44,7 @@ from .errors import (
     SwarmcacheError,
 )
 from .exchange import GATHER, Exchange, Geometry, OriginLane
-from .manifest import Manifest, Pieces, chunk_digest, pieces_size
+from .manifest import Buffer, Manifest, pieces_digest, pieces_size
 from .metrics import Metrics
 from .origin import Origin
 from .peers.swarm import PeerBusy, Swarm
@@ -67,7 +67,7 @@ class _Cutter:
         self.first = first
         self.end = end
         self.next = first  # the block being filled
-        self.pieces: list[bytes] = []
+        self.pieces: list[Buffer] = []  # slices of the pieces fed, never copied
         self.filled = 0
         self.landing: list[asyncio.Task[None]] = []
 
@@ -82,7 +82,7 @@ class _Cutter:
         while view and self.next < self.end:
             length = manifest.block_span(self.next)[1]
             part = view[: length - self.filled]
-            self.pieces.append(bytes(part) if len(part) != len(data) else data)
+            self.pieces.append(part if len(part) != len(data) else data)
             self.filled += len(part)
             view = view[len(part) :]
             if self.filled == length:
@@ -371,11 +371,11 @@ class FetchJob:
         self.lane.read_done(first)
         self._account("origin", length, time.monotonic() - t0)
 
-    async def land_from_origin(self, block: int, pieces: list[bytes]) -> None:
+    async def land_from_origin(self, block: int, pieces: list[Buffer]) -> None:
         """One block of an origin read is in: its digest is what the origin sent."""
 
         def write() -> tuple[bytes, bool]:
-            digest = _digest(pieces)
+            digest = pieces_digest(pieces)
             return digest, self.image.write_block(block, pieces, digest)
 
         digest, last = await self._thread(write)
@@ -412,7 +412,14 @@ class FetchJob:
             if self.image.has_block(block):
                 self.exchange.landed(block, node, time.monotonic())
                 return  # another copy (endgame) landed first
-            digest = await self._thread(_digest, data)
+
+            def check_and_write() -> tuple[bytes, bool]:  # one trip to a thread per block
+                digest = pieces_digest(data)
+                if digest != expected:
+                    return digest, False
+                return digest, self.image.write_block(block, data, digest)
+
+            digest, last = await self._thread(check_and_write)
             if digest != expected:
                 log.warning(
                     "%s: block %d from peer %s does not match its digest; peer quarantined",
@@ -424,7 +431,6 @@ class FetchJob:
                 self.exchange.failed(block, node)
                 swarm.quarantine(node)
                 return
-            last = await self._thread(self.image.write_block, block, data, digest)
         except PeerBusy as err:
             now = time.monotonic()
             self.exchange.refused(block, node, now, now + err.retry_after)
@@ -959,8 +965,3 @@ class Fetcher:
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         self.executor.shutdown(wait=True)
-
-
-def _digest(pieces: Pieces) -> bytes:
-    """xxh3-128 of a block held in pieces."""
-    return chunk_digest(pieces[0]) if len(pieces) == 1 else chunk_digest(b"".join(pieces))
