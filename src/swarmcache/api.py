@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,7 +22,6 @@ from .config import parse_duration
 from .errors import (
     BadRequest,
     ImageNotFound,
-    PreconditionFailed,
     RangeNotSatisfiable,
     SwarmcacheError,
 )
@@ -31,10 +29,9 @@ from .fetcher import Fetcher, FetchJob
 from .httpfile import sendfile
 from .manifest import Manifest, validate_image_id
 from .metrics import CONTENT_TYPE, Metrics
-from .peers.swarm import DIGEST_HEADER, NODE_HEADER, Swarm
+from .peers.swarm import Swarm
 from .ranges import parse_range
 from .store import CachedImage, Store
-from .wire import PROTOCOL_VERSION, Join, WireError, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +39,12 @@ STORE = web.AppKey("store", Store)
 FETCHER = web.AppKey("fetcher", Fetcher)
 METRICS = web.AppKey("metrics", Metrics)
 SWARM = web.AppKey("swarm", Swarm)
-# Test-only fault switch: a daemon started with this set serves corrupted chunks to
-# peers (the multi-host tests use it to play a bad peer). Never set it in production.
-CORRUPT_CHUNKS_ENV = "SWARMCACHE_TEST_CORRUPT_PEER_CHUNKS"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # image bytes a response sent with sendfile (for the access log)
 SENT = web.ResponseKey("swarmcache.sent", int)
 SEND_SLICE = 16 * 1024 * 1024
 MAX_WAIT = 3600.0  # longest ?wait= on status and fetch
-MAX_JOIN = 4096  # bytes of a join message
 
 
 class AccessLog(AbstractAccessLogger):
@@ -109,7 +102,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_body(500, "internal error", f"{err.__class__.__name__}: {err}")
 
 
-def _image_id(request: web.Request) -> str:
+def image_id_from(request: web.Request) -> str:
+    """The validated image id of a request's path (400 if it is not one)."""
     return validate_image_id(request.match_info["image_id"])
 
 
@@ -203,7 +197,7 @@ def _wait_seconds(request: web.Request) -> float:
 async def image_status(request: web.Request) -> web.Response:
     """GET /v1/images/{id}/status[?wait=S]: with wait, answers once a running fetch has
     ended or S seconds have passed (a progress poll that hears the end at once)."""
-    image_id = _image_id(request)
+    image_id = image_id_from(request)
     seconds = _wait_seconds(request)
     fetcher = request.app[FETCHER]
     await fetcher.wait(image_id, seconds)
@@ -216,7 +210,7 @@ async def start_fetch(request: web.Request) -> web.Response:
     202 while it runs. With wait, the answer waits up to S seconds for the fetch to
     end: 200 once the image is complete, the fetch's own error if it failed.
     """
-    image_id = _image_id(request)
+    image_id = image_id_from(request)
     seconds = _wait_seconds(request)
     fetcher = request.app[FETCHER]
     await fetcher.start(image_id)
@@ -233,7 +227,7 @@ async def start_fetch(request: web.Request) -> web.Response:
 
 async def delete_image(request: web.Request) -> web.Response:
     """DELETE /v1/images/{id}: drop it from the cache (409 while being read)."""
-    image_id = _image_id(request)
+    image_id = image_id_from(request)
     await request.app[FETCHER].remove(image_id)
     log.info("image %s removed by request", image_id)
     return web.json_response({"id": image_id, "deleted": True})
@@ -241,7 +235,7 @@ async def delete_image(request: web.Request) -> web.Response:
 
 async def set_pin(request: web.Request) -> web.Response:
     """PUT/DELETE /v1/images/{id}/pin."""
-    image_id = _image_id(request)
+    image_id = image_id_from(request)
     image = request.app[STORE].get(image_id)
     if image is None:
         raise ImageNotFound(f"image {image_id!r} is not in the cache (only cached images pin)")
@@ -271,7 +265,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def get_image(request: web.Request) -> web.StreamResponse:
     """GET/HEAD /v1/images/{id}: the bytes, from cache or following a fetch."""
-    image_id = _image_id(request)
+    image_id = image_id_from(request)
     store, fetcher, m = request.app[STORE], request.app[FETCHER], request.app[METRICS]
     image = store.get(image_id)
     head = request.method == "HEAD"
@@ -417,96 +411,6 @@ async def _send_image(
         f.close()
 
 
-async def peer_hello(request: web.Request) -> web.Response:
-    """GET /v1/peer/hello: who we are (static peers ask this to learn our node id)."""
-    swarm = request.app[SWARM]
-    images, chunks = swarm.inventory()
-    return web.json_response(
-        {
-            "node": swarm.node_id,
-            "version": PROTOCOL_VERSION,
-            "port": swarm.advertise[1],
-            "generation": swarm.generation,
-            "images": images,
-            "chunks": chunks,
-        }
-    )
-
-
-async def peer_ws(request: web.Request) -> web.StreamResponse:
-    """GET /v1/peer/ws: a peer's subscriptions to our images (see wire.py)."""
-    return await request.app[SWARM].serve(request)
-
-
-async def peer_block(request: web.Request) -> web.StreamResponse:
-    """GET /v1/peer/images/{id}/blocks/{index}: one block we hold, with sendfile.
-
-    404 if we do not hold it, 412 if If-Match names another version, 503 with
-    Retry-After if the asker (X-Swarmcache-Node) holds none of our upload slots.
-    """
-    image_id = _image_id(request)
-    try:
-        block = int(request.match_info["index"])
-    except ValueError:
-        raise BadRequest("block index must be an integer") from None
-    image = request.app[STORE].get(image_id)
-    if image is None or not 0 <= block < image.manifest.blocks or not image.has_block(block):
-        raise ImageNotFound(f"block {block} of {image_id!r} is not held here")
-    if_match = request.headers.get("If-Match")
-    if if_match is not None and if_match != image.manifest.etag:
-        raise PreconditionFailed(f"{image_id!r} here is another version ({image.manifest.etag})")
-    wait = request.app[SWARM].may_serve(image_id, request.headers.get(NODE_HEADER))
-    if wait is not None:
-        return web.Response(status=503, headers={"Retry-After": f"{wait:.3f}"})
-    offset, length = image.manifest.block_span(block)
-    digest = image.manifest.block_digest(block)
-    resp = web.StreamResponse()
-    resp.content_type = "application/octet-stream"
-    resp.content_length = length
-    if digest is not None:
-        resp.headers[DIGEST_HEADER] = digest.hex()
-    corrupt = bool(os.environ.get(CORRUPT_CHUNKS_ENV))
-    try:
-        f = open(image.data_path, "rb")  # noqa: SIM115, ASYNC230
-    except OSError as err:
-        raise ImageNotFound(f"image {image_id!r} is no longer in the cache") from err
-    image.readers += 1
-    try:
-        await resp.prepare(request)
-        if corrupt:
-            data = bytearray(await asyncio.to_thread(os.pread, f.fileno(), length, offset))
-            data[len(data) // 2] ^= 0xFF
-            await resp.write(bytes(data))
-        else:
-            await sendfile(request, resp, f, offset, length)
-        await resp.write_eof()
-        resp[SENT] = length
-        request.app[METRICS].bytes_served_peers.inc(length)
-    except ConnectionError:
-        if request.transport is not None:
-            request.transport.abort()
-    finally:
-        image.readers -= 1
-        f.close()
-    return resp
-
-
-async def peer_join(request: web.Request) -> web.Response:
-    """POST /v1/peer/images/{id}/join: a host joins an image we read (see wire.Join)."""
-    image_id = _image_id(request)
-    body = await request.content.read(MAX_JOIN + 1)
-    if len(body) > MAX_JOIN:
-        raise BadRequest("join message too large")
-    try:
-        msg = decode(body)
-    except WireError as err:
-        raise BadRequest(f"bad join message: {err.detail}") from None
-    if not isinstance(msg, Join) or msg.image_id != image_id:
-        raise BadRequest("expected a join for this image")
-    answer = await request.app[SWARM].answer_join(msg, request.remote)
-    return web.Response(body=encode(answer), content_type="application/x-msgpack")
-
-
 async def list_peers(request: web.Request) -> web.Response:
     """GET /v1/peers: the peer table."""
     swarm = request.app[SWARM]
@@ -517,7 +421,7 @@ async def list_peers(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    """Register every route of the API."""
+    """Register the routes of the client API (peer_api.add_routes: the daemons' own)."""
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/images", list_images)
@@ -529,7 +433,3 @@ def add_routes(app: web.Application) -> None:
     app.router.add_put("/v1/images/{image_id}/pin", set_pin)
     app.router.add_delete("/v1/images/{image_id}/pin", set_pin)
     app.router.add_get("/v1/peers", list_peers)
-    app.router.add_get("/v1/peer/hello", peer_hello)
-    app.router.add_get("/v1/peer/ws", peer_ws)
-    app.router.add_get("/v1/peer/images/{image_id}/blocks/{index}", peer_block)
-    app.router.add_post("/v1/peer/images/{image_id}/join", peer_join)

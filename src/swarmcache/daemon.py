@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterable
 from aiohttp import web
 from prometheus_client.core import Metric
 
+from . import peer_api
 from .api import (
     FETCHER,
     METRICS,
@@ -46,6 +47,7 @@ def build_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_discovery_ctx)
     app.on_shutdown.append(_stop_fetches)
     add_routes(app)
+    peer_api.add_routes(app)
     return app
 
 

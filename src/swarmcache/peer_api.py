@@ -1,0 +1,121 @@
+"""The peer API: what daemons ask of each other (hello, links, blocks, joins).
+
+Clients and hypervisors use api.py; these routes serve other daemons only. They share
+the port and the error middleware with the client API (see daemon.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from aiohttp import web
+
+from .api import METRICS, SENT, STORE, SWARM, image_id_from
+from .errors import BadRequest, ImageNotFound, PreconditionFailed
+from .httpfile import sendfile
+from .peers.swarm import DIGEST_HEADER, NODE_HEADER
+from .wire import PROTOCOL_VERSION, Join, WireError, decode, encode
+
+# Test-only fault switch: a daemon started with this set serves corrupted blocks to
+# peers (the multi-host tests use it to play a bad peer). Never set it in production.
+CORRUPT_CHUNKS_ENV = "SWARMCACHE_TEST_CORRUPT_PEER_CHUNKS"
+MAX_JOIN = 4096  # bytes of a join message
+
+
+async def peer_hello(request: web.Request) -> web.Response:
+    """GET /v1/peer/hello: who we are (static peers ask this to learn our node id)."""
+    swarm = request.app[SWARM]
+    images, chunks = swarm.inventory()
+    return web.json_response(
+        {
+            "node": swarm.node_id,
+            "version": PROTOCOL_VERSION,
+            "port": swarm.advertise[1],
+            "generation": swarm.generation,
+            "images": images,
+            "chunks": chunks,
+        }
+    )
+
+
+async def peer_ws(request: web.Request) -> web.StreamResponse:
+    """GET /v1/peer/ws: a peer's subscriptions to our images (see wire.py)."""
+    return await request.app[SWARM].serve(request)
+
+
+async def peer_block(request: web.Request) -> web.StreamResponse:
+    """GET /v1/peer/images/{id}/blocks/{index}: one block we hold, with sendfile.
+
+    404 if we do not hold it, 412 if If-Match names another version, 503 with
+    Retry-After if the asker (X-Swarmcache-Node) holds none of our upload slots.
+    """
+    image_id = image_id_from(request)
+    try:
+        block = int(request.match_info["index"])
+    except ValueError:
+        raise BadRequest("block index must be an integer") from None
+    image = request.app[STORE].get(image_id)
+    if image is None or not 0 <= block < image.manifest.blocks or not image.has_block(block):
+        raise ImageNotFound(f"block {block} of {image_id!r} is not held here")
+    if_match = request.headers.get("If-Match")
+    if if_match is not None and if_match != image.manifest.etag:
+        raise PreconditionFailed(f"{image_id!r} here is another version ({image.manifest.etag})")
+    wait = request.app[SWARM].may_serve(image_id, request.headers.get(NODE_HEADER))
+    if wait is not None:
+        return web.Response(status=503, headers={"Retry-After": f"{wait:.3f}"})
+    offset, length = image.manifest.block_span(block)
+    digest = image.manifest.block_digest(block)
+    resp = web.StreamResponse()
+    resp.content_type = "application/octet-stream"
+    resp.content_length = length
+    if digest is not None:
+        resp.headers[DIGEST_HEADER] = digest.hex()
+    corrupt = bool(os.environ.get(CORRUPT_CHUNKS_ENV))
+    try:
+        f = open(image.data_path, "rb")  # noqa: SIM115, ASYNC230
+    except OSError as err:
+        raise ImageNotFound(f"image {image_id!r} is no longer in the cache") from err
+    image.readers += 1
+    try:
+        await resp.prepare(request)
+        if corrupt:
+            data = bytearray(await asyncio.to_thread(os.pread, f.fileno(), length, offset))
+            data[len(data) // 2] ^= 0xFF
+            await resp.write(bytes(data))
+        else:
+            await sendfile(request, resp, f, offset, length)
+        await resp.write_eof()
+        resp[SENT] = length
+        request.app[METRICS].bytes_served_peers.inc(length)
+    except ConnectionError:
+        if request.transport is not None:
+            request.transport.abort()
+    finally:
+        image.readers -= 1
+        f.close()
+    return resp
+
+
+async def peer_join(request: web.Request) -> web.Response:
+    """POST /v1/peer/images/{id}/join: a host joins an image we read (see wire.Join)."""
+    image_id = image_id_from(request)
+    body = await request.content.read(MAX_JOIN + 1)
+    if len(body) > MAX_JOIN:
+        raise BadRequest("join message too large")
+    try:
+        msg = decode(body)
+    except WireError as err:
+        raise BadRequest(f"bad join message: {err.detail}") from None
+    if not isinstance(msg, Join) or msg.image_id != image_id:
+        raise BadRequest("expected a join for this image")
+    answer = await request.app[SWARM].answer_join(msg, request.remote)
+    return web.Response(body=encode(answer), content_type="application/x-msgpack")
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the peer API's routes."""
+    app.router.add_get("/v1/peer/hello", peer_hello)
+    app.router.add_get("/v1/peer/ws", peer_ws)
+    app.router.add_get("/v1/peer/images/{image_id}/blocks/{index}", peer_block)
+    app.router.add_post("/v1/peer/images/{image_id}/join", peer_join)
