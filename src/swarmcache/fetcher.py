@@ -57,6 +57,7 @@ CHECK_BATCH = 16  # chunks re-checked per thread call when a fetch resumes
 IDLE_TICK = 0.25  # longest sleep of an idle worker (busy peers, endgame, the stall)
 STALL = 30.0  # seconds without a block from anywhere before a host reads what it lacks
 JOIN_KEPT = 10.0  # seconds the hosts a join named are used for the fetch that follows
+FRESH_FOR = 10.0  # seconds an origin's answer about an image is used again
 
 
 class _Cutter:
@@ -623,6 +624,7 @@ class Fetcher:
         self._starting: dict[str, asyncio.Task[Any]] = {}
         self._stats: dict[str, asyncio.Task[Any]] = {}
         self._origin_stats: dict[str, asyncio.Task[Any]] = {}
+        self._fresh: dict[str, tuple[float, Manifest]] = {}  # ride-alongs: (when, origin's)
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()  # deletes, stats saves, ride-alongs
@@ -694,7 +696,17 @@ class Fetcher:
         if image is None or not image.complete:
             if image is not None and image_id in self.jobs:
                 return image.manifest
-            manifest = await self._origin_manifest(image_id)
+            # every host that starts Joins us, and our own fetch takes a moment to
+            # begin: the origin's answer of the last FRESH_FOR seconds does for them
+            fresh = self._fresh.get(image_id)
+            if fresh is None or time.monotonic() - fresh[0] >= FRESH_FOR:
+                fresh = self._fresh[image_id] = (
+                    time.monotonic(),
+                    await self._origin_manifest(image_id),
+                )
+                while len(self._fresh) > MAX_FAILURES:
+                    del self._fresh[next(iter(self._fresh))]
+            manifest = fresh[1].restarted()  # the store fills in what it gets
             self.in_background_async(self.start(image_id, fresh=manifest), f"ride-{image_id}")
             image = self.store.get(image_id)
             return image.manifest if image is not None else manifest

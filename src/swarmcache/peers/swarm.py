@@ -65,7 +65,7 @@ STATIC_EVERY = 10.0  # seconds between hellos to static peers
 MAX_REQUEST = 1024 * 1024  # largest message a peer's socket may send us (a State)
 MAINTENANCE_EVERY = 60.0  # seconds between sweeps of the peer table
 REFRESH_EVERY = 2.0  # seconds between looks for more neighbours while short of them
-JOIN_TIMEOUT = 5.0  # seconds a Join at a reader may take
+JOIN_TIMEOUT = 5.0  # seconds a Join at a reader may take at least (else peers.timeout)
 MEMBERS_KEPT = 4096  # hosts a reader remembers per image (the oldest go first)
 MEMBER_TTL = 600.0  # seconds a reader remembers a host that joined an image
 NODE_HEADER = "X-Swarmcache-Node"  # who asks for a block (upload slots are per peer)
@@ -454,7 +454,7 @@ class Swarm:
         url = f"http://{peer.address}/v1/peer/images/{image_id}/join"
         try:
             async with (
-                asyncio.timeout(JOIN_TIMEOUT),
+                asyncio.timeout(max(JOIN_TIMEOUT, self.config.timeout)),
                 self.session.post(url, data=body) as resp,
             ):
                 if resp.status != 200:
