@@ -306,6 +306,7 @@ def test_a_reader_done_with_its_share_helps_the_one_with_most_left() -> None:
         for b in ex.geometry.blocks_of(c):
             ex.landed(b)
     other = next(m for m in members if m != me)
+    ex.add_neighbour("someone", _bits(64, []))  # not alone: a neighbour, not a reader
     assert lane.next_read(5.0) is None  # not linked to the other reader: no help
     ex.add_neighbour(other, _bits(64, ex.geometry.blocks_of(theirs[0])))  # it began
     assert lane.next_read(1.0) is None  # blocks still arrive: it is busy, not slow
@@ -348,6 +349,16 @@ def test_a_client_far_ahead_is_read_at_once_even_by_a_non_reader() -> None:
     assert lane.next_read(0.0) is None
     ex.want([60])  # far ahead (chunk 15)
     assert lane.next_read(0.0) == (60, 64)
+
+
+def test_a_host_left_without_neighbours_reads_what_it_lacks_after_a_quiet_spell() -> None:
+    members = ["a", "b"]
+    me = next(m for m in members if m not in readers("img", members, 1))
+    ex = _exchange()
+    lane = OriginLane(ex, me, "img", [m for m in members if m != me], 1, 30.0, 0.0, gather=0.0)
+    assert lane.next_read(5.0) is None  # the reader will bring it
+    assert lane.next_read(10.5) == (0, 4)  # nobody linked to us (the reader refused us)
+    assert lane.stalled
 
 
 def test_a_dead_reader_is_replaced_by_the_next_in_rank_on_every_host() -> None:

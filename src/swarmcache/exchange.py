@@ -47,6 +47,7 @@ MAX_INFLIGHT = 32  # requests in flight from one host in all
 CANDIDATES = 64  # blocks looked at per pick (the rarest of them goes)
 FAR_AHEAD = 4  # chunks past the first missing one: "far ahead" for a waiting client
 QUIET = 2.0  # seconds without a block from anywhere: a half-spread chunk is read
+ALONE = 10.0  # seconds without a block and without a neighbour: read what we lack
 BACKLOG = 1  # untouched chunks a reader keeps before others help with its share
 GATHER = 1.0  # seconds a fetch waits for its neighbours' states before reading the origin
 ENDGAME_COPIES = 2  # sources a block may be asked of at once, near the end
@@ -632,7 +633,14 @@ class OriginLane:
         if len(self.reading) >= self.streams or now < self.ready_at:
             return None
         ex = self.exchange
-        if not self._share and not ex._urgent and now - self.progress_at <= self.stall:
+        quiet = now - self.progress_at
+        if (
+            not self._share
+            and not ex._urgent
+            and not self.stalled
+            and quiet <= self.stall
+            and (ex.neighbours or quiet <= ALONE)
+        ):
             return None  # not a reader, nobody waits, the swarm is alive
         geo = ex.geometry
         # a client waits for it, far ahead, and no neighbour has it: at once
@@ -648,7 +656,9 @@ class OriginLane:
         # once the swarm left us without a block for `stall`, we do not wait again:
         # the rest is read wherever no neighbour serves it (a reader that refuses us,
         # a neighbour that never gives us a slot)
-        self.stalled = stalled = self.stalled or quiet > self.stall
+        # (alone, with no neighbour at all for ALONE: nobody will bring anything)
+        alone = not ex.neighbours and quiet > ALONE
+        self.stalled = stalled = self.stalled or quiet > self.stall or alone
         start = geo.chunk_of(first_missing)
         # Our share; once the swarm has brought nothing for `stall`, everything. Of a
         # chunk some of whose blocks are around, only once the swarm is QUIET: someone
