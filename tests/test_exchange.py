@@ -12,6 +12,7 @@ from swarmcache.exchange import (
     HAVE,
     INFLIGHT,
     MISSING,
+    ROTATE,
     ActiveSet,
     Exchange,
     Geometry,
@@ -196,7 +197,7 @@ def test_upload_slots_go_to_interested_neighbours_in_turn() -> None:
     assert all(up for _, up in first)
     assert len(first) == 2
     assert "full" not in ex.serving
-    assert ex.rotate(0.1) == []  # not time to turn yet
+    assert ex.rotate(ROTATE / 2) == []  # not time to turn yet
     turn = ex.rotate(1.0)
     (out,) = [n for n, up in turn if not up]
     (inn,) = [n for n, up in turn if up]

@@ -55,7 +55,7 @@ ENDGAME_SLOW = 2.0  # ... once it has been in flight this many times as long as 
 BACKOFF_DOUBLINGS = 3  # a busy neighbour's hint is doubled per refusal in a row, this often
 
 UPLOAD_SLOTS = 8  # neighbours a host uploads to at once (unchoked)
-ROTATE = 0.2  # seconds between turns of the upload slots (every interested one is served)
+ROTATE = 0.05  # seconds between turns of the upload slots (every interested one is served)
 
 MISSING, INFLIGHT, HAVE = 0, 1, 2
 
