@@ -679,7 +679,7 @@ class Fetcher:
             self.metrics.source_errors.labels(self.origin.name).inc()
             self._record_failure(image_id, err, None)
             raise
-        return Manifest(
+        manifest = Manifest(
             image_id=image_id,
             size=stat.size,
             chunk_size=self.chunk_size,
@@ -687,6 +687,13 @@ class Fetcher:
             origin_validator=stat.validator,
             block_size=self.block_size,
         )
+        # kept here, in the one task all callers share, not by a caller that wakes up
+        # later: a Join handled in between would find neither and ask the origin again
+        self._fresh.pop(image_id, None)
+        self._fresh[image_id] = (time.monotonic(), manifest)
+        while len(self._fresh) > MAX_FAILURES:
+            del self._fresh[next(iter(self._fresh))]
+        return manifest.restarted()
 
     async def ride_along(self, image_id: str) -> Manifest | None:
         """A host joined an image we read from the origin: fetch it too if we do not
@@ -700,12 +707,8 @@ class Fetcher:
             # begin: the origin's answer of the last FRESH_FOR seconds does for them
             fresh = self._fresh.get(image_id)
             if fresh is None or time.monotonic() - fresh[0] >= FRESH_FOR:
-                fresh = self._fresh[image_id] = (
-                    time.monotonic(),
-                    await self._origin_manifest(image_id),
-                )
-                while len(self._fresh) > MAX_FAILURES:
-                    del self._fresh[next(iter(self._fresh))]
+                await self._origin_manifest(image_id)  # the stat itself fills _fresh
+                fresh = self._fresh[image_id]
             manifest = fresh[1].restarted()  # the store fills in what it gets
             self.in_background_async(self.start(image_id, fresh=manifest), f"ride-{image_id}")
             image = self.store.get(image_id)
