@@ -405,3 +405,23 @@ def test_active_set_looks_for_degree_and_takes_at_most_twice_that() -> None:
     assert links.accept(chosen[0])  # a link we have is fine
     links.drop(chosen[0])
     assert links.accept("one-too-many")
+
+
+def test_the_successor_of_a_dead_reader_finishes_its_half_spread_chunks_at_once() -> None:
+    members = [f"h{i}" for i in range(4)]
+    top = readers("img", members, 1)
+    heir = rank("img", members)[1]
+    ex = _exchange()
+    lane = _lane(ex, heir, [m for m in members if m != heir], 1)
+    assert not lane.is_reader()
+    ex.add_neighbour(top[0], _bits(16, [0, 1, 5]))  # it read chunk 0's first blocks, one of 1
+    assert lane.next_read(0.5) is None  # the reader is alive: its share is its own
+    assert lane.replace(top[0])  # it died
+    ex.drop_neighbour(top[0])
+    ex.add_neighbour("n", _bits(16, [0, 1, 5]))  # a neighbour got those blocks before
+    assert lane.is_reader()
+    # blocks still arrive from elsewhere (the swarm is not quiet), yet the chunks it
+    # left half spread are read now, what nobody holds of them only
+    for run in ((2, 4), (4, 5), (6, 8)):
+        assert lane.next_read(0.6) == run
+        lane.read_done(run[0])

@@ -578,6 +578,7 @@ class OriginLane:
         self._share = self._my_share()
         self.progress_at = now  # when a block last arrived from anywhere
         self.stalled = False  # the swarm once brought nothing for `stall` seconds
+        self._finishing: set[int] = set()  # half-spread chunks of our share we finish
         self.reading: dict[int, int] = {}  # first block of a read in flight -> its end
         self._cursor = 0  # chunks before it are settled for this lane
 
@@ -603,8 +604,12 @@ class OriginLane:
         new = readers(self.image_key, self.members, self.concurrency)
         if new == self.readers:
             return False
+        gone = [r for r in self.readers if r not in self.members]
+        old_share = set(self._share)
         self.readers = new
         self._share = self._my_share()
+        if gone:  # what a reader that went away left half spread is ours to finish now
+            self._finishing.update(c for c in self._share if c not in old_share)
         return True
 
     def _my_share(self) -> list[int]:
@@ -668,8 +673,14 @@ class OriginLane:
             if chunk < start:
                 continue
             blocks = geo.blocks_of(chunk)
-            if quiet <= QUIET and any(ex.count[b] for b in blocks):
-                continue
+            if chunk not in self._finishing and any(ex.count[b] for b in blocks):
+                if quiet <= QUIET:
+                    continue
+                # quiet: every half-spread chunk of our share is ours to finish now,
+                # each in as many reads as it has gaps, without waiting again
+                self._finishing.update(
+                    c for c in self._share if any(ex.count[b] for b in geo.blocks_of(c))
+                )
             for b in blocks:
                 unserved = not ex.served(b) if stalled else not ex.count[b]
                 if ex.state[b] == MISSING and unserved:
