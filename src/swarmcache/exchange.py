@@ -167,6 +167,7 @@ class Exchange:
             if self.state[b] == HAVE:
                 self.chunk_have[geometry.chunk_of(b)] += 1
         self._urgent: deque[int] = deque()
+        self._urgent_set: set[int] = set()
         self._turn = 0
         self.upload_slots = upload_slots
         self.serving: set[str] = set()  # neighbours we upload to (unchoked)
@@ -251,16 +252,20 @@ class Exchange:
     # -- what we ask for --------------------------------------------------------------
 
     def want(self, blocks: Iterable[int]) -> None:
-        """A client waits for these blocks: ask for them before anything else."""
+        """A client waits for these blocks: ask for them before anything else (each
+        is queued once, however often readers ask)."""
         for b in blocks:
-            if self.state[b] != HAVE:
+            if self.state[b] != HAVE and b not in self._urgent_set:
                 self._urgent.append(b)
+                self._urgent_set.add(b)
 
     def urgent(self) -> list[int]:
         """Blocks a client waits for that are still missing, in the order asked."""
-        while self._urgent and self.state[self._urgent[0]] == HAVE:
-            self._urgent.popleft()
-        return [b for b in self._urgent if self.state[b] != HAVE]
+        live = [b for b in self._urgent if self.state[b] != HAVE]
+        if len(live) != len(self._urgent):  # drop the ones that landed
+            self._urgent = deque(live)
+            self._urgent_set = set(live)
+        return live
 
     def next_requests(self, now: float, limit: int | None = None) -> list[tuple[str, int]]:
         """Fill free request slots: (neighbour, block) pairs, now in flight. `limit`
