@@ -493,7 +493,7 @@ class Exchange:
             if n not in self.serving and p.offer > 0
         )
         if waiting and now >= self._rotate_at and len(self.serving) >= self.upload_slots:
-            oldest = min(self.serving, key=lambda n: self.neighbours[n].served_at)
+            oldest = min(sorted(self.serving), key=lambda n: self.neighbours[n].served_at)
             self.serving.discard(oldest)
             changes.append((oldest, False))
         if now >= self._rotate_at:

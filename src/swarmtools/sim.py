@@ -356,7 +356,7 @@ class Simulator:
         if not h.alive or not h.pending_have:
             return
         blocks, h.pending_have = h.pending_have, []
-        for name in _links(h):
+        for name in sorted(_links(h)):  # in a fixed order: runs do not depend on str hashing
             h.messages += 1
             self.at(self.now + self.cfg.latency, self._have, self.by_name[name], h.name, blocks)
 
