@@ -425,3 +425,17 @@ def test_the_successor_of_a_dead_reader_finishes_its_half_spread_chunks_at_once(
     for run in ((2, 4), (4, 5), (6, 8)):
         assert lane.next_read(0.6) == run
         lane.read_done(run[0])
+
+
+def test_a_block_a_client_waits_for_is_read_anyway_when_nobody_serves_it_in_time() -> None:
+    members = ["a", "b"]
+    me = next(m for m in members if m not in readers("img", members, 1))
+    ex = _exchange()
+    lane = OriginLane(ex, me, "img", [m for m in members if m != me], 1, 30.0, 0.0, gather=0.0)
+    other = next(m for m in members if m != me)
+    ex.add_neighbour(other, _bits(16, range(16)))  # the reader holds it all, serves us not
+    ex.add_neighbour("c", _bits(16, []))
+    ex.want([1])
+    assert lane.next_read(1.0) is None  # near the front: its reader will bring it
+    assert lane.next_read(5.0) is None
+    assert lane.next_read(11.5) == (1, 4)  # the client waited long enough

@@ -48,6 +48,7 @@ CANDIDATES = 64  # blocks looked at per pick (the rarest of them goes)
 FAR_AHEAD = 4  # chunks past the first missing one: "far ahead" for a waiting client
 QUIET = 2.0  # seconds without a block from anywhere: a half-spread chunk is read
 ALONE = 10.0  # seconds without a block and without a neighbour: read what we lack
+URGENT_WAIT = 10.0  # seconds a client waits for a block before we read it anyway
 BACKLOG = 1  # untouched chunks a reader keeps before others help with its share
 GATHER = 1.0  # seconds a fetch waits for its neighbours' states before reading the origin
 ENDGAME_COPIES = 2  # sources a block may be asked of at once, near the end
@@ -584,6 +585,7 @@ class OriginLane:
         self.progress_at = now  # when a block last arrived from anywhere
         self.stalled = False  # the swarm once brought nothing for `stall` seconds
         self._finishing: set[int] = set()  # half-spread chunks of our share we finish
+        self._urgent_since: dict[int, float] = {}  # block a client waits for -> since when
         self.reading: dict[int, int] = {}  # first block of a read in flight -> its end
         self._cursor = 0  # chunks before it are settled for this lane
 
@@ -659,9 +661,15 @@ class OriginLane:
             return None
         far = geo.chunk_of(first_missing) + FAR_AHEAD
         for b in ex.urgent():
+            if ex.state[b] != MISSING:
+                continue
             chunk = geo.chunk_of(b)
-            if ex.state[b] == MISSING and not ex.count[b] and (chunk >= far or self._mine(chunk)):
-                return self._take(chunk, b)
+            # a client has waited URGENT_WAIT for it and no neighbour that serves us
+            # holds it (its reader refuses us, or is slow): read it, held elsewhere or not
+            since = self._urgent_since.setdefault(b, now)
+            late = now - since > URGENT_WAIT and not ex.served(b)
+            if late or (not ex.count[b] and (chunk >= far or self._mine(chunk))):
+                return self._take(chunk, b, anyway=late)
         quiet = now - self.progress_at
         # once the swarm left us without a block for `stall`, we do not wait again:
         # the rest is read wherever no neighbour serves it (a reader that refuses us,
