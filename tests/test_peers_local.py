@@ -122,11 +122,15 @@ async def test_peer_serving_corrupt_chunks_is_quarantined_and_image_still_correc
         )
 
 
-async def test_three_hosts_starting_together_share_the_origin_reads(
-    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
-) -> None:
-    data = images.add("img", 8 * MIB)
-    ports = [free_port() for _ in range(3)]
+async def _static_swarm(
+    tmp_path: Path,
+    origin: Origin,
+    daemon_processes: list[Any],
+    count: int,
+    env: dict[str, str] | None = None,
+) -> list[Any]:
+    """`count` daemons on loopback, each listing the others as static peers."""
+    ports = [free_port() for _ in range(count)]
     daemons = []
     for n, port in enumerate(ports):
         others = ", ".join(f'"127.0.0.1:{p}"' for p in ports if p != port)
@@ -136,9 +140,18 @@ async def test_three_hosts_starting_together_share_the_origin_reads(
             name=f"h{n}",
             port=port,
             extra=f"[discovery]\nmdns = false\nstatic_peers = [{others}]\n",
+            env=env,
         )
         daemons.append(d)
         daemon_processes.append(d)
+    return daemons
+
+
+async def test_three_hosts_starting_together_share_the_origin_reads(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
+) -> None:
+    data = images.add("img", 8 * MIB)
+    daemons = await _static_swarm(tmp_path, origin, daemon_processes, 3)
     async with aiohttp.ClientSession() as s:
         for d in daemons:
             await _wait_peers(s, d.url, 2)
@@ -319,20 +332,8 @@ async def test_hosts_starting_together_ask_the_origin_about_the_image_once(
     reader asks the origin (one HEAD and one .sha256 GET), everyone else gets the
     manifest from the reader; the origin sends the image once."""
     data = images.add("img", 4 * MIB)
-    ports = [free_port() for _ in range(4)]
-    daemons = []
-    for n, port in enumerate(ports):
-        others = ", ".join(f'"127.0.0.1:{p}"' for p in ports if p != port)
-        d = await start_daemon_process(
-            tmp_path,
-            origin.url,
-            name=f"h{n}",
-            port=port,
-            extra=f"[discovery]\nmdns = false\nstatic_peers = [{others}]\n",
-            env={"SWARMCACHE_ORIGIN_CONCURRENCY": "1"},
-        )
-        daemons.append(d)
-        daemon_processes.append(d)
+    env = {"SWARMCACHE_ORIGIN_CONCURRENCY": "1"}
+    daemons = await _static_swarm(tmp_path, origin, daemon_processes, 4, env)
     async with aiohttp.ClientSession() as s:
         for d in daemons:
             await _wait_peers(s, d.url, 3)

@@ -214,6 +214,41 @@ def testbed_unavailable() -> str | None:
         _netns_del(ns)
 
 
+_NEIGH = Path("/proc/sys/net/ipv4/neigh/default")
+_neigh_saved: dict[str, str] = {}  # gc_thresh values before the first open bed raised them
+_neigh_beds = 0  # beds open that raised them
+
+
+def _neigh_room(hosts: int) -> None:
+    """Make room in the kernel's IPv4 neighbour table, which every namespace shares
+    (default: 1024 entries): with 64 hosts answering each other over mDNS it fills,
+    and the kernel then drops packets silently, for every bed on the machine, until
+    entries age out (seen: mDNS quiet for 4 s, a later test's fetch hanging). The old
+    values come back when the last bed closes."""
+    global _neigh_beds
+    need = 4 * hosts * hosts
+    for name, share in (("gc_thresh1", 4), ("gc_thresh2", 2), ("gc_thresh3", 1)):
+        path = _NEIGH / name
+        try:
+            old = path.read_text().strip()
+            if int(old) < need // share:
+                _neigh_saved.setdefault(name, old)
+                path.write_text(str(need // share))
+        except (OSError, ValueError):
+            continue  # not Linux, or not allowed: the bed still works, smaller
+    _neigh_beds += 1
+
+
+def _neigh_release() -> None:
+    global _neigh_beds
+    _neigh_beds -= 1
+    if not _neigh_beds:
+        for name, old in _neigh_saved.items():
+            with contextlib.suppress(OSError):
+                (_NEIGH / name).write_text(old)
+        _neigh_saved.clear()
+
+
 class Testbed:
     """N hosts + an origin host as network namespaces on one Linux bridge."""
 
@@ -249,6 +284,7 @@ class Testbed:
         self._made: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
         self._open = False
+        self._roomy = False  # this bed asked for room in the neighbour table
 
     @property
     def all(self) -> list[Host]:
@@ -291,6 +327,8 @@ class Testbed:
         self._made.append(ns)
 
     def _build(self) -> None:
+        _neigh_room(len(self.all))
+        self._roomy = True
         sw = self.switch_ns
         self._netns_add(sw)
         _cmd(["ip", "-n", sw, "link", "set", "lo", "up"])
@@ -322,6 +360,9 @@ class Testbed:
                 self._stop_all()
             while self._made:
                 _netns_del(self._made.pop())
+            if self._roomy:
+                self._roomy = False
+                _neigh_release()
 
     def _stop_all(self) -> None:
         live = [p for p in self._procs if p.poll() is None]
