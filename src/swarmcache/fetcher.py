@@ -247,6 +247,12 @@ class FetchJob:
             unchecked = self.image.unchecked()
             m = self.image.manifest
             self.exchange.hold(b for i in unchecked for b in m.blocks_of(i))
+            # a chunk whose blocks all landed in an earlier fetch of this run that
+            # ended before sealing it (it failed, or was cancelled): seal it now
+            for index in range(m.chunks):
+                blocks = m.blocks_of(index)
+                if not self.image.has(index) and all(self.image.has_block(b) for b in blocks):
+                    self._seal_soon(index)
             if self.swarm is not None:
                 await self.swarm.start(self, self.hosts)
                 log.debug(
@@ -477,10 +483,14 @@ class FetchJob:
             self.swarm.announce_have(self.image_id, block, digest)
         self._changed.set()
         if last:
-            chunk = block * self.image.manifest.block_size // self.image.manifest.chunk_size
-            seal = asyncio.create_task(self._seal(chunk))
-            self._seals.add(seal)
-            seal.add_done_callback(self._seals.discard)
+            self._seal_soon(
+                block * self.image.manifest.block_size // self.image.manifest.chunk_size
+            )
+
+    def _seal_soon(self, chunk: int) -> None:
+        seal = asyncio.create_task(self._seal(chunk))
+        self._seals.add(seal)
+        seal.add_done_callback(self._seals.discard)
 
     async def _seal(self, chunk: int) -> None:
         try:

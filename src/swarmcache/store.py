@@ -269,6 +269,7 @@ class CachedImage:
             # yet logged (they are fetched again) and start over with a fresh fd.
             with self._bits_lock:
                 self.readable[:] = self.bitmap
+                self.blocks_ready[:] = bytes(len(self.blocks_ready))  # nor their blocks
             self.close()
             raise _storage_error(f"cannot make chunks of {self.image_id} durable", err) from err
         with self._bits_lock:
