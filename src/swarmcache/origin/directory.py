@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import OriginChanged, OriginError, OriginInvalid, OriginNotFound
 from ..manifest import validate_image_id
-from . import Origin, OriginImage, Sink, parse_sha256_sidecar
+from .base import Origin, OriginImage, Sink, parse_sha256_sidecar
 
 
 class DirectoryOrigin(Origin):

@@ -19,7 +19,7 @@ from ..config import OriginConfig
 from ..errors import OriginChanged, OriginError, OriginInvalid, OriginNotFound, OriginTimeout
 from ..httpfile import read_pieces
 from ..manifest import validate_image_id
-from . import MAX_SIDECAR_BYTES, Origin, OriginImage, Sink, parse_sha256_sidecar
+from .base import MAX_SIDECAR_BYTES, Origin, OriginImage, Sink, parse_sha256_sidecar
 
 T = TypeVar("T")
 
