@@ -729,7 +729,7 @@ async def test_concurrent_fetches_evict_for_each_other(
 async def test_failure_records_are_capped(daemon: DaemonFactory) -> None:
     from swarmcache.api import FETCHER
     from swarmcache.errors import OriginError
-    from swarmcache.fetcher import MAX_FAILURES
+    from swarmcache.fetch import MAX_FAILURES
 
     client = await daemon()
     fetcher = client.app[FETCHER]

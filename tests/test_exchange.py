@@ -185,6 +185,25 @@ def test_a_busy_neighbour_is_left_alone_for_longer_each_time() -> None:
     assert ex.next_requests(0.31) != []
 
 
+def test_a_neighbour_that_refuses_us_is_no_source_until_it_serves_again() -> None:
+    # a reader that keeps answering 503 (its trade with us ended, or it quarantined us)
+    # must not hold our stalled or urgent origin reads back: what only it holds is
+    # read from the origin
+    ex = _exchange(slots=1)
+    ex.add_neighbour("a", _bits(16, range(16)))
+    ex.served_by("a", True)
+    assert ex.served(0)
+    (_, b), *_ = ex.next_requests(0.0)
+    ex.refused(b, "a", now=0.0, until=0.1)
+    assert not any(ex.served(x) for x in range(16))
+    (_, b), *_ = ex.next_requests(1.0)  # still asked now and then
+    ex.landed(b, "a", 1.0)  # it served a block: a source again
+    assert ex.served(0)
+    ex.refused(0, "a", now=1.0, until=1.1)
+    ex.served_by("a", True)  # a slot opened for us again
+    assert ex.served(0)
+
+
 # -- upload slots (choking) -------------------------------------------------------------------
 
 

@@ -150,7 +150,7 @@ def runtime_imports() -> list[Import]:
     package_dir = SRC / RUNTIME
     assert (package_dir / "__init__.py").is_file(), package_dir
     imports = package_imports(package_dir)
-    assert {"swarmcache.daemon", "swarmcache.fetcher"} <= {i.module for i in imports}
+    assert {"swarmcache.daemon", "swarmcache.fetch.fetcher"} <= {i.module for i in imports}
     return imports
 
 
@@ -179,6 +179,83 @@ def test_no_import_cycle_in_the_runtime_package_but_the_known_ones(
     assert not new, "new import cycles in swarmcache:\n" + "\n".join(map(show, new))
     gone = sorted(KNOWN_CYCLES - found)
     assert not gone, f"these cycles are gone: delete them from KNOWN_CYCLES: {gone}"
+
+
+# The floors of the house, top to bottom: a module may import its own floor's and
+# lower floors' modules, never a higher floor's. The HTTP edge, then the fetch, then
+# peers and origins (the network), then the store, then pure logic and the basics.
+FLOORS: tuple[tuple[str, ...], ...] = (
+    ("swarmcache.__main__", "swarmcache.cli", "swarmcache.daemon"),
+    ("swarmcache.api", "swarmcache.peer_api"),
+    ("swarmcache.fetch",),
+    ("swarmcache.peers", "swarmcache.origin", "swarmcache.discovery", "swarmcache.httpfile"),
+    ("swarmcache.store", "swarmcache.eviction"),
+    (
+        "swarmcache.exchange",
+        "swarmcache.wire",
+        "swarmcache.manifest",
+        "swarmcache.ranges",
+        "swarmcache.config",
+        "swarmcache.metrics",
+        "swarmcache.errors",
+        "swarmcache",
+    ),
+)
+# pure logic: no I/O library, no clock of its own (tested synchronously, driven by the
+# simulator)
+PURE = ("swarmcache.exchange", "swarmcache.wire", "swarmcache.manifest", "swarmcache.ranges")
+IO_LIBRARIES = ("aiohttp", "asyncio", "zeroconf", "socket", "os", "threading", "time")
+# inside the fetch: the orchestrator over the parts; landing (the disk) knows no network
+FETCH_NETWORK_FREE = ("swarmcache.fetch.landing", "swarmcache.fetch.common")
+
+
+def floor_of(module: str) -> int:
+    """The floor of a swarmcache module (its longest matching prefix)."""
+    best = (-1, -1)
+    for n, floor in enumerate(FLOORS):
+        for prefix in floor:
+            if module == prefix or module.startswith(prefix + "."):
+                best = max(best, (len(prefix), n))
+    assert best[1] >= 0, f"{module} is on no floor: add it to FLOORS"
+    return best[1]
+
+
+def test_imports_only_go_down_the_floors(runtime_imports: list[Import]) -> None:
+    up = [
+        f"{i.module} (floor {floor_of(i.module)}), line {i.line}: imports {i.target} "
+        f"(floor {floor_of(i.target)})"
+        for i in runtime_imports
+        if in_package(i.target, RUNTIME) and floor_of(i.target) < floor_of(i.module)
+    ]
+    assert not up, "imports that go up a floor:\n" + "\n".join(up)
+
+
+def test_pure_modules_do_no_io(runtime_imports: list[Import]) -> None:
+    bad = [
+        f"{i.module}, line {i.line}: imports {i.target}"
+        for i in runtime_imports
+        if i.module in PURE and i.target.split(".")[0] in IO_LIBRARIES
+    ]
+    assert not bad, "pure modules import I/O:\n" + "\n".join(bad)
+
+
+def test_landing_knows_no_network(runtime_imports: list[Import]) -> None:
+    """The fetch's disk side uses the store and the pure floor, nothing that talks."""
+    allowed = floor_of("swarmcache.store")
+    bad = [
+        f"{i.module}, line {i.line}: imports {i.target}"
+        for i in runtime_imports
+        if i.module in FETCH_NETWORK_FREE
+        and (
+            i.target.split(".")[0] in ("aiohttp", "zeroconf", "socket")
+            or (
+                in_package(i.target, RUNTIME)
+                and not in_package(i.target, "swarmcache.fetch")
+                and floor_of(i.target) < allowed
+            )
+        )
+    ]
+    assert not bad, "the fetch's disk side imports the network:\n" + "\n".join(bad)
 
 
 # -- the checker itself, on made-up modules ----------------------------------------------

@@ -25,7 +25,7 @@ from .errors import (
     RangeNotSatisfiable,
     SwarmcacheError,
 )
-from .fetcher import Fetcher, FetchJob
+from .fetch import Fetcher, FetchJob
 from .httpfile import sendfile
 from .manifest import Manifest, validate_image_id
 from .metrics import CONTENT_TYPE, Metrics

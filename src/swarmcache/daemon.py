@@ -26,7 +26,7 @@ from .api import (
 from .config import Config
 from .discovery import Discovery, interface_addresses
 from .errors import StartupError
-from .fetcher import Fetcher
+from .fetch import Fetcher
 from .metrics import Metrics, gauge
 from .origin import make_origin
 from .peers.swarm import Swarm

@@ -242,9 +242,15 @@ class Exchange:
         self.neighbour_has(node, blocks)
 
     def served(self, block: int) -> bool:
-        """A neighbour that gives us an upload slot holds block `block`."""
+        """A neighbour that gives us an upload slot, and did not refuse us since,
+        holds block `block`. (One that keeps refusing, its trade with us ended or it
+        distrusts us, must not look like a source: the origin lane reads what only it
+        holds.)"""
         bit, byte = 1 << (block & 7), block >> 3
-        return any(p.serves_us and p.bitmap[byte] & bit for p in self.neighbours.values())
+        return any(
+            p.serves_us and not p.refusals and p.bitmap[byte] & bit
+            for p in self.neighbours.values()
+        )
 
     def holders(self, block: int) -> list[str]:
         """Neighbours that hold block `block`."""
@@ -412,7 +418,9 @@ class Exchange:
         self._settle(block, node)
 
     def refused(self, block: int, node: str, now: float, until: float) -> None:
-        """`node` is busy (its upload slots are full): ask it nothing before `until`."""
+        """`node` refused us (no upload slot for us now): ask it nothing before
+        `until`, longer each time in a row; until it serves us a block or opens a
+        slot again it does not count as serving us (`served`)."""
         self._settle(block, node)
         peer = self.neighbours.get(node)
         if peer is not None:

@@ -255,6 +255,9 @@ class Swarm:
         self.rng = rng or random.Random()
         self.table = PeerTable(node_id)
         self.links: dict[str, Link] = {}
+        # every open link per peer: two may be open for a moment (both sides opened
+        # one at once); `links` holds the one we send on
+        self._open: dict[str, set[Link]] = {}
         self.trades: dict[str, Trade] = {}
         self.store: Any = None  # the Store (set by the daemon)
         # a reader's answer to a Join for an image it may not fetch yet: our manifest
@@ -685,6 +688,7 @@ class Swarm:
     def _adopt(self, link: Link) -> None:
         old = self.links.get(link.node_id)
         self.links[link.node_id] = link
+        self._open.setdefault(link.node_id, set()).add(link)
         link.start()
         if old is not None and old is not link:
             link.images |= old.images  # both opened one at once: either carries them
@@ -694,6 +698,10 @@ class Swarm:
             await link.read()
         finally:
             await link.close()
+            others = self._open.get(link.node_id, set())
+            others.discard(link)
+            if not others:
+                self._open.pop(link.node_id, None)
             self._link_closed(link)
 
     def _link_closed(self, link: Link) -> None:
@@ -724,6 +732,12 @@ class Swarm:
             await ws.close()
             return ws
         self.seen(hello.node, hello.host or (request.remote or ""), hello.port, "inbound")
+        peer = self.table.get(hello.node)
+        if peer is not None and peer.state(self.clock()) == "quarantined":
+            # it sent us bad bytes: no link (it learns at once, and stops waiting on us)
+            log.info("peer %s is quarantined: its link is refused", hello.node)
+            await ws.close()
+            return ws
         link = Link(self, hello.node, ws)
         self._adopt(link)
         link.send(self.hello())
@@ -738,6 +752,8 @@ class Swarm:
         now = self.clock()
         peer = self.table.get(node)
         if peer is None or not peer.usable(now):
+            if peer is not None and link.open and peer.state(now) == "quarantined":
+                self.spawn(link.close(), f"close-{node}")  # we are done with it
             return  # quarantined, down or gone: what it says does not count
         peer.last_seen = now
         if isinstance(msg, Join | Peers | Hello):
@@ -875,10 +891,10 @@ class Swarm:
         self.gone_for_now(node_id)
 
     def gone_for_now(self, node_id: str) -> None:
-        """The peer is down: forget what it told us and close our link to it."""
+        """The peer is down: forget what it told us and close every link to it (so
+        it learns we are done with it, and drops us in turn)."""
         self._drop(node_id)
-        link = self.links.get(node_id)
-        if link is not None:
+        for link in {*self._open.get(node_id, ()), *filter(None, [self.links.get(node_id)])}:
             self.spawn(link.close(), f"close-{node_id}")
 
     def _drop(self, node_id: str) -> None:

@@ -1,0 +1,438 @@
+"""The fetcher: at most one FetchJob per image, the I/O thread pool, manifests.
+
+Any number of concurrent readers of an uncached image share one job, so each block
+is read once. A new image's manifest comes from its readers in the swarm when they
+have it (N hosts starting together ask the origin about once), else from the
+origin's stat; a host that joins us for an image we read rides along (fetches it
+too). Starting and removing an image's cache entry are ordered by a lock per image,
+and the cache is kept under max_size (eviction) as fetches start and end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import weakref
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..errors import (
+    ImageBusy,
+    ImageNotFound,
+    IntegrityError,
+    ShuttingDown,
+    StorageError,
+    SwarmcacheError,
+)
+from ..manifest import Manifest
+from ..metrics import Metrics
+from ..origin import Origin
+from ..peers.swarm import Swarm
+from ..store import Store
+from .job import FetchJob
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_FAILURES = 1000  # failure records kept for the API; the oldest go first
+JOIN_KEPT = 10.0  # seconds the hosts a join named are used for the fetch that follows
+FRESH_FOR = 10.0  # seconds an origin's answer about an image is used again
+
+
+@dataclass
+class Failure:
+    """Why the last fetch of an image failed."""
+
+    error: SwarmcacheError
+    at: float
+    size: int | None
+
+
+class Fetcher:
+    """Owns every running FetchJob (at most one per image) and the I/O thread pool."""
+
+    def __init__(
+        self,
+        store: Store,
+        origin: Origin,
+        metrics: Metrics,
+        concurrency: int,
+        chunk_size: int,
+        swarm: Swarm | None = None,
+        block_size: int = 256 * 1024,
+    ) -> None:
+        self.swarm = swarm
+        self.store = store
+        self.origin = origin
+        self.block_size = block_size
+        self.metrics = metrics
+        self.concurrency = concurrency
+        self.chunk_size = chunk_size
+        self.jobs: dict[str, FetchJob] = {}
+        self.failures: dict[str, Failure] = {}
+        self.executor = ThreadPoolExecutor(
+            max_workers=concurrency + 4, thread_name_prefix="swarmcache-io"
+        )
+        self._starting: dict[str, asyncio.Task[Any]] = {}
+        self._stats: dict[str, asyncio.Task[Any]] = {}
+        self._origin_stats: dict[str, asyncio.Task[Any]] = {}
+        self._fresh: dict[str, tuple[float, Manifest]] = {}  # ride-alongs: (when, origin's)
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[Any]] = set()  # deletes, stats saves, ride-alongs
+        self._reserved: dict[str, int] = {}  # bytes promised to fetches being set up
+        self._joined: dict[str, tuple[float, set[str]]] = {}  # image -> (when, hosts named)
+        self.stopping = False
+        self._closed = False
+
+    def _lock(self, image_id: str) -> asyncio.Lock:
+        """The lock that orders starting and removing one image's cache entry."""
+        lock = self._locks.get(image_id)
+        if lock is None:
+            lock = self._locks[image_id] = asyncio.Lock()
+        return lock
+
+    async def manifest_for(self, image_id: str) -> Manifest:
+        """The manifest of a cached image, or a fresh one: from the image's readers when
+        they have it (N hosts starting together ask the origin about once), else from
+        the origin's stat."""
+        image = self.store.get(image_id)
+        if image is not None:
+            return image.manifest
+        # single-flight: concurrent first readers of an image ask once
+        return await self._shared(self._stats, image_id, lambda: self._find_manifest(image_id))
+
+    async def _find_manifest(self, image_id: str) -> Manifest:
+        if self.swarm is not None:
+            found, hosts = await self.swarm.join(image_id)
+            self._joined[image_id] = (time.monotonic(), hosts)
+            if found is not None and found.block_size == self.block_size:
+                log.info(
+                    "%s: manifest from peers (%d bytes, origin sha256 %s); not asking the origin",
+                    image_id,
+                    found.size,
+                    found.origin_sha256,
+                )
+                return dataclasses.replace(
+                    found.restarted(), block_size=found.block_size, block_digests=bytearray()
+                )
+        return await self._origin_manifest(image_id)
+
+    async def _origin_manifest(self, image_id: str) -> Manifest:
+        """A fresh manifest from the origin's stat (single-flight per image)."""
+        return await self._shared(self._origin_stats, image_id, lambda: self._stat_origin(image_id))
+
+    async def _stat_origin(self, image_id: str) -> Manifest:
+        try:
+            stat = await self.origin.stat(image_id)
+        except ImageNotFound:
+            raise
+        except SwarmcacheError as err:
+            self.metrics.source_errors.labels(self.origin.name).inc()
+            self._record_failure(image_id, err, None)
+            raise
+        manifest = Manifest(
+            image_id=image_id,
+            size=stat.size,
+            chunk_size=self.chunk_size,
+            origin_sha256=stat.sha256,
+            origin_validator=stat.validator,
+            block_size=self.block_size,
+        )
+        # kept here, in the one task all callers share, not by a caller that wakes up
+        # later: a Join handled in between would find neither and ask the origin again
+        self._fresh.pop(image_id, None)
+        self._fresh[image_id] = (time.monotonic(), manifest)
+        while len(self._fresh) > MAX_FAILURES:
+            del self._fresh[next(iter(self._fresh))]
+        return manifest.restarted()
+
+    async def ride_along(self, image_id: str) -> Manifest | None:
+        """A host joined an image we read from the origin: fetch it too if we do not
+        (our share is read by nobody else), and answer with our manifest. Never asks
+        other readers (they may be asking us): only the store or the origin."""
+        image = self.store.get(image_id)
+        if image is None or not image.complete:
+            if image is not None and image_id in self.jobs:
+                return image.manifest
+            # every host that starts Joins us, and our own fetch takes a moment to
+            # begin: the origin's answer of the last FRESH_FOR seconds does for them
+            fresh = self._fresh.get(image_id)
+            if fresh is None or time.monotonic() - fresh[0] >= FRESH_FOR:
+                await self._origin_manifest(image_id)  # the stat itself fills _fresh
+                fresh = self._fresh[image_id]
+            manifest = fresh[1].restarted()  # the store fills in what it gets
+            self.in_background_async(self.start(image_id, fresh=manifest), f"ride-{image_id}")
+            image = self.store.get(image_id)
+            return image.manifest if image is not None else manifest
+        if not image.manifest.block_size:
+            await asyncio.to_thread(image.ensure_blocks, self.block_size)
+        return image.manifest
+
+    def in_background_async(self, coro: Coroutine[Any, Any, Any], name: str) -> None:
+        """Run a coroutine without making a request wait; its failure is logged."""
+        if self._closed or self.stopping:
+            coro.close()
+            return
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    async def _shared(
+        self,
+        table: dict[str, asyncio.Task[Any]],
+        image_id: str,
+        make: Callable[[], Coroutine[Any, Any, T]],
+    ) -> T:
+        """Run make() once per image however many callers wait; a caller that goes away
+        (a client hanging up) does not cancel it for the others."""
+        task = table.get(image_id)
+        if task is None:
+            task = asyncio.create_task(make(), name=f"shared-{image_id}")
+            table[image_id] = task
+
+            def done(t: asyncio.Task[Any]) -> None:
+                if table.get(image_id) is t:
+                    del table[image_id]
+                if not t.cancelled():
+                    t.exception()  # retrieved, even if every caller went away
+
+            task.add_done_callback(done)
+        try:
+            result: T = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and current is not None and not current.cancelling():
+                # cancel_all() stopped the shared work, not our caller: say so
+                raise ShuttingDown(f"the daemon is stopping ({image_id})") from None
+            raise
+        return result
+
+    async def start(self, image_id: str, fresh: Manifest | None = None) -> FetchJob | None:
+        """The running job for an image, started if needed; None if already complete.
+
+        `fresh` is a manifest just built from the origin's stat, to save asking again.
+        """
+        if image_id in self.jobs:
+            return self.jobs[image_id]
+        image = self.store.get(image_id)
+        if image is not None and image.complete:
+            return None
+        if self.stopping:
+            raise ShuttingDown(f"the daemon is stopping; not starting a fetch of {image_id}")
+        return await self._shared(
+            self._starting, image_id, lambda: self._start_locked(image_id, fresh)
+        )
+
+    async def _start_locked(self, image_id: str, fresh: Manifest | None) -> FetchJob | None:
+        try:
+            async with self._lock(image_id):
+                return await self._start(image_id, fresh)
+        except SwarmcacheError as err:
+            if not isinstance(err, (ImageNotFound, ShuttingDown)):
+                self._record_failure(image_id, err, None)
+            raise
+
+    async def _start(self, image_id: str, fresh: Manifest | None) -> FetchJob | None:
+        if image_id in self.jobs:
+            return self.jobs[image_id]
+        manifest = fresh or await self._find_manifest(image_id)
+        image = self.store.get(image_id)
+        if image is not None and image.complete:
+            return None
+        if image is not None and not image.manifest.same_source(manifest):
+            log.info(
+                "%s changed at the origin; dropping %d cached chunks",
+                image_id,
+                image.present_chunks,
+            )
+            self._purge(self.store.remove(image_id, force=True))
+            image = None
+        self.check_fits(manifest)
+        self._evict(manifest.size - (image.present_bytes if image else 0), keep=image_id)
+        if image is None:
+            self._reserved[image_id] = manifest.size  # counted by _evict while we wait
+            try:
+                image = await asyncio.to_thread(self.store.make_entry, manifest)
+            finally:
+                del self._reserved[image_id]
+            self.store.add(image)
+        if self.stopping:
+            raise ShuttingDown(f"the daemon is stopping; not starting a fetch of {image_id}")
+        image.cut(self.block_size)
+        joined = self._joined.pop(image_id, None)
+        fresh_join = joined is not None and time.monotonic() - joined[0] < JOIN_KEPT
+        hosts = joined[1] if joined is not None and fresh_join else None
+        if self.swarm is not None and hosts is None:
+            _, hosts = await self.swarm.join(image_id)
+        job = FetchJob(
+            image, self.origin, self.metrics, self.concurrency, self.executor, self.swarm, hosts
+        )
+        self.jobs[image_id] = job
+        self.failures.pop(image_id, None)
+        self._tasks[image_id] = asyncio.create_task(self._run(job), name=f"fetch-{image_id}")
+        log.info(
+            "fetch %s started: %d bytes, %d chunks, %d durable",
+            image_id,
+            manifest.size,
+            manifest.chunks,
+            image.present_chunks,
+        )
+        return job
+
+    def check_fits(self, manifest: Manifest) -> None:
+        """Raise StorageError (507) for an image that can never fit in cache.max_size."""
+        if manifest.size > self.store.max_size:
+            raise StorageError(
+                f"image {manifest.image_id} ({manifest.size} bytes) is larger than "
+                f"cache.max_size ({self.store.max_size} bytes)"
+            )
+
+    async def _run(self, job: FetchJob) -> None:
+        image_id = job.image_id
+        try:
+            await job.run()
+        except asyncio.CancelledError:
+            log.info(
+                "fetch %s cancelled after %.2fs: %d durable chunks kept",
+                image_id,
+                time.monotonic() - job.started,
+                job.image.present_chunks,
+            )
+            raise
+        finally:
+            self.jobs.pop(image_id, None)
+            self._tasks.pop(image_id, None)
+        elapsed = time.monotonic() - job.started
+        err = job.result.exception() if job.result.done() else None
+        if err is None:
+            self.metrics.fetches.labels("complete").inc()
+            self.metrics.fetch_duration.observe(elapsed)
+            log.info(
+                "fetch %s complete: %d bytes in %.2fs, sources %s",
+                image_id,
+                job.image.manifest.size,
+                elapsed,
+                dict(job.bytes_by_source),
+            )
+            self._evict(0)
+            return
+        self.metrics.fetches.labels("failed").inc()
+        assert isinstance(err, SwarmcacheError)
+        self._record_failure(image_id, err, job.image.manifest.size)
+        log.error("fetch %s failed after %.2fs: %s", image_id, elapsed, err.detail)
+        if isinstance(err, IntegrityError) and self.store.get(image_id) is job.image:
+            # Never keep bytes that failed the whole-image check.
+            self._purge(self.store.remove(image_id, force=True))
+            self._gone(image_id)
+
+    def _record_failure(self, image_id: str, err: SwarmcacheError, size: int | None) -> None:
+        self.failures.pop(image_id, None)
+        self.failures[image_id] = Failure(err, time.time(), size)
+        while len(self.failures) > MAX_FAILURES:
+            del self.failures[next(iter(self.failures))]
+
+    def _evict(self, incoming: int, keep: str | None = None) -> None:
+        """Evict for `incoming` bytes plus what every running fetch still has to write."""
+        reserved = sum(
+            j.image.manifest.size - j.image.present_bytes for i, j in self.jobs.items() if i != keep
+        ) + sum(n for i, n in self._reserved.items() if i != keep)
+        in_use = set(self.jobs) | ({keep} if keep else set())
+        before = set(self.store.images)
+        trash = self.store.evict(in_use, incoming + reserved)
+        for image_id in before - set(self.store.images):
+            self._gone(image_id)
+        self.metrics.evictions.inc(len(trash))
+        for path in trash:
+            self._purge(path)
+
+    def evict_now(self) -> None:
+        """Bring the cache under max_size now (at start-up)."""
+        self._evict(0)
+
+    def _gone(self, image_id: str) -> None:
+        if self.swarm is not None:
+            self.swarm.announce_gone(image_id)
+
+    def _purge(self, path: Path) -> None:
+        """Delete a removed entry's files in a thread, tracked until done."""
+        self.in_background(self.store.purge, path)
+
+    def in_background(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run blocking `fn` in a thread without making a request wait; awaited at close.
+
+        Nothing new starts once the fetcher is closed (Store.close saves what is left).
+        """
+        if self._closed:
+            return
+        task = asyncio.create_task(asyncio.to_thread(fn, *args))
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed: %r", task.exception())
+
+    async def remove(self, image_id: str) -> None:
+        """Cancel the image's fetch, if any, and drop it (ImageBusy while it is read)."""
+        async with self._lock(image_id):
+            image = self.store.get(image_id)
+            if image is None:
+                if self.failures.pop(image_id, None) is None:
+                    raise ImageNotFound(f"image {image_id!r} is not in the cache")
+                return
+            if image.readers:
+                raise ImageBusy(f"image {image_id!r} is being read by {image.readers} client(s)")
+            task = self._tasks.get(image_id)
+            if task is not None:
+                task.cancel()
+                # wait() lets our own cancellation through but not the task's: the fetch
+                # must have stopped (threads included) before its files go.
+                await asyncio.wait({task})
+            self._purge(self.store.remove(image_id))
+            self._gone(image_id)
+            self.failures.pop(image_id, None)
+
+    async def wait(self, image_id: str, seconds: float) -> None:
+        """Return once the image's running fetch has ended (its outcome recorded), or
+        after `seconds`; at once if none runs."""
+        task = self._tasks.get(image_id)
+        if task is not None and seconds > 0:
+            # wait() neither cancels the fetch on timeout nor raises its failure
+            await asyncio.wait({task}, timeout=seconds)
+
+    async def resume_partial(self) -> None:
+        """Restart the fetch of every partial image (after a restart or crash)."""
+        for image_id, image in list(self.store.images.items()):
+            if image.complete:
+                continue
+            try:
+                await self.start(image_id)
+            except SwarmcacheError as err:
+                log.warning("cannot resume %s: %s", image_id, err.detail)
+
+    async def cancel_all(self) -> None:
+        """Start no more fetches; cancel every running one and wait until each stopped."""
+        self.stopping = True
+        tasks = [
+            *self._tasks.values(),
+            *self._starting.values(),
+            *self._stats.values(),
+            *self._origin_stats.values(),
+        ]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Cancel every running fetch, wait for it and for pending deletes, stop the pool."""
+        await self.cancel_all()
+        self._closed = True
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        self.executor.shutdown(wait=True)

@@ -1,0 +1,202 @@
+"""The parts of a fetch, each alone, on a real CachedImage in a temp dir.
+
+Landing (write, seal, durable, whole-image hash) with no network at all; OriginReads
+against a real directory origin. The parts report through plain callbacks, which the
+tests record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from swarmcache.config import OriginConfig
+from swarmcache.errors import IntegrityError, SwarmcacheError
+from swarmcache.exchange import Exchange, Geometry, OriginLane
+from swarmcache.fetch.common import Tally, Wakeup
+from swarmcache.fetch.landing import Landing
+from swarmcache.fetch.origin_reads import OriginReads
+from swarmcache.manifest import Manifest, pieces_digest
+from swarmcache.metrics import Metrics
+from swarmcache.origin import make_origin
+from swarmcache.store import CachedImage, Store
+
+BLOCK = 16 * 1024
+CHUNK = 4 * BLOCK
+SIZE = 3 * CHUNK + 2 * BLOCK + 100  # a short last chunk with a short last block
+
+
+@dataclass
+class Reports:
+    """What a part told the job."""
+
+    ready: list[int] = field(default_factory=list)
+    lost: list[int] = field(default_factory=list)
+    errors: list[SwarmcacheError] = field(default_factory=list)
+    landed: list[tuple[int, bytes, str | None]] = field(default_factory=list)
+
+
+@dataclass
+class Bench:
+    image: CachedImage
+    data: bytes
+    landing: Landing
+    reports: Reports
+    metrics: Metrics
+
+
+@pytest.fixture
+async def bench(tmp_path: Path) -> AsyncIterator[Bench]:
+    data = random.Random(7).randbytes(SIZE)
+    store = Store(tmp_path / "cache", 1 << 30)
+    store.open()
+    manifest = Manifest("img", size=SIZE, chunk_size=CHUNK, block_size=BLOCK)
+    image = store.make_entry(manifest)
+    store.add(image)
+    image.cut(BLOCK)
+    reports = Reports()
+    metrics = Metrics()
+    with ThreadPoolExecutor(2) as pool:
+        landing = Landing(
+            image, pool, metrics, reports.ready.append, reports.lost.extend, reports.errors.append
+        )
+        yield Bench(image, data, landing, reports, metrics)
+        await landing.close()
+    store.close()
+
+
+def block_bytes(b: Bench, block: int) -> bytes:
+    offset, length = b.image.manifest.block_span(block)
+    return b.data[offset : offset + length]
+
+
+async def settle(b: Bench, chunks: int) -> None:
+    """Wait (bounded) until `chunks` chunks were reported ready."""
+    async with asyncio.timeout(10):
+        while len(b.reports.ready) < chunks:
+            await asyncio.sleep(0.01)
+
+
+async def test_blocks_landing_in_any_order_seal_their_chunks_and_hash_the_image(
+    bench: Bench,
+) -> None:
+    b = bench
+    m = b.image.manifest
+    hasher = asyncio.create_task(b.landing.hasher())
+    flusher = asyncio.create_task(b.landing.flusher())
+    order = list(range(m.blocks))
+    random.Random(3).shuffle(order)
+    for block in order:
+        data = block_bytes(b, block)
+        digest = await b.landing.write(block, data, pieces_digest([data]))
+        assert digest == pieces_digest([data])
+        assert b.image.has_block(block)  # served on at once, before its chunk is sealed
+    await settle(b, m.chunks)
+    assert sorted(b.reports.ready) == list(range(m.chunks))
+    async with asyncio.timeout(10):
+        await hasher
+    assert b.landing.sha256 == hashlib.sha256(b.data).hexdigest()
+    b.landing.finish()
+    async with asyncio.timeout(10):
+        await flusher
+    assert b.image.present_chunks == m.chunks  # durable: logged after fdatasync
+    assert b.image.data_path.read_bytes()[:SIZE] == b.data
+    assert b.reports.lost == []
+    assert b.reports.errors == []
+
+
+async def test_a_block_that_does_not_match_its_announced_digest_is_not_written(
+    bench: Bench,
+) -> None:
+    b = bench
+    good = block_bytes(b, 1)
+    bad = bytes([good[0] ^ 1]) + good[1:]
+    with pytest.raises(IntegrityError, match="announced"):
+        await b.landing.write(1, bad, pieces_digest([good]))
+    assert not b.image.has_block(1)
+    assert bad not in b.image.data_path.read_bytes()
+    # the right bytes are taken afterwards
+    await b.landing.write(1, good, pieces_digest([good]))
+    assert b.image.has_block(1)
+
+
+async def test_a_block_changed_on_disk_before_its_chunk_is_sealed_is_fetched_again(
+    bench: Bench,
+) -> None:
+    b = bench
+    m = b.image.manifest
+    for block in m.blocks_of(0)[:-1]:
+        await b.landing.write(block, block_bytes(b, block), None)
+    # the disk loses a block we already counted (bit rot, a bad write)
+    fd = os.open(b.image.data_path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\xff" * 8, BLOCK + 5)
+    finally:
+        os.close(fd)
+    last = m.blocks_of(0)[-1]
+    await b.landing.write(last, block_bytes(b, last), None)
+    async with asyncio.timeout(10):
+        while not b.reports.lost:
+            await asyncio.sleep(0.01)
+    assert b.reports.lost == [1]  # only the changed block is fetched again
+    assert not b.image.has(0)
+    assert b.reports.ready == []
+    assert b.metrics.verification_failures.labels("chunk")._value.get() == 1
+    await b.landing.write(1, block_bytes(b, 1), None)
+    await settle(b, 1)
+    assert b.image.read_chunk(0) == b.data[:CHUNK]
+
+
+async def test_close_makes_the_sealed_chunks_durable_and_waits_for_threads(
+    bench: Bench,
+) -> None:
+    b = bench
+    m = b.image.manifest
+    for block in m.blocks_of(1):
+        await b.landing.write(block, block_bytes(b, block), None)
+    await settle(b, 1)
+    assert b.image.present_chunks == 0  # sealed and readable, not yet durable
+    await b.landing.close()  # a fetch ending early (failed, cancelled) keeps what it has
+    assert b.image.present_chunks == 1
+    assert b.image.has(1)
+
+
+async def test_origin_reads_land_each_block_of_a_run_and_read_only_their_share(
+    bench: Bench, tmp_path: Path
+) -> None:
+    b = bench
+    m = b.image.manifest
+    root = tmp_path / "origin"
+    root.mkdir()
+    (root / "img").write_bytes(b.data)
+    origin = make_origin(OriginConfig(kind="directory", path=root, checksum_sidecar=False))
+    exchange = Exchange(Geometry(m.size, m.chunk_size, m.block_size), [], random.Random(1))
+    # alone: the lane gives this host every chunk
+    lane = OriginLane(exchange, "me", "img", [], 2, 30.0, 0.0, gather=0.0)
+    tally = Tally("img", b.metrics)
+
+    def landed(block: int, digest: bytes, node: str | None) -> None:
+        b.reports.landed.append((block, digest, node))
+        exchange.landed(block, node, 0.0)
+
+    hasher = asyncio.create_task(b.landing.hasher())
+    async with origin, asyncio.timeout(20):
+        reads = OriginReads(
+            b.image, origin, exchange, lane, b.landing, b.metrics, tally, Wakeup(), landed
+        )
+        await asyncio.gather(*(reads.run() for _ in range(lane.streams)))
+        await hasher
+    assert sorted(block for block, _, _ in b.reports.landed) == list(range(m.blocks))
+    assert all(node is None for _, _, node in b.reports.landed)
+    for block, digest, _ in b.reports.landed:
+        assert digest == pieces_digest([block_bytes(b, block)])
+    assert tally.by_source["origin"] == SIZE  # each byte read once
+    assert b.landing.sha256 == hashlib.sha256(b.data).hexdigest()
