@@ -312,6 +312,23 @@ def wait_listening(
 # ---------------------------------------------------------------------------------------
 # swarmcache mode
 # ---------------------------------------------------------------------------------------
+def settings(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    """--set SECTION.KEY=VALUE options as config sections."""
+    out: dict[str, dict[str, object]] = {}
+    for item in args.set:
+        name, sep, raw = item.partition("=")
+        section, dot, key = name.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        value: object = raw
+        with contextlib.suppress(ValueError):
+            value = int(raw)
+        if raw in ("true", "false"):
+            value = raw == "true"
+        out.setdefault(section, {})[key] = value
+    return out
+
+
 def run_swarmcache(
     bed: Testbed,
     image: Image,
@@ -323,6 +340,7 @@ def run_swarmcache(
     log_level: str = "info",
     sink: str = "file",
     start_timeout: float = 30.0,
+    settings: dict[str, dict[str, object]] | None = None,
 ) -> ModeResult:
     """One daemon per host (mDNS discovery); every host GETs the image through it at once.
 
@@ -335,6 +353,8 @@ def run_swarmcache(
         "cache": {"chunk_size": chunk_size},
         "discovery": {"mdns": True},
     }
+    for section, keys in (settings or {}).items():
+        extra.setdefault(section, {}).update(keys)
     daemons: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for h in bed.hosts:
@@ -577,6 +597,14 @@ def main() -> int:
     )
     p.add_argument("--log-level", default="info", help="swarmcache daemon.log_level")
     p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a daemon config key for swarmcache's runs, e.g. peers.request_size=256KiB "
+        "(repeatable; the value as TOML would take it: numbers stay numbers)",
+    )
+    p.add_argument(
         "--keep",
         action="store_true",
         help="keep the work directory: logs, configs, results.json (image copies are deleted)",
@@ -694,7 +722,14 @@ def bench(args: argparse.Namespace, modes: list[str], work: Path) -> int:
             "naive": lambda d: run_naive(bed, image, d, timeout),
             "aria2": lambda d: run_aria2(bed, image, d, timeout, torrent or Path()),
             "swarmcache": lambda d: run_swarmcache(
-                bed, image, d, timeout, args.chunk_size, args.settle, log_level=args.log_level
+                bed,
+                image,
+                d,
+                timeout,
+                args.chunk_size,
+                args.settle,
+                log_level=args.log_level,
+                settings=settings(args),
             ),
             "swarmcache-cache": lambda d: run_swarmcache(
                 bed,
@@ -704,6 +739,7 @@ def bench(args: argparse.Namespace, modes: list[str], work: Path) -> int:
                 args.chunk_size,
                 args.settle,
                 log_level=args.log_level,
+                settings=settings(args),
                 sink="cache",
             ),
         }
@@ -908,6 +944,7 @@ def run_cell(
             args.chunk_size,
             args.settle,
             log_level=args.log_level,
+            settings=settings(args),
             start_timeout=start_timeout,
         ),
         "aria2": lambda d: run_aria2(

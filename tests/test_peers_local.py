@@ -344,3 +344,42 @@ async def test_hosts_starting_together_ask_the_origin_about_the_image_once(
     told = [(tmp_path / f"h{n}.log").read_text().count("manifest from peers") for n in range(4)]
     assert sorted(told) == [0, 1, 1, 1], told  # three joiners, one reader
     assert origin.stats.bytes_by_path["img"] == len(data)
+
+
+@pytest.mark.parametrize(
+    ("size", "limit", "whole"), [(40_000, 65_536, True), (70_000, 65_536, False)]
+)
+async def test_a_small_body_is_read_whole_when_it_comes_in_several_pieces(
+    size: int, limit: int, whole: bool
+) -> None:
+    """A join's answer (a manifest with every block digest: 16 KiB for 256 MiB) comes
+    in several TCP segments over a real link; one StreamReader.read() returns only the
+    first, and the join failed as 'not valid msgpack' (seen in an 8-host fan-out)."""
+    from aiohttp import web
+
+    from swarmcache.httpfile import read_small
+
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+
+    async def dribble(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for at in range(0, len(body), 9000):  # pieces apart in time, as segments are
+            await resp.write(body[at : at + 9000])
+            await asyncio.sleep(0.01)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/", dribble)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/") as resp:
+            got = await read_small(resp.content, limit)
+        assert got == (body if whole else None)
+    finally:
+        await runner.cleanup()

@@ -16,6 +16,19 @@ from aiohttp import web
 RCVLOWAT = 256 * 1024  # bytes the kernel gathers before it wakes a body read
 
 
+async def read_small(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """A whole (small) body, or None if it is longer than `limit` bytes. (One
+    `stream.read(n)` returns what has arrived so far, not n bytes: a body of a few
+    TCP segments would be cut short.)"""
+    data = bytearray()
+    while len(data) <= limit:
+        piece = await stream.read(limit + 1 - len(data))
+        if not piece:
+            return bytes(data)
+        data += piece
+    return None
+
+
 async def read_pieces(
     resp: aiohttp.ClientResponse,
     length: int,

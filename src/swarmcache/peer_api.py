@@ -13,7 +13,7 @@ from aiohttp import web
 
 from .api import METRICS, SENT, STORE, SWARM, image_id_from
 from .errors import BadRequest, ImageNotFound, PreconditionFailed
-from .httpfile import sendfile
+from .httpfile import read_small, sendfile
 from .peers.swarm import DIGEST_HEADER, NODE_HEADER
 from .wire import PROTOCOL_VERSION, Join, WireError, decode, encode
 
@@ -100,8 +100,8 @@ async def peer_block(request: web.Request) -> web.StreamResponse:
 async def peer_join(request: web.Request) -> web.Response:
     """POST /v1/peer/images/{id}/join: a host joins an image we read (see wire.Join)."""
     image_id = image_id_from(request)
-    body = await request.content.read(MAX_JOIN + 1)
-    if len(body) > MAX_JOIN:
+    body = await read_small(request.content, MAX_JOIN)
+    if body is None:
         raise BadRequest("join message too large")
     try:
         msg = decode(body)

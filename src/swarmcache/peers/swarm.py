@@ -35,7 +35,7 @@ from aiohttp import web
 from ..config import PeersConfig
 from ..errors import PeerError, PeerGone, SwarmcacheError
 from ..exchange import ROTATE, ActiveSet, Exchange, Geometry, OriginLane, readers
-from ..httpfile import RCVLOWAT, read_pieces
+from ..httpfile import RCVLOWAT, read_pieces, read_small
 from ..manifest import DIGEST_SIZE, Manifest, bitmap_new, bitmap_set
 from ..metrics import Metrics
 from ..wire import (
@@ -462,7 +462,9 @@ class Swarm:
             ):
                 if resp.status != 200:
                     raise PeerError(f"HTTP {resp.status}")
-                data = await resp.content.read(MAX_MESSAGE + 1)
+                data = await read_small(resp.content, MAX_MESSAGE)
+                if data is None:
+                    raise PeerError("the answer to a join is too large")
             msg = decode(data)
             if not isinstance(msg, Peers) or msg.image_id != image_id:
                 raise WireError("the answer to a join is not Peers for that image")
