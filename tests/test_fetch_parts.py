@@ -200,3 +200,32 @@ async def test_origin_reads_land_each_block_of_a_run_and_read_only_their_share(
         assert digest == pieces_digest([block_bytes(b, block)])
     assert tally.by_source["origin"] == SIZE  # each byte read once
     assert b.landing.sha256 == hashlib.sha256(b.data).hexdigest()
+
+
+async def test_a_job_seals_a_chunk_whose_blocks_an_earlier_fetch_left_unsealed(
+    bench: Bench, tmp_path: Path
+) -> None:
+    """A fetch that failed (or was cancelled) after the last block of a chunk landed but
+    before the chunk was sealed: the next fetch of the image seals it and reads none of
+    it again (else its readers, and the image's sha256, waited for ever)."""
+    from swarmcache.fetch import FetchJob
+
+    b = bench
+    m = b.image.manifest
+    for block in m.blocks_of(2):  # landed, never sealed
+        data = block_bytes(b, block)
+        b.image.write_block(block, [data], pieces_digest([data]))
+    assert not b.image.has(2)
+    root = tmp_path / "origin"
+    root.mkdir()
+    (root / "img").write_bytes(b.data)
+    origin = make_origin(OriginConfig(kind="directory", path=root, checksum_sidecar=False))
+    with ThreadPoolExecutor(2) as pool:
+        async with origin:
+            job = FetchJob(b.image, origin, b.metrics, 2, pool)
+            async with asyncio.timeout(20):
+                await job.run()
+            job.result.result()  # no failure
+    assert b.image.complete
+    assert job.bytes_by_source == {"origin": SIZE - CHUNK}  # chunk 2 was not read again
+    assert b.image.data_path.read_bytes() == b.data
