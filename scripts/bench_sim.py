@@ -562,7 +562,8 @@ def main() -> int:
         f"{cfg.block_size // 1024} KiB blocks; degree {cfg.degree}, origin concurrency "
         f"{cfg.concurrency}, origin uplink = host link rate, latency {cfg.latency * 1e3:g} ms, "
         f"upload slots {cfg.upload_slots}, request slots {cfg.slots}/neighbour "
-        f"{cfg.max_inflight}/host, Have batches {cfg.have_batch * 1e3:g} ms, "
+        f"{cfg.max_inflight}/host, Have batches "
+        f"{'1-20 ms as the daemon' if cfg.have_batch is None else f'{cfg.have_batch * 1e3:g} ms'}, "
         f"death noticed after {cfg.detect:g} s; seed {args.seed}"
     )
     print(f"load average before (1, 5, 15 min): {_load(load_start)}", flush=True)

@@ -458,3 +458,21 @@ def test_a_block_a_client_waits_for_is_read_anyway_when_nobody_serves_it_in_time
     assert lane.next_read(1.0) is None  # near the front: its reader will bring it
     assert lane.next_read(5.0) is None
     assert lane.next_read(11.5) == (1, 4)  # the client waited long enough
+
+
+@pytest.mark.parametrize(
+    ("gap", "expected"),
+    [
+        (None, 0.02),  # nothing landed yet: the longest
+        (0.0105, 0.02),  # 200 Mbit/s, a 256 KiB block every 10.5 ms: capped
+        (0.0021, 0.0084),  # 1 Gbit/s: four blocks' time
+        (0.0002, 0.001),  # 10 Gbit/s: floored
+    ],
+)
+def test_haves_wait_about_four_blocks_landing_time(gap: float | None, expected: float) -> None:
+    ex = _exchange(blocks=64, per_chunk=4)
+    if gap is not None:
+        for n in range(20):  # steady arrivals: the EWMA is the gap
+            ex.landed(n, None, n * gap)
+        ex.landed(3, None, 1e6)  # a duplicate landing does not count as a gap
+    assert ex.have_batch() == pytest.approx(expected)

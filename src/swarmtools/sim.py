@@ -64,7 +64,9 @@ class SimConfig:
     slots: int = SLOTS  # Exchange: requests in flight per neighbour
     max_inflight: int = MAX_INFLIGHT  # Exchange: requests in flight per host
     upload_slots: int = UPLOAD_SLOTS  # Exchange: neighbours a host uploads to at once
-    have_batch: float = 0.02  # seconds a host gathers Have entries before sending
+    # seconds a host gathers Have entries before sending; None: as the daemon does
+    # (Exchange.have_batch: about 4 blocks' landing time, 1-20 ms)
+    have_batch: float | None = None
     refresh: float = 1.0  # seconds between looks for more neighbours
     stall: float = 30.0  # OriginLane.stall
     detect: float = 2.0  # seconds before others notice a dead host
@@ -482,7 +484,8 @@ class Simulator:
             h.pending_have.append(block)
             if not h.flush_due:
                 h.flush_due = True
-                self.at(self.now + self.cfg.have_batch, self._flush, h)
+                batch = self.cfg.have_batch
+                self.at(self.now + (ex.have_batch() if batch is None else batch), self._flush, h)
         if ex.finished and h.done is None:
             h.done = self.now
             self._flush(h)  # the last Have goes out now

@@ -34,7 +34,7 @@ from aiohttp import web
 
 from ..config import PeersConfig
 from ..errors import PeerError, PeerGone, SwarmcacheError
-from ..exchange import ROTATE, ActiveSet, Exchange, Geometry, OriginLane, readers
+from ..exchange import HAVE_BATCH, ROTATE, ActiveSet, Exchange, Geometry, OriginLane, readers
 from ..httpfile import RCVLOWAT, read_pieces, read_small
 from ..manifest import DIGEST_SIZE, Manifest, bitmap_new, bitmap_set
 from ..metrics import Metrics
@@ -60,7 +60,6 @@ from .table import PeerTable
 log = logging.getLogger(__name__)
 HEARTBEAT = 5.0  # WebSocket ping interval; a peer silent for twice this is dead
 MAX_QUEUE = 10_000  # messages waiting for one link before it is cut off
-HAVE_BATCH = 0.02  # seconds a Have waits for more before it goes out
 STATIC_EVERY = 10.0  # seconds between hellos to static peers
 MAX_REQUEST = 1024 * 1024  # largest message a peer's socket may send us (a State)
 MAINTENANCE_EVERY = 60.0  # seconds between sweeps of the peer table
@@ -169,9 +168,10 @@ class Link:
         self.writer = asyncio.create_task(self._write(), name=f"link-out-{self.node_id}")
 
     async def _write(self) -> None:
-        """Send queued messages. Have messages wait up to HAVE_BATCH for more and go
-        out as one per image: at 200 Mbit/s a host lands about 100 blocks a second,
-        and one message each to every neighbour would cost more CPU than the data."""
+        """Send queued messages. Have messages wait a little for more (see
+        Exchange.have_batch: up to 20 ms) and go out as one per image: at 200 Mbit/s a
+        host lands about 100 blocks a second, and one message each to every neighbour
+        would cost more CPU than the data."""
         while not self.ws.closed:
             await self.wake.wait()
             self.wake.clear()
@@ -180,7 +180,7 @@ class Link:
                 await self.ws.close()
                 return
             if any(isinstance(m, Have) for m in self.queue):
-                await asyncio.sleep(HAVE_BATCH)
+                await asyncio.sleep(self.swarm.have_batch())
             batch = list(self.queue)
             self.queue.clear()
             for msg in _merge_haves(batch):
@@ -421,6 +421,14 @@ class Swarm:
     def members_now(self) -> list[str]:
         """The cluster as this host sees it: usable peers and itself."""
         return [p.node_id for p in self.table.usable(self.clock())] + [self.node_id]
+
+    def have_batch(self) -> float:
+        """How long a Have waits for more: the shortest any fetch here asks for (see
+        Exchange.have_batch), HAVE_BATCH with none."""
+        return min(
+            (t.exchange.have_batch() for t in self.trades.values() if t.job is not None),
+            default=HAVE_BATCH,
+        )
 
     def readers_of(self, image_id: str) -> list[str]:
         """The hosts that read `image_id` from the origin (and answer Joins for it)."""
