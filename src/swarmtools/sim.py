@@ -263,7 +263,7 @@ class Simulator:
         else:
             self.at(self.now + GATHER, self._pump, h)
         self.at(self.now + cfg.refresh, self._refresh, h)
-        self.at(self.now + ROTATE, self._tick, h)
+        self.at(self.now + ROTATE, self._tick, h)  # no block landed yet: the shortest
         self._pump(h)
 
     def _find_neighbours(self, h: _Host) -> None:
@@ -395,11 +395,12 @@ class Simulator:
         self._pump(h)
 
     def _tick(self, h: _Host) -> None:
-        """Upload slots turn every ROTATE seconds."""
+        """Upload slots turn as the daemon turns them (Exchange.rotate_every)."""
         if not h.alive:
             return
         self._pump(h)
-        self.at(self.now + ROTATE, self._tick, h)
+        assert h.exchange is not None
+        self.at(self.now + h.exchange.rotate_every(), self._tick, h)
 
     def _send(self, src: _Host, dst: _Host, block: int) -> None:
         """dst asked src for a block: through src's uplink, then dst's downlink."""

@@ -620,7 +620,8 @@ class Swarm:
                 await self._link_more(trade, hosts)
 
     def _tick(self, trade: Trade) -> None:
-        """Hand out upload slots now and every ROTATE seconds while the trade lasts."""
+        """Hand out upload slots now and every so often (Exchange.rotate_every) while
+        the trade lasts."""
         if not trade.rotating:
             trade.rotating = True
             self._spawn_for(trade, self._rotator(trade), f"slots-{trade.image_id}")
@@ -628,7 +629,7 @@ class Swarm:
     async def _rotator(self, trade: Trade) -> None:
         while True:
             self._rotate(trade)
-            await asyncio.sleep(ROTATE)
+            await asyncio.sleep(trade.exchange.rotate_every())
 
     def _rotate(self, trade: Trade) -> None:
         for node, opened in trade.exchange.rotate(self.clock()):
