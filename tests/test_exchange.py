@@ -122,6 +122,28 @@ def test_urgent_blocks_first_then_rarest() -> None:
     assert len(asked) == 3
 
 
+def test_a_clients_blocks_take_one_request_slot_per_neighbour() -> None:
+    # every host streams the image from its start: if urgency took every slot, every
+    # request in the swarm would chase the same few blocks; the other slots stay
+    # rarest-first and keep spreading the rest
+    ex = _exchange(slots=2, max_inflight=8)
+    ex.add_neighbour("a", _bits(16, range(16)))
+    ex.add_neighbour("b", _bits(16, [0, 1, 2, 3, 12]))
+    ex.add_neighbour("c", _bits(16, [0, 1, 2, 3, 12]))
+    ex.served_by("a", True)
+    ex.want([0, 1, 2, 3])
+    asked = ex.next_requests(0.0)
+    per_node: dict[str, list[int]] = {}
+    for node, b in asked:
+        per_node.setdefault(node, []).append(b)
+    assert per_node == {"a": [0, per_node["a"][1]]}  # one wanted block, then the rarest
+    assert per_node["a"][1] not in (0, 1, 2, 3, 12)  # held by a alone: the rarest
+    # once the wanted block is in, the next wanted one is asked for, though the
+    # other request is still in flight
+    ex.landed(0, "a", 0.1)
+    assert ex.next_requests(0.1) == [("a", 1)]
+
+
 def test_a_chunk_begun_is_preferred_among_equally_rare_blocks() -> None:
     ex = _exchange(have=[4, 5], slots=1)  # chunk 1 (blocks 4-7) begun
     ex.add_neighbour("a", _bits(16, [0, 6, 8]))

@@ -299,6 +299,11 @@ class Exchange:
             turn = self._turn % len(order)
             order = order[turn:] + order[:turn]
             self._turn += 1
+        urgent_set = set(urgent)
+        # neighbours already sending us a block a client waits for
+        urgent_busy = {
+            n for b in urgent if self.state[b] == INFLIGHT for n in self.sources.get(b, ())
+        }
         while order and self.inflight < cap:
             still = []
             for node, peer in order:
@@ -308,9 +313,11 @@ class Exchange:
                 # them: when every host streams the image from its start (a boot storm
                 # of streaming GETs), urgency alone would send every request after the
                 # same few blocks; the other slots keep rarest-first spreading the rest
-                block = self._pick(peer, urgent if peer.inflight == 0 else [])
+                block = self._pick(peer, [] if node in urgent_busy else urgent)
                 if block is None:
                     continue
+                if block in urgent_set:
+                    urgent_busy.add(node)
                 self._ask(node, peer, block, now)
                 out.append((node, block))
                 if peer.inflight < self.slots:
