@@ -7,6 +7,7 @@ sink), so peers can have it while the rest of the chunk still arrives.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -18,6 +19,8 @@ from ..origin import Origin
 from ..store import CachedImage
 from .common import Tally, Wakeup
 from .landing import Landing
+
+log = logging.getLogger(__name__)
 
 
 class _Cutter:
@@ -85,7 +88,15 @@ class OriginReads:
         The job runs `lane.streams` of these."""
         while not self.exchange.finished:
             self.wakeup.clear()
+            stalled = self.lane.stalled
             run = self.lane.next_read(time.monotonic())
+            if self.lane.stalled and not stalled:
+                log.warning(
+                    "%s: no block from the swarm for a while (%d neighbours): reading "
+                    "what no neighbour serving us holds from the origin",
+                    self.image.image_id,
+                    len(self.exchange.neighbours),
+                )
             if run is None:
                 await self.wakeup.idle()
                 continue
