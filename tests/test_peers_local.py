@@ -383,3 +383,52 @@ async def test_a_small_body_is_read_whole_when_it_comes_in_several_pieces(
         assert got == (body if whole else None)
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("oversize", [False, True])
+async def test_an_origin_sidecar_is_read_whole_and_bounded(oversize: bool) -> None:
+    """The origin's .sha256 sidecar goes through the same bounded whole-body read as a
+    join's answer: one that comes in pieces is read whole; one over 64 KiB is refused."""
+    import hashlib
+
+    from aiohttp import web
+
+    from swarmcache.config import OriginConfig
+    from swarmcache.errors import OriginInvalid
+    from swarmcache.origin import MAX_SIDECAR_BYTES, make_origin
+
+    data = b"image bytes" * 100
+    line = f"{hashlib.sha256(data).hexdigest()}  img\n".encode()
+    sidecar = line + (b"#" * MAX_SIDECAR_BYTES if oversize else b"")
+
+    async def image(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=data)
+
+    async def dribble(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for at in range(0, len(sidecar), 20):  # a few bytes at a time
+            await resp.write(sidecar[at : at + 20])
+            if at < 200:
+                await asyncio.sleep(0.005)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_route("*", "/img", image)
+    app.router.add_get("/img.sha256", dribble)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    config = OriginConfig(url=f"http://127.0.0.1:{port}/{{image_id}}", retries=0)
+    try:
+        async with make_origin(config) as origin:
+            if oversize:
+                with pytest.raises(OriginInvalid, match="larger than"):
+                    await origin.stat("img")
+            else:
+                assert (await origin.stat("img")).sha256 == hashlib.sha256(data).hexdigest()
+    finally:
+        await runner.cleanup()

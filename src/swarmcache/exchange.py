@@ -299,7 +299,6 @@ class Exchange:
             turn = self._turn % len(order)
             order = order[turn:] + order[:turn]
             self._turn += 1
-        urgent_set = set(urgent)
         # neighbours already sending us a block a client waits for
         urgent_busy = {
             n for b in urgent if self.state[b] == INFLIGHT for n in self.sources.get(b, ())
@@ -316,7 +315,7 @@ class Exchange:
                 block = self._pick(peer, [] if node in urgent_busy else urgent)
                 if block is None:
                     continue
-                if block in urgent_set:
+                if block in self._urgent_set:
                     urgent_busy.add(node)
                 self._ask(node, peer, block, now)
                 out.append((node, block))
@@ -407,9 +406,7 @@ class Exchange:
         lands every 40 ms or so) every 0.32 s: a slot turning faster than a served
         block can cross the link only costs messages and wake-ups (measured: with 32
         daemons on 2 cores at 50 Mbit/s, CPU was the limit)."""
-        if not self.gap:
-            return ROTATE
-        return min(ROTATE_MAX, max(ROTATE, ROTATE_BLOCKS * self.gap))
+        return self._landing_time(ROTATE_BLOCKS, ROTATE, ROTATE_MAX, ROTATE)
 
     def have_batch(self) -> float:
         """How long a Have of ours may wait for more before it goes out: about the time
@@ -418,9 +415,14 @@ class Exchange:
         20 ms, few messages for the CPU; at 10 Gbit/s (every 0.2 ms) within about a
         millisecond, so a block moves on by a hop in about its own transfer time
         instead of waiting a fixed 20 ms at every hop."""
+        return self._landing_time(HAVE_BATCH_BLOCKS, HAVE_BATCH_MIN, HAVE_BATCH, HAVE_BATCH)
+
+    def _landing_time(self, blocks: int, low: float, high: float, unknown: float) -> float:
+        """The time `blocks` blocks usually take to land here, within [low, high];
+        `unknown` before two have landed."""
         if not self.gap:
-            return HAVE_BATCH
-        return min(HAVE_BATCH, max(HAVE_BATCH_MIN, HAVE_BATCH_BLOCKS * self.gap))
+            return unknown
+        return min(high, max(low, blocks * self.gap))
 
     # -- what came of it ----------------------------------------------------------------
 

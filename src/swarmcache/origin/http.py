@@ -17,7 +17,7 @@ import aiohttp
 
 from ..config import OriginConfig
 from ..errors import OriginChanged, OriginError, OriginInvalid, OriginNotFound, OriginTimeout
-from ..httpfile import read_pieces
+from ..httpfile import read_pieces, read_small
 from ..manifest import validate_image_id
 from .base import MAX_SIDECAR_BYTES, Origin, OriginImage, Sink, parse_sha256_sidecar
 
@@ -144,15 +144,10 @@ class HttpOrigin(Origin):
         """A body of at most `limit` bytes (a sidecar), as OriginErrors."""
 
         async def read() -> bytes:
-            parts: list[bytes] = []
-            got = 0
-            while got <= limit:
-                part = await resp.content.read(limit + 1 - got)
-                if not part:
-                    return b"".join(parts)
-                parts.append(part)
-                got += len(part)
-            raise OriginInvalid(f"{url}: body larger than {limit} bytes")
+            body = await read_small(resp.content, limit)
+            if body is None:
+                raise OriginInvalid(f"{url}: body larger than {limit} bytes")
+            return body
 
         return await HttpOrigin._guard_body(read(), url, limit, config)
 

@@ -763,8 +763,6 @@ class Swarm:
         now = self.clock()
         peer = self.table.get(node)
         if peer is None or not peer.usable(now):
-            if peer is not None and link.open and peer.state(now) == "quarantined":
-                self.spawn(link.close(), f"close-{node}")  # we are done with it
             return  # quarantined, down or gone: what it says does not count
         peer.last_seen = now
         if isinstance(msg, Join | Peers | Hello):
@@ -905,7 +903,7 @@ class Swarm:
         """The peer is down: forget what it told us and close every link to it (so
         it learns we are done with it, and drops us in turn)."""
         self._drop(node_id)
-        for link in {*self._open.get(node_id, ()), *filter(None, [self.links.get(node_id)])}:
+        for link in list(self._open.get(node_id, ())):  # `links` holds one of these
             self.spawn(link.close(), f"close-{node_id}")
 
     def _drop(self, node_id: str) -> None:
