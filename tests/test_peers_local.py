@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -372,17 +374,10 @@ async def test_a_small_body_is_read_whole_when_it_comes_in_several_pieces(
 
     app = web.Application()
     app.router.add_get("/", dribble)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
+    async with _loopback(app) as port:
         async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/") as resp:
             got = await read_small(resp.content, limit)
         assert got == (body if whole else None)
-    finally:
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize("oversize", [False, True])
@@ -417,18 +412,25 @@ async def test_an_origin_sidecar_is_read_whole_and_bounded(oversize: bool) -> No
     app = web.Application()
     app.router.add_route("*", "/img", image)
     app.router.add_get("/img.sha256", dribble)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    config = OriginConfig(url=f"http://127.0.0.1:{port}/{{image_id}}", retries=0)
-    try:
+    async with _loopback(app) as port:
+        config = OriginConfig(url=f"http://127.0.0.1:{port}/{{image_id}}", retries=0)
         async with make_origin(config) as origin:
             if oversize:
                 with pytest.raises(OriginInvalid, match="larger than"):
                     await origin.stat("img")
             else:
                 assert (await origin.stat("img")).sha256 == hashlib.sha256(data).hexdigest()
+
+
+@contextlib.asynccontextmanager
+async def _loopback(app: Any) -> AsyncIterator[int]:
+    """Serve `app` on 127.0.0.1 (an ephemeral port) while the block runs; its port."""
+    from aiohttp import web
+
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield runner.addresses[0][1]
     finally:
         await runner.cleanup()
