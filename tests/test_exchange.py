@@ -13,6 +13,7 @@ from swarmcache.exchange import (
     INFLIGHT,
     MISSING,
     QUIET,
+    QUIET_MAX,
     ROTATE,
     URGENT_WAIT,
     ActiveSet,
@@ -536,3 +537,48 @@ def test_haves_wait_about_four_blocks_landing_time(gap: float | None, expected: 
             ex.landed(n, None, n * gap)
         ex.landed(3, None, 1e6)  # a duplicate landing does not count as a gap
     assert ex.have_batch() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("gap", "expected"),
+    [
+        (None, QUIET),  # nothing landed yet
+        (0.0105, QUIET),  # 200 Mbit/s, a block every 10.5 ms: 32 blocks' time is less
+        (0.2, 6.4),  # blocks land every 0.2 s (64 daemons on 2 cores): 32 blocks' time
+        (2.0, QUIET_MAX),  # capped
+    ],
+)
+def test_the_swarm_counts_as_quiet_after_about_32_blocks_landing_time(
+    gap: float | None, expected: float
+) -> None:
+    ex = _exchange(blocks=64, per_chunk=4)
+    if gap is not None:
+        for n in range(20):
+            ex.landed(n, None, n * gap)
+    assert ex.quiet_after() == pytest.approx(expected)
+
+
+def test_in_a_slow_swarm_a_reader_waits_longer_before_a_half_spread_chunk() -> None:
+    """As in the test above, but blocks landed every 0.2 s: a pause of 3 s is the
+    swarm being slow, not quiet; the half-spread chunk is read once the pause passes
+    32 blocks' landing time (6.4 s)."""
+    ex = _exchange()
+    lane = _lane(ex, "me", [])
+    ex.add_neighbour("n", _bits(16, [0, 1, 2, 3, 5]))
+    assert lane.next_read(0.0) == (8, 12)
+    lane.read_done(8)
+    for n, block in enumerate(range(8, 12)):  # the run lands, a block every 0.2 s
+        ex.landed(block, None, n * 0.2)
+        lane.landed(n * 0.2)
+    ex.landed(0, "n", 0.8)
+    lane.landed(0.8)
+    assert lane.next_read(0.8) == (12, 16)
+    lane.read_done(12)
+    for n, block in enumerate(range(12, 16)):
+        ex.landed(block, None, 1.0 + n * 0.2)
+        lane.landed(1.0 + n * 0.2)
+    last = 1.6
+    assert 6.0 < ex.quiet_after() < 7.0
+    assert lane.next_read(last + QUIET + 1) is None  # would be quiet on a fast link
+    assert lane.next_read(last + 5.0) is None
+    assert lane.next_read(last + 7.0) == (4, 5)

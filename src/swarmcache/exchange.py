@@ -47,6 +47,8 @@ MAX_INFLIGHT = 32  # requests in flight from one host in all
 CANDIDATES = 64  # blocks looked at per pick (the rarest of them goes)
 FAR_AHEAD = 4  # chunks past the first missing one: "far ahead" for a waiting client
 QUIET = 2.0  # seconds without a block from anywhere: a half-spread chunk is read
+QUIET_MAX = 10.0  # ... or longer where blocks land slowly (see Exchange.quiet_after)
+QUIET_BLOCKS = 32  # ... about this many blocks' landing time here
 ALONE = 10.0  # seconds without a block and without a neighbour: read what we lack
 URGENT_WAIT = 10.0  # seconds a client waits for a block before we read it anyway
 BACKLOG = 1  # untouched chunks a reader keeps before others help with its share
@@ -417,6 +419,17 @@ class Exchange:
         instead of waiting a fixed 20 ms at every hop."""
         return self._landing_time(HAVE_BATCH_BLOCKS, HAVE_BATCH_MIN, HAVE_BATCH, HAVE_BATCH)
 
+    def quiet_after(self) -> float:
+        """How long without a block from anywhere before the swarm counts as quiet
+        (a half-spread chunk, a waiting client's block, a slow reader's share are then
+        read from the origin): QUIET_BLOCKS blocks' usual landing time here, between
+        QUIET and QUIET_MAX. On a fast link 2 s; where blocks land slowly (a slow
+        link, or 64 daemons sharing 2 cores, where one landed every 0.2 s or so) a
+        pause of a few seconds is the swarm being slow, not gone, and reading the
+        origin then only takes its link from the readers (measured: 64 hosts x 64
+        MiB at 50 Mbit/s read 1.22-1.29 copies from the origin with a fixed 2 s)."""
+        return self._landing_time(QUIET_BLOCKS, QUIET, QUIET_MAX, QUIET)
+
     def _landing_time(self, blocks: int, low: float, high: float, unknown: float) -> float:
         """The time `blocks` blocks usually take to land here, within [low, high];
         `unknown` before two have landed."""
@@ -702,6 +715,7 @@ class OriginLane:
             return None
         ex = self.exchange
         quiet = now - self.progress_at
+        hushed = quiet > ex.quiet_after()
         if (
             not self._share
             and not ex._urgent
@@ -726,10 +740,9 @@ class OriginLane:
             # slowly (a slow link, many hosts): every waiting host reading the same
             # blocks from the origin would take the origin's link from the readers
             since = self._urgent_since.setdefault(b, now)
-            late = now - since > URGENT_WAIT and not ex.served(b) and quiet > QUIET
+            late = now - since > URGENT_WAIT and not ex.served(b) and hushed
             if late or (not ex.count[b] and (chunk >= far or self._mine(chunk))):
                 return self._take(chunk, b, anyway=late)
-        quiet = now - self.progress_at
         # once the swarm left us without a block for `stall`, we do not wait again:
         # the rest is read wherever no neighbour serves it (a reader that refuses us,
         # a neighbour that never gives us a slot)
@@ -738,7 +751,7 @@ class OriginLane:
         self.stalled = stalled = self.stalled or quiet > self.stall or alone
         start = geo.chunk_of(first_missing)
         # Our share; once the swarm has brought nothing for `stall`, everything. Of a
-        # chunk some of whose blocks are around, only once the swarm is QUIET: someone
+        # chunk some of whose blocks are around, only once the swarm is quiet: someone
         # is reading it (a helper), or a reader that died left it half spread; then
         # we read what nobody holds, not what is around.
         for chunk in range(start, geo.chunks) if stalled else self._share:
@@ -746,7 +759,7 @@ class OriginLane:
                 continue
             blocks = geo.blocks_of(chunk)
             if chunk not in self._finishing and any(ex.count[b] for b in blocks):
-                if quiet <= QUIET:
+                if not hushed:
                     continue
                 # quiet: every half-spread chunk of our share is ours to finish now,
                 # each in as many reads as it has gaps, without waiting again
@@ -759,7 +772,7 @@ class OriginLane:
                     return self._take(chunk, b, stalled)
         # helping only once the swarm is quiet: a reader that is merely busy would
         # read what we take at the same moment
-        return None if stalled or quiet <= QUIET else self._help(start)
+        return None if stalled or not hushed else self._help(start)
 
     def _help(self, start: int) -> tuple[int, int] | None:
         """Our share is read: take an untouched chunk of the reader with the most left
