@@ -251,6 +251,26 @@ def test_upload_slots_go_to_interested_neighbours_in_turn() -> None:
     assert not ex.may_serve(out)
 
 
+def test_a_slot_its_neighbour_does_not_use_goes_to_one_waiting() -> None:
+    """A neighbour that has not asked us for a block for a turn (what it lacks of ours
+    comes from elsewhere) gives its slot to one that waits, before the next turn;
+    one that asks keeps its slot, and with nobody waiting an idle one keeps it too."""
+    ex = _exchange(have=list(range(16)), upload_slots=2)
+    ex.add_neighbour("a", _bits(16, []))
+    ex.add_neighbour("b", _bits(16, []))
+    assert {n for n, up in ex.rotate(0.0) if up} == {"a", "b"}
+    assert ex.may_serve("a", 0.06)  # a asks for a block
+    assert ex.rotate(0.07) == []  # b is idle, but nobody waits
+    ex.add_neighbour("c", _bits(16, []))
+    changes = ex.rotate(0.08)  # before the next turn is due: only the idle one goes
+    assert sorted(changes) == [("b", False), ("c", True)]
+    assert ex.serving == {"a", "c"}
+    assert ex.may_serve("a", 0.09)
+    assert ex.may_serve("c", 0.09)
+    ex.add_neighbour("d", _bits(16, []))
+    assert ex.rotate(0.1) == []  # both asked within a turn: d waits for the next turn
+
+
 def test_a_neighbour_that_got_everything_frees_its_slot() -> None:
     ex = _exchange(have=[0, 1], upload_slots=1)
     ex.add_neighbour("a", _bits(16, []))

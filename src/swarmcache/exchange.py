@@ -140,6 +140,7 @@ class _Neighbour:
     serves_us: bool = False  # it gave us one of its upload slots (it unchoked us)
     offer: int = 0  # blocks we hold that it lacks: it wants one of our upload slots
     served_at: float = float("-inf")  # when we last gave it an upload slot
+    asked_at: float = float("-inf")  # when it last asked us for a block
     useful: dict[int, None] = field(default_factory=dict)  # held there, missing here
 
 
@@ -539,8 +540,13 @@ class Exchange:
                 peer.busy_until = float("-inf")
                 peer.refusals = 0
 
-    def may_serve(self, node: str) -> bool:
-        """`node` holds one of our upload slots: its requests are served."""
+    def may_serve(self, node: str, now: float | None = None) -> bool:
+        """`node` holds one of our upload slots: its requests are served. `now`: it
+        asks for a block at this moment (a slot it does not use goes to another)."""
+        if now is not None:
+            peer = self.neighbours.get(node)
+            if peer is not None:
+                peer.asked_at = now
         return node in self.serving
 
     def rotate(self, now: float) -> list[tuple[str, bool]]:
@@ -549,19 +555,34 @@ class Exchange:
         first; every ROTATE seconds the slot held longest goes to the next in line, so
         each interested neighbour is served in turn and fresh blocks spread through
         different neighbours. A neighbour with nothing left to get from us frees its
-        slot at once."""
+        slot at once; so does one that has not asked us for a block for a turn while
+        others wait (what it lacks of ours is coming from elsewhere: measured in the
+        simulator, most slots of 300 hosts at 1 Gbit/s sat with neighbours that had
+        nothing to ask of them, while blocks spread one slot turn per hop)."""
         changes: list[tuple[str, bool]] = []
+        waiting = sorted(
+            (p.served_at, self.rng.random(), n)
+            for n, p in self.neighbours.items()
+            if n not in self.serving and p.offer > 0
+        )
         for node in sorted(self.serving):
             peer = self.neighbours.get(node)
             if peer is None or peer.offer <= 0:
                 self.serving.discard(node)
                 if peer is not None:
                     changes.append((node, False))
-        waiting = sorted(
-            (p.served_at, self.rng.random(), n)
-            for n, p in self.neighbours.items()
-            if n not in self.serving and p.offer > 0
-        )
+        short = len(waiting) - max(0, self.upload_slots - len(self.serving))
+        if short > 0:  # the idlest make room, as many as wait for one
+            idle_since = now - self.rotate_every()
+            last = {
+                n: max(self.neighbours[n].served_at, self.neighbours[n].asked_at)
+                for n in self.serving
+            }
+            for node in sorted(
+                (n for n in last if last[n] < idle_since), key=lambda n: (last[n], n)
+            )[:short]:
+                self.serving.discard(node)
+                changes.append((node, False))
         if waiting and now >= self._rotate_at and len(self.serving) >= self.upload_slots:
             oldest = min(sorted(self.serving), key=lambda n: self.neighbours[n].served_at)
             self.serving.discard(oldest)

@@ -407,7 +407,7 @@ class Simulator:
         _, length = self.geo.block_span(block)
         arrival = self.now + self.cfg.latency
         assert src.exchange is not None
-        if not src.exchange.may_serve(dst.name):  # choked meanwhile: try again later
+        if not src.exchange.may_serve(dst.name, self.now):  # choked meanwhile: try later
             src.messages += 1
             until = arrival + self.cfg.latency
             self.at(until, self._refused, dst, src.name, block, until)

@@ -885,7 +885,7 @@ class Swarm:
         trade = self.trades.get(image_id)
         if trade is None or node is None:
             return ROTATE  # not linked for it: no slot
-        return None if trade.exchange.may_serve(node) else ROTATE
+        return None if trade.exchange.may_serve(node, self.clock()) else ROTATE
 
     # -- peers that go away -------------------------------------------------------------------
 
