@@ -187,7 +187,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
         "concurrency": (_positive(_parse_int), 2),
         "timeout": (_positive(parse_duration), 10.0),
         "quarantine": (_positive(parse_duration), 300.0),
-        "degree": (_positive(_parse_int), 8),
+        "degree": (_positive(_parse_int), 12),
         "block_size": (_positive(parse_size), parse_size("256KiB")),
     },
 }
@@ -257,7 +257,7 @@ class PeersConfig:
     concurrency: int = 2
     timeout: float = 10.0
     quarantine: float = 300.0
-    degree: int = 8
+    degree: int = 12
     block_size: int = 256 * 1024
 
 

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from swarmcache.config import PeersConfig
 from swarmcache.exchange import (
     BLOCK_SIZE,
     GATHER,
@@ -59,7 +60,7 @@ class SimConfig:
     block_size: int = BLOCK_SIZE
     origin_rate: float | None = None  # bytes/s of the origin's uplink (None: `rate`)
     latency: float = 0.0002  # one-way seconds between any two hosts
-    degree: int = 8  # neighbours a host looks for (ActiveSet)
+    degree: int = PeersConfig().degree  # neighbours a host looks for (ActiveSet)
     concurrency: int = 4  # origin streams in all (origin.concurrency)
     slots: int = SLOTS  # Exchange: requests in flight per neighbour
     max_inflight: int = MAX_INFLIGHT  # Exchange: requests in flight per host
@@ -544,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", default="1gbit")
     p.add_argument("--origin-rate", default=None)
     p.add_argument("--latency", type=float, default=0.0002)
-    p.add_argument("--degree", type=int, default=12)
+    p.add_argument("--degree", type=int, default=PeersConfig().degree)
     p.add_argument("--block-size", type=int, default=BLOCK_SIZE // 1024, help="KiB")
     p.add_argument("--chunk-size", type=int, default=4, help="MiB")
     p.add_argument("--seed", type=int, default=1)
