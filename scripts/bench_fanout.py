@@ -408,7 +408,11 @@ def run_swarmcache(
             f"{result.busy * 100:.0f}% of "
             f"{os.cpu_count()} cores over {wall:.1f} s"
         )
-        sources = fetched_by_source(bed)
+        texts = scrape(bed)
+        sources = fetched_by_source(texts)
+        sent = messages_sent(texts)
+        if sent:
+            result.notes.append(sent)
         if sources:
             result.notes.append(
                 "daemons fetched "
@@ -478,19 +482,55 @@ def machine_busy() -> tuple[float, float]:
     return float(sum(values) - idle), float(sum(values))
 
 
-def fetched_by_source(bed: Testbed) -> dict[str, int]:
-    """swarmcache_fetched_bytes_total of every host's daemon, summed by source label."""
-    total: dict[str, int] = {}
+def scrape(bed: Testbed) -> dict[str, str]:
+    """Every host daemon's /metrics text (hosts that do not answer are left out)."""
+    texts: dict[str, str] = {}
     for h in bed.hosts:
         try:
             text = http_request(bed, h, f"http://127.0.0.1:{DAEMON_PORT}/metrics", timeout=10)
         except TestbedError:
             continue
-        for line in text.decode().splitlines():
+        texts[h.name] = text.decode()
+    return texts
+
+
+def fetched_by_source(texts: Mapping[str, str]) -> dict[str, int]:
+    """swarmcache_fetched_bytes_total of every host's daemon, summed by source label."""
+    total: dict[str, int] = {}
+    for text in texts.values():
+        for line in text.splitlines():
             m = _FETCHED.match(line)
             if m:
                 total[m.group(1)] = total.get(m.group(1), 0) + int(float(m.group(2)))
     return total
+
+
+_MESSAGES = re.compile(
+    r'^swarmcache_peer_messages_total\{direction="sent",type="([^"]+)"\}\s+(\S+)$'
+)
+
+
+def messages_sent(texts: Mapping[str, str]) -> str | None:
+    """Control messages each daemon sent to its peers: mean and max per host, by type."""
+    per_host: list[dict[str, int]] = []
+    for text in texts.values():
+        kinds: dict[str, int] = {}
+        for line in text.splitlines():
+            m = _MESSAGES.match(line)
+            if m:
+                kinds[m.group(1)] = int(float(m.group(2)))
+        per_host.append(kinds)
+    if not per_host or not any(per_host):
+        return None
+    totals = [sum(k.values()) for k in per_host]
+    names = sorted({k for h in per_host for k in h})
+    by_kind = ", ".join(
+        f"{k} {sum(h.get(k, 0) for h in per_host) / len(per_host):.0f}" for k in names
+    )
+    return (
+        f"control messages sent per host (since the daemon started): mean "
+        f"{sum(totals) / len(totals):.0f}, max {max(totals)} ({by_kind})"
+    )
 
 
 # ---------------------------------------------------------------------------------------

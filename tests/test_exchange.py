@@ -36,6 +36,7 @@ def _bits(blocks: int, held: range | list[int]) -> bytes:
 
 def _exchange(blocks: int = 16, per_chunk: int = 4, have: list[int] | None = None, **kw: int):
     geo = Geometry(blocks * KiB, per_chunk * KiB, KiB)
+    kw.setdefault("pipeline", 0)  # exactly `slots` per neighbour (see the pipeline test)
     return Exchange(geo, have or [], random.Random(7), **kw)
 
 
@@ -108,6 +109,33 @@ def test_requests_go_only_to_neighbours_that_serve_us_and_respect_slots() -> Non
     assert len({b for _, b in asked + more}) == 3
     assert all(ex.state[b] == INFLIGHT for _, b in asked + more)
     assert ex.next_requests(0.0) == []
+
+
+@pytest.mark.parametrize(
+    ("slots", "serving", "per_neighbour"),
+    [
+        (1, 0, 4),  # nobody serves us yet: the first to do so gets the whole pipeline
+        (1, 1, 4),  # one neighbour alone: 4 in flight, our link never waits a round trip
+        (1, 2, 2),
+        (1, 3, 2),
+        (1, 4, 1),  # enough neighbours: one request each, short queues at their uplinks
+        (1, 20, 1),
+        (2, 20, 2),  # peers.concurrency set higher: that many
+        (3, 1, 4),
+    ],
+)
+def test_one_request_per_neighbour_but_a_pipeline_of_four_in_all(
+    slots: int, serving: int, per_neighbour: int
+) -> None:
+    ex = _exchange(blocks=64, slots=slots, pipeline=4, max_inflight=64)
+    for i in range(serving):
+        ex.add_neighbour(f"n{i}", _bits(64, range(64)))
+        ex.served_by(f"n{i}", True)
+    assert ex.per_neighbour() == per_neighbour
+    if serving:
+        asked = ex.next_requests(0.0)
+        assert len(asked) == serving * per_neighbour
+        assert all(sum(1 for n, _ in asked if n == node) == per_neighbour for node, _ in asked)
 
 
 def test_urgent_blocks_first_then_rarest() -> None:

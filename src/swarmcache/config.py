@@ -184,7 +184,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
         "static_peers": (_peer_list, ()),
     },
     "peers": {
-        "concurrency": (_positive(_parse_int), 2),
+        "concurrency": (_positive(_parse_int), 1),
         "timeout": (_positive(parse_duration), 10.0),
         "quarantine": (_positive(parse_duration), 300.0),
         "degree": (_positive(_parse_int), 12),
@@ -254,7 +254,7 @@ class DiscoveryConfig:
 class PeersConfig:
     """[peers]: block exchange between daemons."""
 
-    concurrency: int = 2
+    concurrency: int = 1
     timeout: float = 10.0
     quarantine: float = 300.0
     degree: int = 12

@@ -10,7 +10,7 @@ import signal
 from collections.abc import AsyncIterator, Iterable
 
 from aiohttp import web
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from . import peer_api
 from .api import (
@@ -134,6 +134,14 @@ def _peer_metrics(swarm: Swarm) -> Iterable[Metric]:
     for peer in swarm.table.peers.values():
         states[peer.state(now)] += 1
     yield gauge("swarmcache_peers", "Known peers by state", labelled=states, label="state")
+    messages = CounterMetricFamily(
+        "swarmcache_peer_messages",
+        "Control messages over peer links, by direction (sent, received) and type",
+        labels=["direction", "type"],
+    )
+    for (direction, kind), n in sorted(swarm.messages.items()):
+        messages.add_metric([direction, kind.lower()], n)
+    yield messages
 
 
 async def _fetcher_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -36,8 +36,8 @@ from swarmcache.exchange import (
     BLOCK_SIZE,
     GATHER,
     MAX_INFLIGHT,
+    PIPELINE,
     ROTATE,
-    SLOTS,
     UPLOAD_SLOTS,
     ActiveSet,
     Exchange,
@@ -62,9 +62,10 @@ class SimConfig:
     latency: float = 0.0002  # one-way seconds between any two hosts
     degree: int = PeersConfig().degree  # neighbours a host looks for (ActiveSet)
     concurrency: int = 4  # origin streams in all (origin.concurrency)
-    slots: int = SLOTS  # Exchange: requests in flight per neighbour
+    slots: int = PeersConfig().concurrency  # Exchange: requests in flight per neighbour
     max_inflight: int = MAX_INFLIGHT  # Exchange: requests in flight per host
     upload_slots: int = UPLOAD_SLOTS  # Exchange: neighbours a host uploads to at once
+    pipeline: int = PIPELINE  # Exchange: requests in flight at least over all neighbours
     # seconds a host gathers Have entries before sending; None: as the daemon does
     # (Exchange.have_batch: about 4 blocks' landing time, 1-20 ms)
     have_batch: float | None = None
@@ -238,6 +239,7 @@ class Simulator:
             slots=cfg.slots,
             max_inflight=cfg.max_inflight,
             upload_slots=cfg.upload_slots,
+            pipeline=cfg.pipeline,
         )
         h.lane = OriginLane(
             h.exchange,

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -183,7 +183,9 @@ class Link:
                 await asyncio.sleep(self.swarm.have_batch())
             batch = list(self.queue)
             self.queue.clear()
+            counts = self.swarm.messages
             for msg in _merge_haves(batch):
+                counts["sent", type(msg).__name__] += 1
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     await self.ws.send_bytes(encode(msg))
 
@@ -196,6 +198,7 @@ class Link:
                 if frame.type != aiohttp.WSMsgType.BINARY:
                     raise WireError(f"unexpected {frame.type.name} frame")
                 msg = decode(frame.data)
+                self.swarm.messages["received", type(msg).__name__] += 1
                 if isinstance(msg, Hello):
                     continue
                 self.swarm.on_message(self, msg)
@@ -255,6 +258,7 @@ class Swarm:
         self.rng = rng or random.Random()
         self.table = PeerTable(node_id)
         self.links: dict[str, Link] = {}
+        self.messages: Counter[tuple[str, str]] = Counter()  # (sent|received, type) -> n
         # every open link per peer: two may be open for a moment (both sides opened
         # one at once); `links` holds the one we send on
         self._open: dict[str, set[Link]] = {}
