@@ -630,3 +630,13 @@ def test_in_a_slow_swarm_a_reader_waits_longer_before_a_half_spread_chunk() -> N
     assert lane.next_read(last + QUIET + 1) is None  # would be quiet on a fast link
     assert lane.next_read(last + 5.0) is None
     assert lane.next_read(last + 7.0) == (4, 5)
+
+
+def test_neighbour_holds_what_it_told_us() -> None:
+    ex = _exchange()
+    ex.add_neighbour("a", _bits(16, [1, 2]))
+    ex.neighbour_has("a", [9])
+    assert [b for b in range(16) if ex.neighbour_holds("a", b)] == [1, 2, 9]
+    assert not ex.neighbour_holds("nobody", 1)
+    ex.drop_neighbour("a")
+    assert not ex.neighbour_holds("a", 1)

@@ -434,3 +434,61 @@ async def _loopback(app: Any) -> AsyncIterator[int]:
         yield runner.addresses[0][1]
     finally:
         await runner.cleanup()
+
+
+async def test_a_have_of_a_block_the_peer_holds_rides_along_with_the_next() -> None:
+    """Haves the peer needs for its requests go out at once (after the batch wait);
+    one of a block it holds already waits for them, or for LAZY_HAVE on its own."""
+    from collections import Counter
+
+    from swarmcache.exchange import LAZY_HAVE
+    from swarmcache.peers.swarm import Link
+    from swarmcache.wire import Have
+
+    loop = asyncio.get_running_loop()
+    sent: list[tuple[float, Any]] = []
+
+    class _Ws:
+        closed = False
+
+        async def send_bytes(self, data: bytes) -> None:
+            sent.append((loop.time(), decode(data)))
+
+        async def close(self) -> None:
+            self.closed = True
+
+    class _Swarm:
+        messages: Counter[tuple[str, str]] = Counter()
+
+        def have_batch(self) -> float:
+            return 0.01
+
+    link = Link(_Swarm(), "n" * 16, _Ws())  # type: ignore[arg-type]
+    link.start()
+    d5, d6, d7 = (bytes([i]) * 16 for i in (5, 6, 7))
+    try:
+        t0 = loop.time()
+        link.send_lazy(Have("img", ((5, d5),)))
+        await asyncio.sleep(0.2)
+        assert sent == []  # waits
+        link.send(Have("img", ((6, d6),)))
+        for _ in range(100):
+            if sent:
+                break
+            await asyncio.sleep(0.01)
+        (at, msg), *rest = sent
+        assert rest == []
+        assert msg == Have("img", ((6, d6), (5, d5)))  # one message, the news first
+        assert at - t0 < LAZY_HAVE / 2
+        sent.clear()
+        t1 = loop.time()
+        link.send_lazy(Have("img", ((7, d7),)))
+        async with asyncio.timeout(LAZY_HAVE + 2):
+            while not sent:
+                await asyncio.sleep(0.02)
+        ((at, msg),) = sent
+        assert msg == Have("img", ((7, d7),))
+        assert at - t1 >= LAZY_HAVE * 0.9
+        assert _Swarm.messages["sent", "Have"] == 2
+    finally:
+        await link.close()

@@ -186,3 +186,53 @@ def test_haves_of_an_image_go_out_as_one_message_in_place() -> None:
         Have("b", ((7, d),)),
         Status("a", False),
     ]
+
+
+async def test_mdns_re_announces_at_once_for_images_and_once_a_minute_for_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every host hears every TXT update: a block landing does not cause one each few
+    seconds (the counter moves with every block), an image held or dropped does."""
+    import asyncio
+
+    from swarmcache import discovery
+
+    monkeypatch.setattr(discovery, "GEN_UPDATE_EVERY", 0.01)
+    monkeypatch.setattr(discovery, "GEN_BLOCKS_EVERY", 0.5)
+    held = {"gen": 0, "images": 1}
+    updates: list[tuple[str, str]] = []
+
+    class _Zc:
+        async def async_update_service(self, info: object) -> None:
+            props = info.properties  # type: ignore[attr-defined]
+            updates.append((props[b"gen"].decode(), props[b"images"].decode()))
+
+    d = discovery.Discovery(
+        "n" * 16,
+        7480,
+        ["127.0.0.1"],
+        lambda *a: None,
+        lambda n: None,
+        generation=lambda: held["gen"],
+        inventory=lambda: (held["images"], 0),
+    )
+    d._info = d._service_info()
+    d._zc = _Zc()  # type: ignore[assignment]
+    task = asyncio.create_task(d._generation_loop())
+    try:
+        for _ in range(10):  # blocks land: no update for now
+            held["gen"] += 1
+            await asyncio.sleep(0.02)
+        assert updates == []
+        held["images"] = 2  # an image more: at once
+        await asyncio.sleep(0.1)
+        assert updates == [("10", "2")]
+        held["gen"] += 5  # only blocks again: after GEN_BLOCKS_EVERY
+        await asyncio.sleep(0.2)
+        assert len(updates) == 1
+        async with asyncio.timeout(2):
+            while len(updates) < 2:
+                await asyncio.sleep(0.02)
+        assert updates[1] == ("15", "2")
+    finally:
+        task.cancel()

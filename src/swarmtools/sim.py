@@ -35,6 +35,7 @@ from swarmcache.config import PeersConfig
 from swarmcache.exchange import (
     BLOCK_SIZE,
     GATHER,
+    LAZY_HAVE,
     MAX_INFLIGHT,
     PIPELINE,
     ROTATE,
@@ -146,7 +147,9 @@ class _Host:
         self.bytes_in = 0
         self.bytes_out = 0
         self.origin_bytes = 0
-        self.pending_have: list[int] = []
+        self.pending_have: dict[str, list[int]] = {}  # link -> blocks it lacks, to tell
+        self.lazy_have: dict[str, list[int]] = {}  # link -> blocks it holds, to tell later
+        self.lazy_due = False
         self.reads: dict[int, int] = {}
         self.awaiting: set[str] = set()  # origin reads in flight: first block -> end
         self.flush_due = False
@@ -356,14 +359,25 @@ class Simulator:
         h.exchange.neighbour_has(node, blocks)
         self._pump(h)
 
-    def _flush(self, h: _Host) -> None:
-        h.flush_due = False
-        if not h.alive or not h.pending_have:
+    def _flush(self, h: _Host, lazy: bool = False) -> None:
+        """Haves go out: to each neighbour the blocks it lacks, with the ones it holds
+        riding along (those alone wait for the lazy flush, LAZY_HAVE)."""
+        if lazy:
+            h.lazy_due = False
+        else:
+            h.flush_due = False
+        if not h.alive:
             return
-        blocks, h.pending_have = h.pending_have, []
-        for name in sorted(_links(h)):  # in a fixed order: runs do not depend on str hashing
+        links = _links(h)
+        for name in sorted(set(h.pending_have) | (set(h.lazy_have) if lazy else set())):
+            blocks = h.pending_have.pop(name, []) + h.lazy_have.pop(name, [])
+            if name not in links or not blocks:
+                continue
             h.messages += 1
             self.at(self.now + self.cfg.latency, self._have, self.by_name[name], h.name, blocks)
+        if h.lazy_have and not h.lazy_due:
+            h.lazy_due = True
+            self.at(self.now + LAZY_HAVE, self._flush, h, True)
 
     # -- data ---------------------------------------------------------------------------
 
@@ -485,14 +499,16 @@ class Simulator:
         ex.landed(block, node, self.now)
         lane.landed(self.now)
         if not was:
-            h.pending_have.append(block)
-            if not h.flush_due:
+            for name in sorted(_links(h)):
+                told = h.lazy_have if ex.neighbour_holds(name, block) else h.pending_have
+                told.setdefault(name, []).append(block)
+            if not h.flush_due and h.pending_have:
                 h.flush_due = True
                 batch = self.cfg.have_batch
                 self.at(self.now + (ex.have_batch() if batch is None else batch), self._flush, h)
         if ex.finished and h.done is None:
             h.done = self.now
-            self._flush(h)  # the last Have goes out now
+            self._flush(h, lazy=True)  # the last Haves go out now
             return
         self._pump(h)
 

@@ -34,7 +34,16 @@ from aiohttp import web
 
 from ..config import PeersConfig
 from ..errors import PeerError, PeerGone, SwarmcacheError
-from ..exchange import HAVE_BATCH, ROTATE, ActiveSet, Exchange, Geometry, OriginLane, readers
+from ..exchange import (
+    HAVE_BATCH,
+    LAZY_HAVE,
+    ROTATE,
+    ActiveSet,
+    Exchange,
+    Geometry,
+    OriginLane,
+    readers,
+)
 from ..httpfile import RCVLOWAT, read_pieces, read_small
 from ..manifest import DIGEST_SIZE, Manifest, bitmap_new, bitmap_set
 from ..metrics import Metrics
@@ -146,6 +155,8 @@ class Link:
         self.ws = ws
         self.images: set[str] = set()
         self.queue: deque[Message] = deque()
+        self.lazy: list[Have] = []  # Haves of blocks the peer holds: they ride along
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self.wake = asyncio.Event()
         self.overflow = False
         self.writer: asyncio.Task[None] | None = None
@@ -162,6 +173,17 @@ class Link:
         else:
             self.queue.append(msg)
         self.wake.set()
+
+    def send_lazy(self, msg: Have) -> None:
+        """Queue a Have the peer needs only for its bookkeeping (it holds the blocks):
+        it goes out with the next message, or after LAZY_HAVE."""
+        if len(self.lazy) >= MAX_QUEUE:
+            self.overflow = True
+            self.wake.set()
+            return
+        self.lazy.append(msg)
+        if self._lazy_timer is None:
+            self._lazy_timer = asyncio.get_running_loop().call_later(LAZY_HAVE, self.wake.set)
 
     def start(self) -> None:
         """Start the writer task."""
@@ -181,8 +203,12 @@ class Link:
                 return
             if any(isinstance(m, Have) for m in self.queue):
                 await asyncio.sleep(self.swarm.have_batch())
-            batch = list(self.queue)
+            batch = [*self.queue, *self.lazy]
             self.queue.clear()
+            self.lazy.clear()
+            if self._lazy_timer is not None:
+                self._lazy_timer.cancel()
+                self._lazy_timer = None
             counts = self.swarm.messages
             for msg in _merge_haves(batch):
                 counts["sent", type(msg).__name__] += 1
@@ -212,6 +238,8 @@ class Link:
     async def close(self) -> None:
         """Close the socket and stop the writer."""
         await self.ws.close()
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
         if self.writer is not None:
             self.writer.cancel()
             await asyncio.gather(self.writer, return_exceptions=True)
@@ -869,8 +897,13 @@ class Swarm:
         trade = self.trades.get(image_id)
         if trade is None:
             return
+        have = Have(image_id, ((block, digest),))
+        holds = trade.exchange.neighbour_holds
         for link in self._links_for(trade):
-            link.send(Have(image_id, ((block, digest),)))
+            if holds(link.node_id, block):
+                link.send_lazy(have)
+            else:
+                link.send(have)
         self._rotate(trade)
 
     def announce_gone(self, image_id: str) -> None:
