@@ -299,6 +299,24 @@ def test_a_slot_its_neighbour_does_not_use_goes_to_one_waiting() -> None:
     assert ex.rotate(0.1) == []  # both asked within a turn: d waits for the next turn
 
 
+def test_a_neighbour_whose_request_waits_at_our_uplink_is_not_idle() -> None:
+    """With one request in flight per neighbour, a served neighbour asks again only
+    once its block has left; while we serve it (or until a turn after) it keeps its
+    slot, however long the block waited behind the others."""
+    ex = _exchange(have=list(range(16)), upload_slots=1)
+    ex.add_neighbour("a", _bits(16, []))
+    assert ex.rotate(0.0) == [("a", True)]
+    assert ex.may_serve("a", 0.01)  # a asks; the block waits behind others' for 2 s
+    ex.add_neighbour("b", _bits(16, []))
+    ex._rotate_at = 10.0  # no turn due: only the idle rule could take a's slot
+    assert ex.rotate(1.0) == []  # long past a turn (0.05 s), but a is being served
+    ex.sent("a", 2.0)  # the block left
+    assert ex.rotate(2.01) == []  # it used its slot until 2.0: not idle yet
+    assert sorted(ex.rotate(2.2)) == [("a", False), ("b", True)]  # idle for a turn
+    ex.sent("b", 2.3)  # a late or stray report changes nothing
+    assert ex.neighbours["b"].uploads == 0
+
+
 def test_a_neighbour_that_got_everything_frees_its_slot() -> None:
     ex = _exchange(have=[0, 1], upload_slots=1)
     ex.add_neighbour("a", _bits(16, []))

@@ -15,6 +15,7 @@ from .api import METRICS, SENT, STORE, SWARM, image_id_from
 from .errors import BadRequest, ImageNotFound, PreconditionFailed
 from .httpfile import read_small, sendfile
 from .peers.swarm import DIGEST_HEADER, NODE_HEADER
+from .store import CachedImage
 from .wire import PROTOCOL_VERSION, Join, WireError, decode, encode
 
 # Test-only fault switch: a daemon started with this set serves corrupted blocks to
@@ -61,9 +62,21 @@ async def peer_block(request: web.Request) -> web.StreamResponse:
     if_match = request.headers.get("If-Match")
     if if_match is not None and if_match != image.manifest.etag:
         raise PreconditionFailed(f"{image_id!r} here is another version ({image.manifest.etag})")
-    wait = request.app[SWARM].may_serve(image_id, request.headers.get(NODE_HEADER))
+    swarm = request.app[SWARM]
+    node = request.headers.get(NODE_HEADER)
+    wait = swarm.may_serve(image_id, node)
     if wait is not None:
         return web.Response(status=503, headers={"Retry-After": f"{wait:.3f}"})
+    assert node is not None  # may_serve refuses a request that names no node
+    try:
+        return await _send_block(request, image, block)
+    finally:
+        swarm.sent(image_id, node)
+
+
+async def _send_block(request: web.Request, image: CachedImage, block: int) -> web.StreamResponse:
+    """The block's bytes, with sendfile (or corrupted, for the fault tests)."""
+    image_id = image.manifest.image_id
     offset, length = image.manifest.block_span(block)
     digest = image.manifest.block_digest(block)
     resp = web.StreamResponse()

@@ -433,6 +433,11 @@ class Simulator:
         src.up_free = start + length / src.up_rate
         src.bytes_out += length
         self.at(start, self._downlink, dst, src.name, block, length, src.up_free)
+        self.at(src.up_free, self._sent, src, dst.name)
+
+    def _sent(self, h: _Host, node: str) -> None:
+        if h.alive and h.exchange is not None:
+            h.exchange.sent(node, self.now)
 
     def _refused(self, h: _Host, node: str, block: int, until: float) -> None:
         if not h.alive or node not in _links(h):

@@ -924,6 +924,12 @@ class Swarm:
             return ROTATE  # not linked for it: no slot
         return None if trade.exchange.may_serve(node, self.clock()) else ROTATE
 
+    def sent(self, image_id: str, node: str) -> None:
+        """A block `may_serve` let `node` read has left (or failed to)."""
+        trade = self.trades.get(image_id)
+        if trade is not None:
+            trade.exchange.sent(node, self.clock())
+
     # -- peers that go away -------------------------------------------------------------------
 
     def quarantine(self, node_id: str) -> None:
