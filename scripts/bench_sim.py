@@ -45,7 +45,7 @@ from typing import Any, TextIO
 
 import swarmcache.exchange
 import swarmtools.sim
-from swarmcache.exchange import readers
+from swarmcache.exchange import HAVE_BATCH, HAVE_BATCH_MIN, readers
 from swarmtools.sim import SimConfig, SimResult, Simulator
 
 MiB = 1 << 20
@@ -557,13 +557,17 @@ def main() -> int:
         f"sha256 sim.py {code['sim.py']}, exchange.py {code['exchange.py']}; "
         f"PYTHONHASHSEED={code['PYTHONHASHSEED']}"
     )
+    batches = (
+        f"{HAVE_BATCH_MIN * 1e3:g}-{HAVE_BATCH * 1e3:g} ms as the daemon"
+        if cfg.have_batch is None
+        else f"{cfg.have_batch * 1e3:g} ms"
+    )
     print(
         f"model: image {args.size_mib} MiB in {cfg.chunk_size // MiB} MiB chunks of "
         f"{cfg.block_size // 1024} KiB blocks; degree {cfg.degree}, origin concurrency "
         f"{cfg.concurrency}, origin uplink = host link rate, latency {cfg.latency * 1e3:g} ms, "
         f"upload slots {cfg.upload_slots}, request slots {cfg.slots}/neighbour "
-        f"{cfg.max_inflight}/host, Have batches "
-        f"{'1-20 ms as the daemon' if cfg.have_batch is None else f'{cfg.have_batch * 1e3:g} ms'}, "
+        f"{cfg.max_inflight}/host, Have batches {batches}, "
         f"death noticed after {cfg.detect:g} s; seed {args.seed}"
     )
     print(f"load average before (1, 5, 15 min): {_load(load_start)}", flush=True)
