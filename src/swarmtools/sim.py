@@ -68,7 +68,7 @@ class SimConfig:
     upload_slots: int = UPLOAD_SLOTS  # Exchange: neighbours a host uploads to at once
     pipeline: int = PIPELINE  # Exchange: requests in flight at least over all neighbours
     # seconds a host gathers Have entries before sending; None: as the daemon does
-    # (Exchange.have_batch: about 4 blocks' landing time, 1-50 ms)
+    # (Exchange.have_batch: about 4 blocks' landing time, 1-20 ms)
     have_batch: float | None = None
     refresh: float = 1.0  # seconds between looks for more neighbours
     stall: float = 30.0  # OriginLane.stall

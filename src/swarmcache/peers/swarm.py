@@ -191,7 +191,7 @@ class Link:
 
     async def _write(self) -> None:
         """Send queued messages. Have messages wait a little for more (see
-        Exchange.have_batch: up to 50 ms) and go out as one per image: at 200 Mbit/s a
+        Exchange.have_batch: up to 20 ms) and go out as one per image: at 200 Mbit/s a
         host lands about 100 blocks a second, and one message each to every neighbour
         would cost more CPU than the data."""
         while not self.ws.closed:
