@@ -138,6 +138,20 @@ def test_one_request_per_neighbour_but_a_pipeline_of_four_in_all(
         assert all(sum(1 for n, _ in asked if n == node) == per_neighbour for node, _ in asked)
 
 
+def test_a_clients_blocks_take_half_the_request_slots_at_one_per_neighbour() -> None:
+    ex = _exchange(slots=1, max_inflight=32)
+    for node in "abcd":
+        ex.add_neighbour(node, _bits(16, range(16)))
+        ex.served_by(node, True)
+    ex.want([0, 1, 2, 3])
+    pairs = ex.next_requests(0.0)
+    assert sorted(n for n, _ in pairs) == ["a", "b", "c", "d"]  # one per neighbour
+    assert sorted(b for _, b in pairs if b < 4) == [0, 1]  # two of four slots are the client's
+    node, block = next((n, b) for n, b in pairs if b == 0)
+    ex.landed(block, node, 0.1)  # a client's block landed: that slot goes to the next one
+    assert ex.next_requests(0.1) == [(node, 2)]
+
+
 def test_urgent_blocks_first_then_rarest() -> None:
     ex = _exchange(slots=3, max_inflight=8)
     ex.add_neighbour("a", _bits(16, range(16)))
