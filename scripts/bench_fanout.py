@@ -387,10 +387,12 @@ def run_swarmcache(
             ]
             cmds = {h: fetch for h in bed.hosts}
         cpu0 = {n: proc_cpu(p.pid) for n, p in daemons.items()}
+        sys0 = sum(proc_cpu(p.pid, system=True) for p in daemons.values())
         busy0 = machine_busy()
         times = race(bed, cmds, time.monotonic() + timeout, work)
         busy1 = machine_busy()
         cpu1 = {n: proc_cpu(p.pid) for n, p in daemons.items()}
+        sys1 = sum(proc_cpu(p.pid, system=True) for p in daemons.values())
         tx = bed.link_bytes(bed.origin)[1] - tx0
         served = origin_stats(bed, origin_port)["total_bytes"]
         if sink == "cache":
@@ -403,7 +405,8 @@ def run_swarmcache(
         result.busy = (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1e-9)
         wall = max(t for t in times.values() if t is not None) if any(times.values()) else 0
         result.notes.append(
-            f"daemon CPU during the fetch: {sum(used.values()):.1f} core-s in all "
+            f"daemon CPU during the fetch: {sum(used.values()):.1f} core-s in all, "
+            f"{sys1 - sys0:.1f} of them in the kernel "
             f"({', '.join(f'{n}={c:.1f}' for n, c in used.items())}); machine busy "
             f"{result.busy * 100:.0f}% of "
             f"{os.cpu_count()} cores over {wall:.1f} s"
@@ -466,13 +469,15 @@ def drop_big_files(root: Path, limit: int = 1 << 20) -> None:
             pass
 
 
-def proc_cpu(pid: int) -> float:
-    """User + system CPU seconds a process has used (0 if it is gone)."""
+def proc_cpu(pid: int, system: bool = False) -> float:
+    """User + system CPU seconds a process has used (`system`: system only; 0 if it
+    is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[12]) if system else int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def machine_busy() -> tuple[float, float]:

@@ -3,6 +3,7 @@ the origin lane and the active set (table-driven where the cases are a table).""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -399,6 +400,23 @@ def test_readers_split_the_chunks_and_others_read_nothing() -> None:
     assert set(got) == set(top)  # only the readers read, both of them
     assert sorted(c for cs in got.values() for c in cs) == list(range(16))  # each chunk once
     assert all(lanes[m].streams == 1 for m in top)
+
+
+@pytest.mark.parametrize(("chunks", "count"), [(16, 4), (17, 4), (16, 3), (256, 4), (5, 8)])
+def test_readers_take_the_chunks_in_turn_in_equal_shares(chunks: int, count: int) -> None:
+    """Every chunk is one reader's; shares differ by at most one chunk (the origin's
+    link stays full until the end: no reader is left reading alone), and neighbouring
+    chunks are different readers' (a client streaming from the start)."""
+    members = [f"h{i}" for i in range(12)]
+    top = readers("img", members, count)
+    lanes = [_lane(_exchange(blocks=chunks * 4), m, members, count) for m in top]
+    shares = [lane._share for lane in lanes]
+    assert sorted(c for share in shares for c in share) == list(range(chunks))
+    sizes = [len(share) for share in shares]
+    assert max(sizes) - min(sizes) <= 1
+    owners = [lanes[0].owner(c) for c in range(chunks)]
+    assert all(a != b for a, b in itertools.pairwise(owners)) or len(top) == 1
+    assert [lane.owner(c) for lane in lanes for c in range(chunks)] == owners * len(lanes)
 
 
 def test_readers_that_disagree_on_the_members_agree_again_once_their_tables_do() -> None:

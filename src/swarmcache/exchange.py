@@ -711,10 +711,10 @@ class ActiveSet:
 class OriginLane:
     """Which blocks this host reads from the origin, and when.
 
-    The readers (`readers`) split the chunks by rendezvous hashing per chunk (see
-    `owner`), so a client streaming from the start finds neighbouring chunks read in
-    parallel, and hosts whose views of the readers differ for a moment never leave a
-    chunk unread. A reader reads, in ascending order, the chunks of its share that no
+    The readers (`readers`, in rank order) take the chunks in turn (see `owner`), so
+    each reads the same number of chunks (give or take one) and a client streaming
+    from the start finds neighbouring chunks read in parallel. A reader reads, in
+    ascending order, the chunks of its share that no
     neighbour holds any block of and that are not in flight here; of a chunk some of
     whose blocks are around (a reader died mid-chunk, or a client's far-ahead read),
     it reads the missing blocks only.
@@ -784,11 +784,15 @@ class OriginLane:
         return [c for c in range(self.exchange.geometry.chunks) if self.owner(c) == self.self_id]
 
     def owner(self, chunk: int) -> str:
-        """The reader whose share chunk `chunk` is: rendezvous hashing per chunk, so
-        hosts whose member tables differ for a moment (a reader not yet discovered)
-        may both read a chunk, but never leave one to nobody: the first in rank among
-        all readers is first in every view that holds it, its own included."""
-        return _top(f"{self.image_key}\0{chunk}", self.readers)
+        """The reader whose share chunk `chunk` is: the readers in rank order take the
+        chunks in turn. Equal shares matter: the origin's link is full only while every
+        reader still reads, and a reader also receives from peers on its one downlink,
+        so one left with more than the others reads the last chunks alone and slowly
+        (per-chunk rendezvous hashing gave 16 chunks to 4 readers as 6/5/4/1, and the
+        swarm waited on the reader of 6). Hosts whose tables differ for a moment (a
+        reader not yet discovered) may read a chunk twice or leave one to nobody until
+        their tables agree again (`set_members`); the stall rule reads what is left."""
+        return self.readers[chunk % len(self.readers)]
 
     def landed(self, now: float) -> None:
         """A block arrived: the swarm is alive."""
