@@ -289,10 +289,18 @@ def run_aria2(bed: Testbed, image: Image, work: Path, timeout: float, torrent: P
                     deadline = 0  # a leecher died: this mode has failed
             time.sleep(0.05)
         tx = bed.link_bytes(o)[1] - tx0
+        # the leechers' CPU (they seed until stopped: still there), beside the daemons'
+        cpu = sum(proc_cpu(p.pid) for p in procs.values())
+        kernel = sum(proc_cpu(p.pid, system=True) for p in procs.values())
     finally:
         for proc in [*procs.values(), seeder, tracker]:
             bed.stop(proc, signal.SIGTERM, 5)
-    return ModeResult("aria2", done, verify(image, files), tx)
+    result = ModeResult("aria2", done, verify(image, files), tx)
+    result.notes.append(
+        f"aria2c CPU (leechers, start to last host): {cpu:.1f} core-s in all, "
+        f"{kernel:.1f} of them in the kernel"
+    )
+    return result
 
 
 def wait_listening(
@@ -515,6 +523,9 @@ _MESSAGES = re.compile(
 )
 
 
+_REQUESTS = re.compile(r'^swarmcache_peer_block_requests_total\{result="([^"]+)"\}\s+(\S+)$')
+
+
 def messages_sent(texts: Mapping[str, str]) -> str | None:
     """Control messages each daemon sent to its peers: mean and max per host, by type."""
     per_host: list[dict[str, int]] = []
@@ -532,9 +543,17 @@ def messages_sent(texts: Mapping[str, str]) -> str | None:
     by_kind = ", ".join(
         f"{k} {sum(h.get(k, 0) for h in per_host) / len(per_host):.0f}" for k in names
     )
+    requests: dict[str, float] = {}
+    for text in texts.values():
+        for line in text.splitlines():
+            r = _REQUESTS.match(line)
+            if r:
+                requests[r.group(1)] = requests.get(r.group(1), 0) + float(r.group(2))
+    asked = ", ".join(f"{k} {n / len(texts):.0f}" for k, n in sorted(requests.items()))
     return (
         f"control messages sent per host (since the daemon started): mean "
         f"{sum(totals) / len(totals):.0f}, max {max(totals)} ({by_kind})"
+        + (f"; block requests per host by result: {asked}" if asked else "")
     )
 
 

@@ -690,3 +690,23 @@ def test_neighbour_holds_what_it_told_us() -> None:
     assert not ex.neighbour_holds("nobody", 1)
     ex.drop_neighbour("a")
     assert not ex.neighbour_holds("a", 1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_blocks_seen_per_chunk_follow_neighbours_coming_growing_and_going(seed: int) -> None:
+    """`seen[c]`: how many blocks of chunk c some neighbour holds (the origin lane
+    skips such chunks without looking at every block)."""
+    rng = random.Random(seed)
+    ex = _exchange(blocks=61, per_chunk=8)  # a short last chunk
+    nodes = [f"n{i}" for i in range(4)]
+    for _ in range(200):
+        node, op = rng.choice(nodes), rng.random()
+        if op < 0.2:
+            ex.add_neighbour(node, _bits(61, rng.sample(range(61), rng.randrange(20))))
+        elif op < 0.3:
+            ex.drop_neighbour(node)
+        else:
+            ex.neighbour_has(node, rng.sample(range(-2, 64), 3))  # out of range ignored
+        assert ex.seen == [
+            sum(1 for b in ex.geometry.blocks_of(c) if ex.count[b]) for c in range(8)
+        ]

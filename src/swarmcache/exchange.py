@@ -35,6 +35,7 @@ daemon and the simulator (swarmtools.sim) drive the same code.
 from __future__ import annotations
 
 import random
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ UPLOAD_SLOTS = 8  # neighbours a host uploads to at once (unchoked)
 ROTATE = 0.05  # shortest time between turns of the upload slots (seconds)
 ROTATE_MAX = 2.0  # longest
 ROTATE_BLOCKS = 8  # a slot turns about every this many blocks' landing time here
+CHOKE_GRACE = 1.0  # seconds a request that crossed our choke on the way is still served
 
 MISSING, INFLIGHT, HAVE = 0, 1, 2
 
@@ -142,6 +144,7 @@ class _Neighbour:
     serves_us: bool = False  # it gave us one of its upload slots (it unchoked us)
     offer: int = 0  # blocks we hold that it lacks: it wants one of our upload slots
     served_at: float = float("-inf")  # when we last gave it an upload slot
+    choked_at: float = float("-inf")  # when we last took it back
     asked_at: float = float("-inf")  # when it last asked us for a block
     uploads: int = 0  # its requests we are serving now (see Exchange.sent)
     useful: dict[int, None] = field(default_factory=dict)  # held there, missing here
@@ -171,6 +174,7 @@ class Exchange:
         self.pipeline = pipeline
         self.max_inflight = max_inflight
         self.count = [0] * n  # neighbours holding each block
+        self.seen = [0] * geometry.chunks  # blocks of each chunk some neighbour holds
         self.neighbours: dict[str, _Neighbour] = {}
         self.sources: dict[int, set[str]] = {}  # block in flight -> neighbours asked
         self.asked_at: dict[int, float] = {}  # block in flight -> when first asked
@@ -229,11 +233,13 @@ class Exchange:
         peer = self.neighbours.get(node)
         if peer is None:
             return
-        n = self.geometry.blocks
+        n, per_chunk = self.geometry.blocks, self.geometry.per_chunk
         for b in blocks:
             if 0 <= b < n and not peer.bitmap[b >> 3] & (1 << (b & 7)):
                 peer.bitmap[b >> 3] |= 1 << (b & 7)
                 self.count[b] += 1
+                if self.count[b] == 1:
+                    self.seen[b // per_chunk] += 1
                 if self.state[b] != HAVE:
                     peer.useful[b] = None
                 else:
@@ -246,11 +252,14 @@ class Exchange:
         peer = self.neighbours.pop(node, None)
         if peer is None:
             return []
-        bits = peer.bitmap
+        bits, per_chunk = peer.bitmap, self.geometry.per_chunk
         for i, byte in enumerate(bits):
             while byte:
                 low = byte & -byte
-                self.count[(i << 3) + low.bit_length() - 1] -= 1
+                b = (i << 3) + low.bit_length() - 1
+                self.count[b] -= 1
+                if not self.count[b]:
+                    self.seen[b // per_chunk] -= 1
                 byte ^= low
         self.serving.discard(node)
         lost = [b for b, nodes in self.sources.items() if node in nodes]
@@ -601,6 +610,12 @@ class Exchange:
         if now is not None:
             peer = self.neighbours.get(node)
             if peer is not None:
+                # A request sent before our choke reached it (a slot turned, our Slot
+                # message and its request crossed): served all the same. It asks no
+                # more once the choke is in, and with one request per neighbour in
+                # flight that is a block or two; refused, each was a round trip for
+                # nothing on both hosts (32 daemons x 64 MiB: 80 of 328 requests).
+                serves = serves or now - peer.choked_at <= CHOKE_GRACE
                 peer.asked_at = now
                 if serves:
                     peer.uploads += 1
@@ -638,6 +653,7 @@ class Exchange:
             if peer is None or peer.offer <= 0:
                 self.serving.discard(node)
                 if peer is not None:
+                    peer.choked_at = now
                     changes.append((node, False))
         short = len(waiting) - max(0, self.upload_slots - len(self.serving))
         if short > 0:  # the idlest make room, as many as wait for one
@@ -651,10 +667,12 @@ class Exchange:
                 (n for n in last if last[n] < idle_since), key=lambda n: (last[n], n)
             )[:short]:
                 self.serving.discard(node)
+                self.neighbours[node].choked_at = now
                 changes.append((node, False))
         if waiting and now >= self._rotate_at and len(self.serving) >= self.upload_slots:
             oldest = min(sorted(self.serving), key=lambda n: self.neighbours[n].served_at)
             self.serving.discard(oldest)
+            self.neighbours[oldest].choked_at = now
             changes.append((oldest, False))
         if now >= self._rotate_at:
             self._rotate_at = now + self.rotate_every()
@@ -848,19 +866,15 @@ class OriginLane:
         # chunk some of whose blocks are around, only once the swarm is quiet: someone
         # is reading it (a helper), or a reader that died left it half spread; then
         # we read what nobody holds, not what is around.
-        for chunk in range(start, geo.chunks) if stalled else self._share:
-            if chunk < start:
-                continue
-            blocks = geo.blocks_of(chunk)
-            if chunk not in self._finishing and any(ex.count[b] for b in blocks):
+        share = self._share
+        for chunk in range(start, geo.chunks) if stalled else share[bisect_left(share, start) :]:
+            if ex.seen[chunk] and chunk not in self._finishing:
                 if not hushed:
                     continue
                 # quiet: every half-spread chunk of our share is ours to finish now,
                 # each in as many reads as it has gaps, without waiting again
-                self._finishing.update(
-                    c for c in self._share if any(ex.count[b] for b in geo.blocks_of(c))
-                )
-            for b in blocks:
+                self._finishing.update(c for c in share if ex.seen[c])
+            for b in geo.blocks_of(chunk):
                 unserved = not ex.served(b) if stalled else not ex.count[b]
                 if ex.state[b] == MISSING and unserved:
                     return self._take(chunk, b, stalled)
@@ -883,7 +897,7 @@ class OriginLane:
         backlog: dict[str, list[int]] = {r: [] for r in self.readers}
         for chunk in range(start, geo.chunks):
             blocks = geo.blocks_of(chunk)
-            if all(ex.state[b] == MISSING and not ex.count[b] for b in blocks):
+            if not ex.seen[chunk] and all(ex.state[b] == MISSING for b in blocks):
                 backlog[self.owner(chunk)].append(chunk)
         keep = BACKLOG + self.streams  # its next chunk, and the ones it may be reading
         for owner in sorted(backlog, key=lambda o: -len(backlog[o])):

@@ -70,6 +70,13 @@ class Metrics:
             "Failed chunk reads, bad messages and lost links with peers",
             registry=r,
         )
+        self.block_requests = Counter(
+            "swarmcache_peer_block_requests",
+            "Block requests this daemon made of peers, by result (ok, busy: no upload "
+            "slot for us, gone: the peer left meanwhile, failed, bad: wrong bytes)",
+            ["result"],
+            registry=r,
+        )
         self.peer_quarantines = Counter(
             "swarmcache_peer_quarantines",
             "Peers quarantined for sending bytes that failed verification",

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable
 
 from ..errors import IntegrityError, PeerError, PeerGone, StorageError, SwarmcacheError
 from ..exchange import Exchange
-from ..manifest import pieces_size
 from ..metrics import Metrics
 from ..peers.swarm import PeerBusy, Swarm
 from ..store import CachedImage
@@ -101,15 +100,18 @@ class PeerReads:
                 return  # another copy (endgame) landed first
             digest = await self.landing.write(block, data, expected)
         except PeerBusy as err:
+            self.metrics.block_requests.labels("busy").inc()
             now = time.monotonic()
             self.exchange.refused(block, node, now, now + err.retry_after)
             return
         except PeerGone as err:
+            self.metrics.block_requests.labels("gone").inc()
             log.info("%s: block %d from peer %s: %s", self.image_id, block, node, err)
             self.exchange.failed(block, node)
             return
         except PeerError as err:
             log.info("%s: block %d from peer %s failed: %s", self.image_id, block, node, err)
+            self.metrics.block_requests.labels("failed").inc()
             self.metrics.peer_errors.inc()
             self.metrics.source_errors.labels("peer").inc()
             self.exchange.failed(block, node)
@@ -125,6 +127,7 @@ class PeerReads:
                 node,
                 err.detail,
             )
+            self.metrics.block_requests.labels("bad").inc()
             self.metrics.verification_failures.labels("chunk").inc()
             self.exchange.failed(block, node)
             swarm.quarantine(node)
@@ -134,8 +137,9 @@ class PeerReads:
             return
         finally:
             self.wakeup.set()
+        self.metrics.block_requests.labels("ok").inc()
         seconds = time.monotonic() - t0
-        size = pieces_size(data)
+        size = len(data)
         swarm.table.succeeded(node, size, seconds, time.monotonic())
         self.used.add(node)
         self.tally.add("peer", size, seconds)

@@ -11,8 +11,9 @@ link both sides send their State of the image, then Have, Slot and Status messag
 that holds an image it is not fetching keeps a Trade for it too while peers are
 linked to it for that image, so it hands out upload slots and serves blocks.
 
-Blocks are read with a plain GET (`read_block`), bounded by peers.timeout, and
-checked by the caller against the digest the sender announced. A peer that is
+Blocks are read with a plain GET (`read_block`, through the lean client in
+blocks.py), bounded by peers.timeout, and checked by the caller against the digest
+the sender announced. A peer that is
 gone (link lost, down, quarantined) has its reads ended at once and is dropped
 from every Trade; its blocks are asked of others.
 """
@@ -44,7 +45,7 @@ from ..exchange import (
     OriginLane,
     readers,
 )
-from ..httpfile import RCVLOWAT, read_pieces, read_small
+from ..httpfile import RCVLOWAT, read_small
 from ..manifest import DIGEST_SIZE, Manifest, bitmap_new, bitmap_set
 from ..metrics import Metrics
 from ..wire import (
@@ -64,6 +65,7 @@ from ..wire import (
     decode,
     encode,
 )
+from .blocks import BlockClient
 from .table import PeerTable
 
 log = logging.getLogger(__name__)
@@ -300,6 +302,7 @@ class Swarm:
         self._connecting: dict[str, asyncio.Task[Link | None]] = {}
         self._reading: dict[str, set[_Read]] = {}  # our block reads running, by peer
         self._session: aiohttp.ClientSession | None = None
+        self.blocks = BlockClient(connect_timeout=min(5.0, config.timeout))  # block GETs
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -333,6 +336,7 @@ class Swarm:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(link.close() for link in list(self.links.values())))
+        self.blocks.close()
         if self._session is not None:
             await self._session.close()
 
@@ -1001,34 +1005,30 @@ class Swarm:
         except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
             raise PeerError(f"{what}: {err!r}") from err
 
-    async def read_block(self, node_id: str, manifest: Manifest, block: int) -> list[bytes]:
-        """Block `block` from a peer, in pieces (unverified: the caller checks it against
-        the digest the peer announced). PeerBusy if it has no upload slot for us now,
-        PeerError on any failure."""
+    async def read_block(self, node_id: str, manifest: Manifest, block: int) -> bytearray:
+        """Block `block` from a peer (unverified: the caller checks it against the
+        digest the peer announced), through `blocks` (see peers/blocks.py). PeerBusy if
+        it has no upload slot for us now, PeerError on any failure."""
         peer = self.table.get(node_id)
         if peer is None:
             raise PeerError(f"peer {node_id} is not known")
         if not peer.usable(self.clock()):  # it went away before this read began
             raise PeerGone(f"peer {node_id} is {peer.state(self.clock())}")
-        url = f"http://{peer.address}/v1/peer/images/{manifest.image_id}/blocks/{block}"
+        path = f"/v1/peer/images/{manifest.image_id}/blocks/{block}"
         _, length = manifest.block_span(block)
         headers = {"If-Match": manifest.etag, NODE_HEADER: self.node_id}
         what = f"peer {node_id}: block {block}"
-        async with (
-            self._block_read(node_id, what, self.config.timeout),
-            self.session.get(url, headers=headers) as resp,
-        ):
-            if resp.status == 503:
-                try:
-                    wait = float(resp.headers.get("Retry-After", ROTATE))
-                except ValueError:
-                    wait = ROTATE
-                raise PeerBusy(f"peer {node_id} has no upload slot for us", min(wait, 60.0))
-            if resp.status != 200:
-                raise PeerError(f"peer {node_id}: HTTP {resp.status} for block {block}")
-            if resp.content_length is not None and resp.content_length != length:
-                raise PeerError(f"peer {node_id}: block {block} has the wrong length")
-            return await read_pieces(resp, length)
+        async with self._block_read(node_id, what, self.config.timeout):
+            resp = await self.blocks.get(peer.host, peer.port, path, headers, length)
+        if resp.status == 503:
+            try:
+                wait = float(resp.headers.get("retry-after", ROTATE))
+            except ValueError:
+                wait = ROTATE
+            raise PeerBusy(f"peer {node_id} has no upload slot for us", min(max(wait, 0.0), 60.0))
+        if resp.status != 200:
+            raise PeerError(f"peer {node_id}: HTTP {resp.status} for block {block}")
+        return resp.body
 
     def digest(self, image_id: str, node_id: str, block: int) -> bytes | None:
         """The digest a peer announced for one of its blocks."""

@@ -1,0 +1,229 @@
+"""The block client (peers/blocks.py) against a real aiohttp server on loopback, and
+against raw servers that misbehave."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiohttp import web
+
+from swarmcache.peers.blocks import MAX_HEAD, BlockClient, ProtocolError
+
+BLOCK = 256 * 1024
+DATA = os.urandom(3 * BLOCK)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[int, list[str]]]:
+    """An aiohttp server like the peer API: blocks with Content-Length, a 503 with
+    Retry-After, a 404. Records each request's client port (one per connection)."""
+    ports: list[str] = []
+
+    async def block(request: web.Request) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        ports.append(str(peer[1]) if peer else "?")
+        index = int(request.match_info["n"])
+        if index == 7:
+            return web.Response(status=503, headers={"Retry-After": "0.250"})
+        if index == 8:
+            return web.json_response({"error": "not held"}, status=404)
+        if request.headers.get("X-Test") != "yes":
+            return web.Response(status=400)
+        resp = web.StreamResponse()
+        resp.content_length = BLOCK
+        resp.content_type = "application/octet-stream"
+        await resp.prepare(request)
+        await resp.write(DATA[index * BLOCK : (index + 1) * BLOCK])
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/blocks/{n}", block)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield port, ports
+    await runner.cleanup()
+
+
+async def test_blocks_arrive_whole_over_one_reused_connection(
+    server: tuple[int, list[str]],
+) -> None:
+    port, ports = server
+    client = BlockClient(connect_timeout=5)
+    try:
+        for i in (0, 1, 2, 1):
+            resp = await client.get("127.0.0.1", port, f"/blocks/{i}", {"X-Test": "yes"}, BLOCK)
+            assert resp.status == 200
+            assert bytes(resp.body) == DATA[i * BLOCK : (i + 1) * BLOCK]
+        assert client.connections == 1
+        assert len(set(ports)) == 1  # the server saw one connection too
+        # concurrent reads each take a connection of their own
+        got = await asyncio.gather(
+            *(
+                client.get("127.0.0.1", port, f"/blocks/{i}", {"X-Test": "yes"}, BLOCK)
+                for i in (0, 1, 2)
+            )
+        )
+        assert b"".join(bytes(r.body) for r in got) == DATA
+        assert client.connections == 3
+    finally:
+        client.close()
+
+
+async def test_a_refusal_names_its_wait_and_ends_its_connection(
+    server: tuple[int, list[str]],
+) -> None:
+    port, _ = server
+    client = BlockClient(connect_timeout=5)
+    try:
+        busy = await client.get("127.0.0.1", port, "/blocks/7", {}, BLOCK)
+        assert busy.status == 503
+        assert busy.headers["retry-after"] == "0.250"
+        missing = await client.get("127.0.0.1", port, "/blocks/8", {}, BLOCK)
+        assert missing.status == 404
+        ok = await client.get("127.0.0.1", port, "/blocks/0", {"X-Test": "yes"}, BLOCK)
+        assert bytes(ok.body) == DATA[:BLOCK]
+        assert client.connections == 3  # a non-200's body is not read: no reuse
+    finally:
+        client.close()
+
+
+async def test_a_block_of_the_wrong_length_is_refused(server: tuple[int, list[str]]) -> None:
+    port, _ = server
+    client = BlockClient(connect_timeout=5)
+    try:
+        with pytest.raises(ProtocolError, match="want 1000"):
+            await client.get("127.0.0.1", port, "/blocks/0", {"X-Test": "yes"}, 1000)
+        # the next read does not see that body's bytes: a fresh connection
+        ok = await client.get("127.0.0.1", port, "/blocks/1", {"X-Test": "yes"}, BLOCK)
+        assert bytes(ok.body) == DATA[BLOCK : 2 * BLOCK]
+    finally:
+        client.close()
+
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class _Raw:
+    """A raw TCP server running `handler` per connection; `close` waits for them."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> _Raw:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.tasks.add(task)  # type: ignore[arg-type]
+        try:
+            await self.handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client hung up: what some tests want
+        finally:
+            writer.close()
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 10)
+        await self.server.wait_closed()
+
+
+async def _answer(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, raw: bytes) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(raw)
+    await writer.drain()
+
+
+@pytest.mark.parametrize(
+    ("raw", "error"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234", "connection"),  # cut short
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "Content-Length"),
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "bad status line"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "bad header line"),
+        (b"HTTP/1.1 200 OK\r\nX: " + b"a" * MAX_HEAD, "head over"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789EXTRA", "more than"),
+    ],
+)
+async def test_a_hostile_server_gets_a_clear_error_not_a_hang(raw: bytes, error: str) -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _answer(writer, reader, raw)
+        if error != "connection":  # else: cut short, the connection ends here
+            await reader.read()  # until the client hangs up
+
+    client = BlockClient(connect_timeout=5)
+    async with _Raw(serve) as server:
+        try:
+            async with asyncio.timeout(5):
+                with pytest.raises(ConnectionError, match=error):
+                    await client.get("127.0.0.1", server.port, "/b", {}, 10)
+        finally:
+            client.close()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_used_again() -> None:
+    """The first connection is closed by the server right after its answer (as an
+    idle keep-alive timeout would); the next read opens a fresh one and succeeds."""
+    served = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal served
+        served += 1
+        await _answer(writer, reader, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+
+    client = BlockClient(connect_timeout=5)
+    async with _Raw(serve) as server:
+        try:
+            for _ in range(3):
+                resp = await client.get("127.0.0.1", server.port, "/b", {}, 3)
+                assert bytes(resp.body) == b"abc"
+                await asyncio.sleep(0.05)  # the close arrives while the connection idles
+            assert served == 3
+            assert client.connections == 3
+        finally:
+            client.close()
+
+
+async def test_a_cancelled_read_closes_its_connection() -> None:
+    """A read cut off by its deadline mid-body leaves nothing half-read in the pool."""
+    conns = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal conns
+        conns += 1
+        first = conns == 1
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        await writer.drain()
+        if first:
+            await reader.read()  # stalls after half the body, until the client hangs up
+            return
+        writer.write(b"cd")
+        await writer.drain()
+        await reader.read()  # until the client closes
+
+    client = BlockClient(connect_timeout=5)
+    async with _Raw(serve) as server:
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await client.get("127.0.0.1", server.port, "/b", {}, 4)
+            resp = await client.get("127.0.0.1", server.port, "/b", {}, 4)
+            assert bytes(resp.body) == b"abcd"
+            assert client.connections == 2
+        finally:
+            client.close()
