@@ -68,7 +68,6 @@ UPLOAD_SLOTS = 8  # neighbours a host uploads to at once (unchoked)
 ROTATE = 0.05  # shortest time between turns of the upload slots (seconds)
 ROTATE_MAX = 2.0  # longest
 ROTATE_BLOCKS = 8  # a slot turns about every this many blocks' landing time here
-CHOKE_GRACE = 1.0  # seconds a request that crossed our choke on the way is still served
 
 MISSING, INFLIGHT, HAVE = 0, 1, 2
 
@@ -144,7 +143,6 @@ class _Neighbour:
     serves_us: bool = False  # it gave us one of its upload slots (it unchoked us)
     offer: int = 0  # blocks we hold that it lacks: it wants one of our upload slots
     served_at: float = float("-inf")  # when we last gave it an upload slot
-    choked_at: float = float("-inf")  # when we last took it back
     asked_at: float = float("-inf")  # when it last asked us for a block
     uploads: int = 0  # its requests we are serving now (see Exchange.sent)
     useful: dict[int, None] = field(default_factory=dict)  # held there, missing here
@@ -610,12 +608,6 @@ class Exchange:
         if now is not None:
             peer = self.neighbours.get(node)
             if peer is not None:
-                # A request sent before our choke reached it (a slot turned, our Slot
-                # message and its request crossed): served all the same. It asks no
-                # more once the choke is in, and with one request per neighbour in
-                # flight that is a block or two; refused, each was a round trip for
-                # nothing on both hosts (32 daemons x 64 MiB: 80 of 328 requests).
-                serves = serves or now - peer.choked_at <= CHOKE_GRACE
                 peer.asked_at = now
                 if serves:
                     peer.uploads += 1
@@ -653,7 +645,6 @@ class Exchange:
             if peer is None or peer.offer <= 0:
                 self.serving.discard(node)
                 if peer is not None:
-                    peer.choked_at = now
                     changes.append((node, False))
         short = len(waiting) - max(0, self.upload_slots - len(self.serving))
         if short > 0:  # the idlest make room, as many as wait for one
@@ -667,12 +658,10 @@ class Exchange:
                 (n for n in last if last[n] < idle_since), key=lambda n: (last[n], n)
             )[:short]:
                 self.serving.discard(node)
-                self.neighbours[node].choked_at = now
                 changes.append((node, False))
         if waiting and now >= self._rotate_at and len(self.serving) >= self.upload_slots:
             oldest = min(sorted(self.serving), key=lambda n: self.neighbours[n].served_at)
             self.serving.discard(oldest)
-            self.neighbours[oldest].choked_at = now
             changes.append((oldest, False))
         if now >= self._rotate_at:
             self._rotate_at = now + self.rotate_every()
