@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from aiohttp import web
 
+from swarmcache.peers import blocks
 from swarmcache.peers.blocks import MAX_HEAD, BlockClient, ProtocolError
 
 BLOCK = 256 * 1024
@@ -225,5 +226,74 @@ async def test_a_cancelled_read_closes_its_connection() -> None:
             resp = await client.get("127.0.0.1", server.port, "/b", {}, 4)
             assert bytes(resp.body) == b"abcd"
             assert client.connections == 2
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("host", ["ħost", "a\x00b", "a" * 70 + ".example", "evil\r\nX-Injected: 1"])
+async def test_a_peer_that_names_a_bad_host_gets_a_connection_error(host: str) -> None:
+    """A peer names its own host in its Hello: whatever it says, asking it fails as
+    a ConnectionError (a PeerError to the fetch), never with another exception that
+    would leave its block in flight for ever, and never as a header of ours."""
+    client = BlockClient(connect_timeout=2)
+    try:
+        with pytest.raises(ConnectionError):
+            await client.get(host, 1, "/b", {}, 10)
+    finally:
+        client.close()
+
+
+async def test_idle_connections_are_swept_and_forgotten(
+    server: tuple[int, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port, _ = server
+    client = BlockClient(connect_timeout=5)
+    try:
+        await client.get("127.0.0.1", port, "/blocks/0", {"X-Test": "yes"}, BLOCK)
+        assert client.idle() == 1
+        client.sweep()
+        assert client.idle() == 1  # idle for less than IDLE_KEEP: kept
+        monkeypatch.setattr(blocks, "IDLE_KEEP", 0.0)
+        client.sweep()
+        assert client.idle() == 0  # closed
+        monkeypatch.undo()
+        await client.get("127.0.0.1", port, "/blocks/1", {"X-Test": "yes"}, BLOCK)
+        assert client.idle() == 1
+        client.forget("127.0.0.1", port)  # the peer is gone
+        assert client.idle() == 0
+        assert client.connections == 2
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("partial", [b"", b"HTTP/1.1 200 OK\r\n"])
+async def test_a_kept_connection_closed_as_we_ask_is_asked_again_once(partial: bytes) -> None:
+    """The peer closes a kept connection as our request arrives: with nothing of an
+    answer received, the request goes once more on a fresh connection; once part of
+    an answer came, it fails (the peer did answer, then broke off)."""
+    conns = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal conns
+        conns += 1
+        await _answer(writer, reader, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+        await reader.readuntil(b"\r\n\r\n")  # the second request on this connection
+        writer.write(partial)
+        await writer.drain()  # ... and the connection ends here
+
+    client = BlockClient(connect_timeout=5)
+    async with _Raw(serve) as server:
+        try:
+            first = await client.get("127.0.0.1", server.port, "/b", {}, 3)
+            assert bytes(first.body) == b"abc"
+            if partial:
+                with pytest.raises(ConnectionError):
+                    await client.get("127.0.0.1", server.port, "/b", {}, 3)
+                assert client.connections == 1
+            else:
+                again = await client.get("127.0.0.1", server.port, "/b", {}, 3)
+                assert bytes(again.body) == b"abc"
+                assert client.connections == 2
+                assert conns == 2
         finally:
             client.close()

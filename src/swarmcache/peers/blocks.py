@@ -222,7 +222,12 @@ class BlockClient:
         ProtocolError). OSError (ConnectionError) on any failure of the connection."""
         lines = [f"GET {path} HTTP/1.1", f"Host: {_authority(host, port)}"]
         lines += [f"{name}: {value}" for name, value in headers.items()]
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        try:  # a peer names its own host (Hello): it may be any string
+            head = ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+        except UnicodeError:
+            raise ProtocolError(f"cannot ask {host!r}: not an ASCII host name") from None
+        if any(c in host for c in "\r\n\0 "):
+            raise ProtocolError(f"cannot ask {host!r}: not a host name")
         conn = self._take(host, port)
         if conn is not None:
             try:
@@ -267,8 +272,11 @@ class BlockClient:
 
     async def _connect(self, host: str, port: int) -> _Connection:
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self.connect_timeout):
-            _, conn = await loop.create_connection(_Connection, host, port)
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(_Connection, host, port)
+        except ValueError as err:  # e.g. a label too long for IDNA: not an OSError
+            raise ProtocolError(f"cannot connect to {host!r}: {err}") from None
         self.connections += 1
         return conn
 
@@ -276,6 +284,24 @@ class BlockClient:
         """Close the idle connections to a peer (it is gone)."""
         for conn in self._idle.pop((host, port), []):
             conn.close()
+
+    def sweep(self) -> None:
+        """Close the connections idle for more than IDLE_KEEP (a peer never asked
+        again would otherwise keep them open as long as it likes)."""
+        now = time.monotonic()
+        for key, idle in list(self._idle.items()):
+            keep = [c for c in idle if not c.closed and now - c.idle_since < IDLE_KEEP]
+            for conn in idle:
+                if conn not in keep:
+                    conn.close()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
+
+    def idle(self) -> int:
+        """Idle connections kept."""
+        return sum(len(idle) for idle in self._idle.values())
 
     def close(self) -> None:
         """Close every connection."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections import Counter, deque
@@ -397,9 +398,11 @@ class Swarm:
         self.gone_for_now(node_id)
 
     async def _maintenance(self) -> None:
-        """Forget peers long gone, and joiners readers no longer need to remember."""
+        """Forget peers long gone, joiners readers no longer need to remember, and
+        idle block connections."""
         while True:
             await asyncio.sleep(MAINTENANCE_EVERY)
+            self.blocks.sweep()  # block connections idle too long
             now = self.clock()
             for node_id in self.table.expire(now):
                 log.info("peer %s forgotten (not seen for a long time)", node_id)
@@ -952,6 +955,9 @@ class Swarm:
         self._drop(node_id)
         for link in list(self._open.get(node_id, ())):  # `links` holds one of these
             self.spawn(link.close(), f"close-{node_id}")
+        peer = self.table.get(node_id)
+        if peer is not None:
+            self.blocks.forget(peer.host, peer.port)
 
     def _drop(self, node_id: str) -> None:
         for trade in list(self.trades.values()):
@@ -1024,6 +1030,8 @@ class Swarm:
             try:
                 wait = float(resp.headers.get("retry-after", ROTATE))
             except ValueError:
+                wait = ROTATE
+            if not math.isfinite(wait):  # "nan" would leave the peer never asked again
                 wait = ROTATE
             raise PeerBusy(f"peer {node_id} has no upload slot for us", min(max(wait, 0.0), 60.0))
         if resp.status != 200:
