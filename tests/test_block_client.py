@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -18,7 +19,7 @@ DATA = os.urandom(3 * BLOCK)
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[tuple[int, list[str]]]:
+async def server(aiohttp_server: Any) -> tuple[int, list[str]]:
     """An aiohttp server like the peer API: blocks with Content-Length, a 503 with
     Retry-After, a 404. Records each request's client port (one per connection)."""
     ports: list[str] = []
@@ -43,13 +44,8 @@ async def server() -> AsyncIterator[tuple[int, list[str]]]:
 
     app = web.Application()
     app.router.add_get("/blocks/{n}", block)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield port, ports
-    await runner.cleanup()
+    running = await aiohttp_server(app)
+    return running.port, ports
 
 
 async def test_blocks_arrive_whole_over_one_reused_connection(

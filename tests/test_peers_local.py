@@ -285,7 +285,9 @@ async def test_a_block_is_served_before_its_chunk_is_complete(daemon: DaemonFact
     ("header", "wait"),
     [("0.25", 0.25), ("nan", None), ("inf", None), ("-5", 0.0), ("1e9", 60.0), ("soon", None)],
 )
-async def test_a_busy_peers_retry_after_is_bounded(header: str, wait: float | None) -> None:
+async def test_a_busy_peers_retry_after_is_bounded(
+    aiohttp_server: Any, header: str, wait: float | None
+) -> None:
     """A 503's Retry-After becomes PeerBusy.retry_after, within [0, 60] s; what is not
     a finite number counts as the exchange's usual wait (a NaN would leave the peer
     never asked again)."""
@@ -302,21 +304,14 @@ async def test_a_busy_peers_retry_after_is_bounded(header: str, wait: float | No
 
     app = web.Application()
     app.router.add_get("/v1/peer/images/{image_id}/blocks/{n}", busy)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = (await aiohttp_server(app)).port
     swarm = Swarm("a" * 16, ("127.0.0.1", 1), PeersConfig(timeout=10.0), 4, Metrics())
     manifest = Manifest("img", size=2 * MIB, chunk_size=MIB, block_size=MIB)
-    try:
-        async with swarm:
-            swarm.seen("b" * 16, "127.0.0.1", port, "static")
-            with pytest.raises(PeerBusy) as caught:
-                await swarm.read_block("b" * 16, manifest, 0)
-            assert caught.value.retry_after == (ROTATE if wait is None else wait)
-    finally:
-        await runner.cleanup()
+    async with swarm:
+        swarm.seen("b" * 16, "127.0.0.1", port, "static")
+        with pytest.raises(PeerBusy) as caught:
+            await swarm.read_block("b" * 16, manifest, 0)
+        assert caught.value.retry_after == (ROTATE if wait is None else wait)
 
 
 async def test_reads_from_a_peer_that_is_gone_end_at_once() -> None:
