@@ -290,8 +290,8 @@ def run_aria2(bed: Testbed, image: Image, work: Path, timeout: float, torrent: P
             time.sleep(0.05)
         tx = bed.link_bytes(o)[1] - tx0
         # the leechers' CPU (they seed until stopped: still there), beside the daemons'
-        cpu = sum(proc_cpu(p.pid) for p in procs.values())
-        kernel = sum(proc_cpu(p.pid, system=True) for p in procs.values())
+        spent = [proc_cpu(p.pid) for p in procs.values()]
+        cpu, kernel = sum(u + k for u, k in spent), sum(k for _, k in spent)
     finally:
         for proc in [*procs.values(), seeder, tracker]:
             bed.stop(proc, signal.SIGTERM, 5)
@@ -395,12 +395,10 @@ def run_swarmcache(
             ]
             cmds = {h: fetch for h in bed.hosts}
         cpu0 = {n: proc_cpu(p.pid) for n, p in daemons.items()}
-        sys0 = sum(proc_cpu(p.pid, system=True) for p in daemons.values())
         busy0 = machine_busy()
         times = race(bed, cmds, time.monotonic() + timeout, work)
         busy1 = machine_busy()
         cpu1 = {n: proc_cpu(p.pid) for n, p in daemons.items()}
-        sys1 = sum(proc_cpu(p.pid, system=True) for p in daemons.values())
         tx = bed.link_bytes(bed.origin)[1] - tx0
         served = origin_stats(bed, origin_port)["total_bytes"]
         if sink == "cache":
@@ -408,19 +406,23 @@ def run_swarmcache(
             result = ModeResult("swarmcache-cache", times, bad, tx, served)
         else:
             result = ModeResult("swarmcache", times, verify(image, files), tx, served)
-        used = {n: cpu1[n] - cpu0[n] for n in daemons}
+        used = {n: sum(cpu1[n]) - sum(cpu0[n]) for n in daemons}
+        kernel = sum(cpu1[n][1] - cpu0[n][1] for n in daemons)
         result.daemon_cpu = sum(max(c, 0.0) for c in used.values())  # 0 once a daemon is gone
         result.busy = (busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1e-9)
         wall = max(t for t in times.values() if t is not None) if any(times.values()) else 0
         result.notes.append(
             f"daemon CPU during the fetch: {sum(used.values()):.1f} core-s in all, "
-            f"{sys1 - sys0:.1f} of them in the kernel "
+            f"{kernel:.1f} of them in the kernel "
             f"({', '.join(f'{n}={c:.1f}' for n, c in used.items())}); machine busy "
             f"{result.busy * 100:.0f}% of "
             f"{os.cpu_count()} cores over {wall:.1f} s"
         )
         texts = scrape(bed)
         sources = fetched_by_source(texts)
+        asked = block_requests(texts)
+        if asked:
+            result.notes.append(asked)
         sent = messages_sent(texts)
         if sent:
             result.notes.append(sent)
@@ -477,15 +479,14 @@ def drop_big_files(root: Path, limit: int = 1 << 20) -> None:
             pass
 
 
-def proc_cpu(pid: int, system: bool = False) -> float:
-    """User + system CPU seconds a process has used (`system`: system only; 0 if it
-    is gone)."""
+def proc_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds a process has used ((0, 0) if it is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    ticks = int(fields[12]) if system else int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def machine_busy() -> tuple[float, float]:
@@ -543,18 +544,24 @@ def messages_sent(texts: Mapping[str, str]) -> str | None:
     by_kind = ", ".join(
         f"{k} {sum(h.get(k, 0) for h in per_host) / len(per_host):.0f}" for k in names
     )
+    return (
+        f"control messages sent per host (since the daemon started): mean "
+        f"{sum(totals) / len(totals):.0f}, max {max(totals)} ({by_kind})"
+    )
+
+
+def block_requests(texts: Mapping[str, str]) -> str | None:
+    """Block requests each daemon made of peers, by result, per host on average."""
     requests: dict[str, float] = {}
     for text in texts.values():
         for line in text.splitlines():
             r = _REQUESTS.match(line)
             if r:
                 requests[r.group(1)] = requests.get(r.group(1), 0) + float(r.group(2))
+    if not requests:
+        return None
     asked = ", ".join(f"{k} {n / len(texts):.0f}" for k, n in sorted(requests.items()))
-    return (
-        f"control messages sent per host (since the daemon started): mean "
-        f"{sum(totals) / len(totals):.0f}, max {max(totals)} ({by_kind})"
-        + (f"; block requests per host by result: {asked}" if asked else "")
-    )
+    return f"block requests per host by result: {asked}"
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -48,60 +48,61 @@ async def server(aiohttp_server: Any) -> tuple[int, list[str]]:
     return running.port, ports
 
 
+@pytest.fixture
+def client() -> Iterator[BlockClient]:
+    """A block client, closed after the test."""
+    c = BlockClient(connect_timeout=5)
+    yield c
+    c.close()
+
+
 async def test_blocks_arrive_whole_over_one_reused_connection(
     server: tuple[int, list[str]],
+    client: BlockClient,
 ) -> None:
     port, ports = server
-    client = BlockClient(connect_timeout=5)
-    try:
-        for i in (0, 1, 2, 1):
-            resp = await client.get("127.0.0.1", port, f"/blocks/{i}", {"X-Test": "yes"}, BLOCK)
-            assert resp.status == 200
-            assert bytes(resp.body) == DATA[i * BLOCK : (i + 1) * BLOCK]
-        assert client.connections == 1
-        assert len(set(ports)) == 1  # the server saw one connection too
-        # concurrent reads each take a connection of their own
-        got = await asyncio.gather(
-            *(
-                client.get("127.0.0.1", port, f"/blocks/{i}", {"X-Test": "yes"}, BLOCK)
-                for i in (0, 1, 2)
-            )
+    for i in (0, 1, 2, 1):
+        resp = await client.get("127.0.0.1", port, f"/blocks/{i}", {"X-Test": "yes"}, BLOCK)
+        assert resp.status == 200
+        assert bytes(resp.body) == DATA[i * BLOCK : (i + 1) * BLOCK]
+    assert client.connections == 1
+    assert len(set(ports)) == 1  # the server saw one connection too
+    # concurrent reads each take a connection of their own
+    got = await asyncio.gather(
+        *(
+            client.get("127.0.0.1", port, f"/blocks/{i}", {"X-Test": "yes"}, BLOCK)
+            for i in (0, 1, 2)
         )
-        assert b"".join(bytes(r.body) for r in got) == DATA
-        assert client.connections == 3
-    finally:
-        client.close()
+    )
+    assert b"".join(bytes(r.body) for r in got) == DATA
+    assert client.connections == 3
 
 
 async def test_a_refusal_names_its_wait_and_ends_its_connection(
     server: tuple[int, list[str]],
+    client: BlockClient,
 ) -> None:
     port, _ = server
-    client = BlockClient(connect_timeout=5)
-    try:
-        busy = await client.get("127.0.0.1", port, "/blocks/7", {}, BLOCK)
-        assert busy.status == 503
-        assert busy.headers["retry-after"] == "0.250"
-        missing = await client.get("127.0.0.1", port, "/blocks/8", {}, BLOCK)
-        assert missing.status == 404
-        ok = await client.get("127.0.0.1", port, "/blocks/0", {"X-Test": "yes"}, BLOCK)
-        assert bytes(ok.body) == DATA[:BLOCK]
-        assert client.connections == 3  # a non-200's body is not read: no reuse
-    finally:
-        client.close()
+    busy = await client.get("127.0.0.1", port, "/blocks/7", {}, BLOCK)
+    assert busy.status == 503
+    assert busy.headers["retry-after"] == "0.250"
+    missing = await client.get("127.0.0.1", port, "/blocks/8", {}, BLOCK)
+    assert missing.status == 404
+    ok = await client.get("127.0.0.1", port, "/blocks/0", {"X-Test": "yes"}, BLOCK)
+    assert bytes(ok.body) == DATA[:BLOCK]
+    assert client.connections == 3  # a non-200's body is not read: no reuse
 
 
-async def test_a_block_of_the_wrong_length_is_refused(server: tuple[int, list[str]]) -> None:
+async def test_a_block_of_the_wrong_length_is_refused(
+    server: tuple[int, list[str]],
+    client: BlockClient,
+) -> None:
     port, _ = server
-    client = BlockClient(connect_timeout=5)
-    try:
-        with pytest.raises(ProtocolError, match="want 1000"):
-            await client.get("127.0.0.1", port, "/blocks/0", {"X-Test": "yes"}, 1000)
-        # the next read does not see that body's bytes: a fresh connection
-        ok = await client.get("127.0.0.1", port, "/blocks/1", {"X-Test": "yes"}, BLOCK)
-        assert bytes(ok.body) == DATA[BLOCK : 2 * BLOCK]
-    finally:
-        client.close()
+    with pytest.raises(ProtocolError, match="want 1000"):
+        await client.get("127.0.0.1", port, "/blocks/0", {"X-Test": "yes"}, 1000)
+    # the next read does not see that body's bytes: a fresh connection
+    ok = await client.get("127.0.0.1", port, "/blocks/1", {"X-Test": "yes"}, BLOCK)
+    assert bytes(ok.body) == DATA[BLOCK : 2 * BLOCK]
 
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -135,7 +136,9 @@ class _Raw:
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None
         self.server.close()
-        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 10)
+        for task in self.tasks:  # e.g. waiting for a client that keeps its connection
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.server.wait_closed()
 
 
@@ -156,23 +159,24 @@ async def _answer(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, ra
         (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n0123456789EXTRA", "more than"),
     ],
 )
-async def test_a_hostile_server_gets_a_clear_error_not_a_hang(raw: bytes, error: str) -> None:
+async def test_a_hostile_server_gets_a_clear_error_not_a_hang(
+    raw: bytes,
+    error: str,
+    client: BlockClient,
+) -> None:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _answer(writer, reader, raw)
         if error != "connection":  # else: cut short, the connection ends here
             await reader.read()  # until the client hangs up
 
-    client = BlockClient(connect_timeout=5)
-    async with _Raw(serve) as server:
-        try:
-            async with asyncio.timeout(5):
-                with pytest.raises(ConnectionError, match=error):
-                    await client.get("127.0.0.1", server.port, "/b", {}, 10)
-        finally:
-            client.close()
+    async with _Raw(serve) as server, asyncio.timeout(5):
+        with pytest.raises(ConnectionError, match=error):
+            await client.get("127.0.0.1", server.port, "/b", {}, 10)
 
 
-async def test_a_connection_the_server_closed_while_idle_is_not_used_again() -> None:
+async def test_a_connection_the_server_closed_while_idle_is_not_used_again(
+    client: BlockClient,
+) -> None:
     """The first connection is closed by the server right after its answer (as an
     idle keep-alive timeout would); the next read opens a fresh one and succeeds."""
     served = 0
@@ -182,20 +186,18 @@ async def test_a_connection_the_server_closed_while_idle_is_not_used_again() -> 
         served += 1
         await _answer(writer, reader, b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
 
-    client = BlockClient(connect_timeout=5)
     async with _Raw(serve) as server:
-        try:
-            for _ in range(3):
-                resp = await client.get("127.0.0.1", server.port, "/b", {}, 3)
-                assert bytes(resp.body) == b"abc"
-                await asyncio.sleep(0.05)  # the close arrives while the connection idles
-            assert served == 3
-            assert client.connections == 3
-        finally:
-            client.close()
+        for _ in range(3):
+            resp = await client.get("127.0.0.1", server.port, "/b", {}, 3)
+            assert bytes(resp.body) == b"abc"
+            await asyncio.sleep(0.05)  # the close arrives while the connection idles
+        assert served == 3
+        assert client.connections == 3
 
 
-async def test_a_cancelled_read_closes_its_connection() -> None:
+async def test_a_cancelled_read_closes_its_connection(
+    client: BlockClient,
+) -> None:
     """A read cut off by its deadline mid-body leaves nothing half-read in the pool."""
     conns = 0
 
@@ -213,57 +215,53 @@ async def test_a_cancelled_read_closes_its_connection() -> None:
         await writer.drain()
         await reader.read()  # until the client closes
 
-    client = BlockClient(connect_timeout=5)
     async with _Raw(serve) as server:
-        try:
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.3):
-                    await client.get("127.0.0.1", server.port, "/b", {}, 4)
-            resp = await client.get("127.0.0.1", server.port, "/b", {}, 4)
-            assert bytes(resp.body) == b"abcd"
-            assert client.connections == 2
-        finally:
-            client.close()
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await client.get("127.0.0.1", server.port, "/b", {}, 4)
+        resp = await client.get("127.0.0.1", server.port, "/b", {}, 4)
+        assert bytes(resp.body) == b"abcd"
+        assert client.connections == 2
 
 
 @pytest.mark.parametrize("host", ["ħost", "a\x00b", "a" * 70 + ".example", "evil\r\nX-Injected: 1"])
-async def test_a_peer_that_names_a_bad_host_gets_a_connection_error(host: str) -> None:
+async def test_a_peer_that_names_a_bad_host_gets_a_connection_error(
+    host: str,
+    client: BlockClient,
+) -> None:
     """A peer names its own host in its Hello: whatever it says, asking it fails as
     a ConnectionError (a PeerError to the fetch), never with another exception that
     would leave its block in flight for ever, and never as a header of ours."""
-    client = BlockClient(connect_timeout=2)
-    try:
-        with pytest.raises(ConnectionError):
-            await client.get(host, 1, "/b", {}, 10)
-    finally:
-        client.close()
+    with pytest.raises(ConnectionError):
+        await client.get(host, 1, "/b", {}, 10)
 
 
 async def test_idle_connections_are_swept_and_forgotten(
-    server: tuple[int, list[str]], monkeypatch: pytest.MonkeyPatch
+    server: tuple[int, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    client: BlockClient,
 ) -> None:
     port, _ = server
-    client = BlockClient(connect_timeout=5)
-    try:
-        await client.get("127.0.0.1", port, "/blocks/0", {"X-Test": "yes"}, BLOCK)
-        assert client.idle() == 1
-        client.sweep()
-        assert client.idle() == 1  # idle for less than IDLE_KEEP: kept
-        monkeypatch.setattr(blocks, "IDLE_KEEP", 0.0)
-        client.sweep()
-        assert client.idle() == 0  # closed
-        monkeypatch.undo()
-        await client.get("127.0.0.1", port, "/blocks/1", {"X-Test": "yes"}, BLOCK)
-        assert client.idle() == 1
-        client.forget("127.0.0.1", port)  # the peer is gone
-        assert client.idle() == 0
-        assert client.connections == 2
-    finally:
-        client.close()
+    await client.get("127.0.0.1", port, "/blocks/0", {"X-Test": "yes"}, BLOCK)
+    assert client.idle() == 1
+    client.sweep()
+    assert client.idle() == 1  # idle for less than IDLE_KEEP: kept
+    monkeypatch.setattr(blocks, "IDLE_KEEP", 0.0)
+    client.sweep()
+    assert client.idle() == 0  # closed
+    monkeypatch.undo()
+    await client.get("127.0.0.1", port, "/blocks/1", {"X-Test": "yes"}, BLOCK)
+    assert client.idle() == 1
+    client.forget("127.0.0.1", port)  # the peer is gone
+    assert client.idle() == 0
+    assert client.connections == 2
 
 
 @pytest.mark.parametrize("partial", [b"", b"HTTP/1.1 200 OK\r\n"])
-async def test_a_kept_connection_closed_as_we_ask_is_asked_again_once(partial: bytes) -> None:
+async def test_a_kept_connection_closed_as_we_ask_is_asked_again_once(
+    partial: bytes,
+    client: BlockClient,
+) -> None:
     """The peer closes a kept connection as our request arrives: with nothing of an
     answer received, the request goes once more on a fresh connection; once part of
     an answer came, it fails (the peer did answer, then broke off)."""
@@ -277,19 +275,15 @@ async def test_a_kept_connection_closed_as_we_ask_is_asked_again_once(partial: b
         writer.write(partial)
         await writer.drain()  # ... and the connection ends here
 
-    client = BlockClient(connect_timeout=5)
     async with _Raw(serve) as server:
-        try:
-            first = await client.get("127.0.0.1", server.port, "/b", {}, 3)
-            assert bytes(first.body) == b"abc"
-            if partial:
-                with pytest.raises(ConnectionError):
-                    await client.get("127.0.0.1", server.port, "/b", {}, 3)
-                assert client.connections == 1
-            else:
-                again = await client.get("127.0.0.1", server.port, "/b", {}, 3)
-                assert bytes(again.body) == b"abc"
-                assert client.connections == 2
-                assert conns == 2
-        finally:
-            client.close()
+        first = await client.get("127.0.0.1", server.port, "/b", {}, 3)
+        assert bytes(first.body) == b"abc"
+        if partial:
+            with pytest.raises(ConnectionError):
+                await client.get("127.0.0.1", server.port, "/b", {}, 3)
+            assert client.connections == 1
+        else:
+            again = await client.get("127.0.0.1", server.port, "/b", {}, 3)
+            assert bytes(again.body) == b"abc"
+            assert client.connections == 2
+            assert conns == 2

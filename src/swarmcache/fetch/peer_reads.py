@@ -96,6 +96,7 @@ class PeerReads:
             if expected is None:
                 raise PeerError(f"peer {node} announced block {block} without a digest")
             if self.image.has_block(block):
+                self.metrics.block_requests.labels("ok").inc()  # served, just too late
                 self.exchange.landed(block, node, time.monotonic())
                 return  # another copy (endgame) landed first
             digest = await self.landing.write(block, data, expected)

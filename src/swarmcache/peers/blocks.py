@@ -61,8 +61,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.idle_since = time.monotonic()
         self._head = bytearray(MAX_HEAD)
         self._head_len = 0
-        self._body = bytearray()
-        self._view = memoryview(self._body)
+        self._view = memoryview(bytearray())  # the body's buffer (a 200's, in flight)
         self._got = 0
         self._length = 0  # the body length a 200 must have
         self._response: BlockResponse | None = None
@@ -90,10 +89,10 @@ class _Connection(asyncio.BufferedProtocol):
             return
         if self._response is not None:
             self._got += nbytes
-            if self._got == len(self._body):
+            if self._got == self._length:
                 self._finish()
             else:  # never more than what is still to come: it would never wake us
-                self._set_lowat(min(RCVLOWAT, len(self._body) - self._got))
+                self._set_lowat(min(RCVLOWAT, self._length - self._got))
             return
         self._head_len += nbytes
         end = self._head.find(b"\r\n\r\n", 0, self._head_len)
@@ -115,8 +114,8 @@ class _Connection(asyncio.BufferedProtocol):
         if extra > self._length:
             self._fail(ProtocolError("the peer sent more than the block"))
             return
-        self._body = response.body = bytearray(self._length)
-        self._view = memoryview(self._body)
+        response.body = bytearray(self._length)
+        self._view = memoryview(response.body)
         self._view[:extra] = self._head[end + 4 : self._head_len]
         self._got = extra
         self._response = response
@@ -148,8 +147,7 @@ class _Connection(asyncio.BufferedProtocol):
             return await self._waiter
         finally:
             self._waiter = None
-            self._body = bytearray()  # the caller has it; drop ours (and the view)
-            self._view = memoryview(self._body)
+            self._view = memoryview(bytearray())  # the caller has the body: let it go
             self.idle_since = time.monotonic()
 
     def close(self) -> None:

@@ -46,7 +46,7 @@ from ..exchange import (
     OriginLane,
     readers,
 )
-from ..httpfile import RCVLOWAT, read_small
+from ..httpfile import read_small
 from ..manifest import DIGEST_SIZE, Manifest, bitmap_new, bitmap_set
 from ..metrics import Metrics
 from ..wire import (
@@ -311,11 +311,10 @@ class Swarm:
 
     async def __aenter__(self) -> Swarm:
         self._session = aiohttp.ClientSession(
-            # no sock_read timeout (aiohttp re-arms it per packet): each read is bounded
+            # joins, hellos and links (blocks: `blocks`); each call is bounded by its caller
             timeout=aiohttp.ClientTimeout(total=None, connect=min(5.0, self.config.timeout)),
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
             auto_decompress=False,
-            read_bufsize=RCVLOWAT,
         )
         if self.static_peers:
             self.spawn(self._static_loop(), "static-peers")
@@ -1008,7 +1007,7 @@ class Swarm:
             if read is not None and read.ended:
                 raise PeerGone(f"{what} ended: the peer is gone") from err
             raise PeerError(f"{what} timed out") from err
-        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as err:
+        except OSError as err:  # the block client's errors are ConnectionErrors
             raise PeerError(f"{what}: {err!r}") from err
 
     async def read_block(self, node_id: str, manifest: Manifest, block: int) -> bytearray:
