@@ -16,6 +16,8 @@ from swarmcache.exchange import (
     QUIET,
     QUIET_MAX,
     ROTATE,
+    ROTATE_MAX,
+    ROTATE_MIN,
     URGENT_WAIT,
     ActiveSet,
     Exchange,
@@ -619,22 +621,44 @@ def test_a_block_a_client_waits_for_is_read_anyway_when_nobody_serves_it_in_time
     assert lane.next_read(11.5) == (1, 4)  # the client waited long enough
 
 
+def _landing_every(gap: float | None) -> Exchange:
+    """An exchange where blocks landed steadily every `gap` seconds (None: none yet),
+    so its landing-time EWMA is `gap`."""
+    ex = _exchange(blocks=64, per_chunk=4)
+    if gap is not None:
+        for n in range(20):
+            ex.landed(n, None, n * gap)
+        ex.landed(3, None, 1e6)  # a duplicate landing does not count as a gap
+    return ex
+
+
 @pytest.mark.parametrize(
     ("gap", "expected"),
     [
-        (None, 0.02),  # nothing landed yet: the longest
+        (None, 0.001),  # nothing landed yet: the first blocks' news goes out at once
         (0.0105, 0.02),  # 200 Mbit/s, a 256 KiB block every 10.5 ms: capped
         (0.0021, 0.0084),  # 1 Gbit/s: four blocks' time
         (0.0002, 0.001),  # 10 Gbit/s: floored
     ],
 )
 def test_haves_wait_about_four_blocks_landing_time(gap: float | None, expected: float) -> None:
-    ex = _exchange(blocks=64, per_chunk=4)
-    if gap is not None:
-        for n in range(20):  # steady arrivals: the EWMA is the gap
-            ex.landed(n, None, n * gap)
-        ex.landed(3, None, 1e6)  # a duplicate landing does not count as a gap
-    assert ex.have_batch() == pytest.approx(expected)
+    assert _landing_every(gap).have_batch() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("gap", "expected"),
+    [
+        (None, ROTATE),  # nothing landed yet
+        (0.042, 0.336),  # 50 Mbit/s, a 256 KiB block every 42 ms: eight blocks' time
+        (0.0021, 0.0168),  # 1 Gbit/s
+        (0.0002, ROTATE_MIN),  # 10 Gbit/s: floored
+        (0.5, ROTATE_MAX),  # capped
+    ],
+)
+def test_upload_slots_turn_about_every_eight_blocks_landing_time(
+    gap: float | None, expected: float
+) -> None:
+    assert _landing_every(gap).rotate_every() == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -649,11 +673,7 @@ def test_haves_wait_about_four_blocks_landing_time(gap: float | None, expected: 
 def test_the_swarm_counts_as_quiet_after_about_32_blocks_landing_time(
     gap: float | None, expected: float
 ) -> None:
-    ex = _exchange(blocks=64, per_chunk=4)
-    if gap is not None:
-        for n in range(20):
-            ex.landed(n, None, n * gap)
-    assert ex.quiet_after() == pytest.approx(expected)
+    assert _landing_every(gap).quiet_after() == pytest.approx(expected)
 
 
 def test_in_a_slow_swarm_a_reader_waits_longer_before_a_half_spread_chunk() -> None:

@@ -54,9 +54,10 @@ def test_hosts_starting_together_split_the_origin_reads() -> None:
     assert 1 <= len(readers) <= 4  # origin.concurrency of them (8 chunks, shares by hash)
     assert all(h.done is not None for h in res.hosts)
     # bytes are conserved: all a host received came from the origin or a neighbour;
-    # a copy beyond one per host is an endgame duplicate: a few blocks at the end
+    # a copy beyond one per host is an endgame duplicate: a few blocks at the end, of
+    # which some may still be on their way when the last host is done
     received = sum(h.bytes_in for h in res.hosts)
-    assert received == res.origin_bytes + sum(h.bytes_out for h in res.hosts)
+    assert received + res.in_flight == res.origin_bytes + sum(h.bytes_out for h in res.hosts)
     assert 12 * 32 * MiB <= received <= 1.01 * 12 * 32 * MiB
     assert max(h.max_links for h in res.hosts) <= 8  # twice the degree at most
     assert res.last >= res.limit  # nobody beats physics

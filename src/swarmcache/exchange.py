@@ -65,7 +65,8 @@ HAVE_BATCH_BLOCKS = 4  # a Have waits for about this many blocks to land after i
 LAZY_HAVE = 1.0  # a Have of a block the neighbour holds already waits up to this long
 
 UPLOAD_SLOTS = 8  # neighbours a host uploads to at once (unchoked)
-ROTATE = 0.05  # shortest time between turns of the upload slots (seconds)
+ROTATE = 0.05  # time between turns of the upload slots before blocks land (seconds)
+ROTATE_MIN = 0.005  # shortest
 ROTATE_MAX = 2.0  # longest
 ROTATE_BLOCKS = 8  # a slot turns about every this many blocks' landing time here
 
@@ -458,15 +459,27 @@ class Exchange:
 
     def rotate_every(self) -> float:
         """How often an upload slot turns: about ROTATE_BLOCKS blocks' landing time
-        here, between ROTATE and ROTATE_MAX. At 1 Gbit/s and more every 0.05 s, so
-        fresh blocks leave through different neighbours at once; at 50 Mbit/s (a block
-        lands every 40 ms or so) every 0.32 s: a slot turning faster than a served
-        block can cross the link only costs messages and wake-ups (measured: with 32
-        daemons on 2 cores at 50 Mbit/s, CPU was the limit). At most every 2 s: 64
-        daemons on 2 cores land a block every 0.3 s or so, and with a 0.5 s cap they
-        sent 1,772 Slot messages each for a 64 MiB image (simulator, 32 hosts at 10
-        Mbit/s: 516 -> 206 slots handed out per host with 2 s, the same times)."""
-        return self._landing_time(ROTATE_BLOCKS, ROTATE, ROTATE_MAX, ROTATE)
+        here, between ROTATE_MIN and ROTATE_MAX (ROTATE before two blocks landed). At
+        10 Gbit/s every 5 ms, at 1 Gbit/s every 17 ms, at 50 Mbit/s (a block lands
+        every 40 ms or so) every 0.32 s: a slot turning faster than a served block can
+        cross the link only costs messages and wake-ups (measured: with 32 daemons on
+        2 cores at 50 Mbit/s, CPU was the limit). At most every 2 s: 64 daemons on 2
+        cores land a block every 0.3 s or so, and with a 0.5 s cap they sent 1,772
+        Slot messages each for a 64 MiB image (simulator, 32 hosts at 10 Mbit/s: 516
+        -> 206 slots handed out per host with 2 s, the same times).
+
+        Why not a 50 ms floor at fast links (until 2026-12-03): a timeline of the
+        simulator (100 hosts x 256 MiB at 10 Gbit/s) showed the last hosts served by
+        2-4 neighbours at 0.4-0.6 of their link while the median host had 7-14, all of
+        them holding 50-200 blocks the slow host lacked: each host hands out 8 slots
+        among 16-24 neighbours wanting one, and the slots given in the first
+        milliseconds held for 50 ms, a quarter of the whole fetch. A host behind then
+        stays behind, since its link is full from then on. Simulator, last host
+        against the limit, mean of seeds 1-3, 50 ms -> this rule (with the first Haves
+        at once, see `have_batch`): 100 hosts x 256 MiB at 10 Gbit/s 1.826x -> 1.233x,
+        at 1 Gbit/s 1.172x -> 1.119x; 300 hosts at 1 Gbit/s 1.236x -> 1.19x; cells at
+        50-200 Mbit/s unchanged within 1.5%."""
+        return self._landing_time(ROTATE_BLOCKS, ROTATE_MIN, ROTATE_MAX, ROTATE)
 
     def have_batch(self) -> float:
         """How long a Have of ours may wait for more before it goes out: about the time
@@ -477,8 +490,11 @@ class Exchange:
         instead of waiting a fixed 20 ms at every hop. (A 50 ms cap halved the Haves
         where blocks land slowly but slowed the start of every fetch, when nothing has
         landed yet: simulator, 300 hosts x 256 MiB at 1 Gbit/s 1.299x -> 1.421x the
-        limit; and on real daemons fewer messages did not save CPU.)"""
-        return self._landing_time(HAVE_BATCH_BLOCKS, HAVE_BATCH_MIN, HAVE_BATCH, HAVE_BATCH)
+        limit; and on real daemons fewer messages did not save CPU.) Before two blocks
+        have landed, the shortest: the news of the first blocks is what the swarm waits
+        for (with the longest, 20 ms per hop, the simulator's 100 hosts x 256 MiB at
+        10 Gbit/s had uplinks idle for the first 50 ms: median host 0.28 s -> 0.23 s)."""
+        return self._landing_time(HAVE_BATCH_BLOCKS, HAVE_BATCH_MIN, HAVE_BATCH, HAVE_BATCH_MIN)
 
     def quiet_after(self) -> float:
         """How long without a block from anywhere before the swarm counts as quiet
@@ -627,7 +643,7 @@ class Exchange:
     def rotate(self, now: float) -> list[tuple[str, bool]]:
         """Hand out our upload slots: (neighbour, True) to unchoke, (neighbour, False)
         to choke. Slots go to neighbours that lack something we hold, longest waiting
-        first; every ROTATE seconds the slot held longest goes to the next in line, so
+        first; every `rotate_every` seconds the slot held longest goes to the next in line, so
         each interested neighbour is served in turn and fresh blocks spread through
         different neighbours. A neighbour with nothing left to get from us frees its
         slot at once; so does one that has not asked us for a block for a turn while

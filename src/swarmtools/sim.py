@@ -103,6 +103,7 @@ class SimResult:
     hosts: list[HostResult]
     origin_bytes: int
     origin_end: float  # when the origin sent its last byte
+    in_flight: int  # bytes sent (by the origin or a host) that had not arrived at the end
     events: int
     end: float
 
@@ -174,6 +175,7 @@ class Simulator:
         self.origin_up_free = 0.0
         self.origin_rate = cfg.origin_rate or cfg.rate
         self.origin_bytes = 0
+        self.in_flight = 0  # bytes sent, not arrived (or dropped) yet
         self.members = [h.name for h in self.hosts]  # the member table every host shares
         self._noticed_gone: set[str] = set()
 
@@ -218,6 +220,7 @@ class Simulator:
             ],
             self.origin_bytes,
             self.origin_up_free,
+            self.in_flight,
             self.events,
             self.now,
         )
@@ -432,6 +435,7 @@ class Simulator:
         start = max(arrival, src.up_free)
         src.up_free = start + length / src.up_rate
         src.bytes_out += length
+        self.in_flight += length
         self.at(start, self._downlink, dst, src.name, block, length, src.up_free)
         self.at(src.up_free, self._sent, src, dst.name)
 
@@ -462,6 +466,7 @@ class Simulator:
             self.at(arrive, self._arrive, h, node, block, length, sent)
 
     def _arrive(self, h: _Host, node: str, block: int, length: int, sent: float) -> None:
+        self.in_flight -= length
         src = self.by_name[node]
         if src.gone_at is not None and src.gone_at < sent:
             return  # it died before sending it: the request is lost (noticed later)
@@ -481,10 +486,12 @@ class Simulator:
             start = max(t, self.origin_up_free)
             self.origin_up_free = start + length / self.origin_rate
             self.origin_bytes += length
+            self.in_flight += length
             h.origin_bytes += length
             self.at(start, self._downlink, h, ORIGIN, block, length, self.origin_up_free)
 
     def _origin_block(self, h: _Host, block: int, length: int) -> None:
+        self.in_flight -= length
         if not h.alive:
             return
         assert h.lane is not None
