@@ -78,19 +78,24 @@ async def test_blocks_arrive_whole_over_one_reused_connection(
     assert client.connections == 3
 
 
-async def test_a_refusal_names_its_wait_and_ends_its_connection(
+async def test_a_refusal_keeps_its_connection_other_statuses_end_theirs(
     server: tuple[int, list[str]],
     client: BlockClient,
 ) -> None:
-    port, _ = server
+    port, ports = server
     busy = await client.get("127.0.0.1", port, "/blocks/7", {}, BLOCK)
     assert busy.status == 503
     assert busy.headers["retry-after"] == "0.250"
-    missing = await client.get("127.0.0.1", port, "/blocks/8", {}, BLOCK)
-    assert missing.status == 404
     ok = await client.get("127.0.0.1", port, "/blocks/0", {"X-Test": "yes"}, BLOCK)
     assert bytes(ok.body) == DATA[:BLOCK]
-    assert client.connections == 3  # a non-200's body is not read: no reuse
+    assert client.connections == 1  # a 503 has no body: its connection is used again
+    assert len(set(ports)) == 1
+    missing = await client.get("127.0.0.1", port, "/blocks/8", {}, BLOCK)
+    assert missing.status == 404
+    ok = await client.get("127.0.0.1", port, "/blocks/1", {"X-Test": "yes"}, BLOCK)
+    assert bytes(ok.body) == DATA[BLOCK : 2 * BLOCK]
+    assert client.connections == 2  # a 404's body is not read: no reuse
+    assert len(set(ports)) == 2
 
 
 async def test_a_block_of_the_wrong_length_is_refused(

@@ -16,7 +16,9 @@ not: every size is bounded, anything unexpected ends the connection):
 - a 200 body must be exactly the block's length (Content-Length; no chunked encoding)
   and is received with `recv_into` into one bytearray: no copies, no pieces, one
   event-loop wake-up per block (SO_RCVLOWAT, see httpfile.RCVLOWAT);
-- any other status ends the connection after its head (a 503 names Retry-After);
+- any other status ends the connection after its head, unless its body is empty (a 503
+  refusal, which names Retry-After: with 32 daemons at 50 Mbit/s a host was refused
+  about 100 of its 350 requests, each then cost a new connection);
 - a connection the peer closed while idle is noticed (it is dropped from the pool), and
   a request on one it closed at that very moment is sent again once on a fresh one.
 
@@ -107,7 +109,10 @@ class _Connection(asyncio.BufferedProtocol):
             return
         extra = self._head_len - (end + 4)
         if response.status != 200:
-            self.closed = True  # its body is not read: the connection ends with it
+            # an empty body (a 503 refusal) leaves the connection as it was; any other
+            # body is not read: the connection ends with it
+            if extra or response.headers.get("content-length") != "0":
+                self.closed = True
             self._response = response
             self._finish()
             return
