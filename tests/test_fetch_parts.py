@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import os
 import random
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import swarmcache.fetch.landing as landing_mod
 from swarmcache.config import OriginConfig
 from swarmcache.errors import IntegrityError, SwarmcacheError
 from swarmcache.exchange import Exchange, Geometry, OriginLane
@@ -167,6 +169,65 @@ async def test_close_makes_the_sealed_chunks_durable_and_waits_for_threads(
     await b.landing.close()  # a fetch ending early (failed, cancelled) keeps what it has
     assert b.image.present_chunks == 1
     assert b.image.has(1)
+
+
+async def test_blocks_are_written_on_the_loop_until_the_disk_falls_behind(
+    bench: Bench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No flusher runs here, so sealed chunks pile up undurable, as behind a disk
+    slower than the network: past the backlog, writes go to the thread pool."""
+    b = bench
+    m = b.image.manifest
+    monkeypatch.setattr(landing_mod, "INLINE_BACKLOG", CHUNK)  # one chunk may wait
+    for block in m.blocks_of(0):
+        await b.landing.write(block, block_bytes(b, block), None)
+    await settle(b, 1)
+    assert b.landing.inline_writes == len(m.blocks_of(0))  # none went to a thread
+    for block in m.blocks_of(1):
+        await b.landing.write(block, block_bytes(b, block), None)
+    await settle(b, 2)
+    # two chunks wait for their fsync: more than the backlog allows
+    before = b.landing.inline_writes
+    for block in m.blocks_of(2):
+        await b.landing.write(block, block_bytes(b, block), None)
+    assert b.landing.inline_writes == before  # all three through the pool
+    await settle(b, 3)
+    flusher = asyncio.create_task(b.landing.flusher())  # the disk catches up
+    async with asyncio.timeout(10):
+        while b.image.present_chunks < 3:
+            await asyncio.sleep(0.01)
+    await b.landing.write(m.blocks_of(3)[0], block_bytes(b, m.blocks_of(3)[0]), None)
+    assert b.landing.inline_writes == before + 1  # on the loop again
+    b.landing.finish()
+    async with asyncio.timeout(10):
+        await flusher
+    assert b.image.data_path.read_bytes()[: 3 * CHUNK + BLOCK] == b.data[: 3 * CHUNK + BLOCK]
+
+
+async def test_a_slow_write_on_the_loop_sends_the_next_ones_to_threads(
+    bench: Bench, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    b = bench
+    slow = {"left": 1}
+    write_block = b.image.write_block
+
+    def stalling_write(*args: object) -> bool:  # the kernel throttling a writer once
+        if slow["left"]:
+            slow["left"] -= 1
+            time.sleep(0.03)
+        return write_block(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(b.image, "write_block", stalling_write)
+    monkeypatch.setattr(landing_mod, "SLOW_WRITE", 0.02)
+    monkeypatch.setattr(landing_mod, "SLOW_PAUSE", 0.5)
+    await b.landing.write(0, block_bytes(b, 0), None)
+    assert b.landing.inline_writes == 1  # that one took 30 ms on the loop
+    await b.landing.write(1, block_bytes(b, 1), None)
+    assert b.landing.inline_writes == 1  # the next went to a thread
+    await asyncio.sleep(0.6)  # the pause is over
+    await b.landing.write(2, block_bytes(b, 2), None)
+    assert b.landing.inline_writes == 2
+    assert all(b.image.has_block(i) for i in range(3))
 
 
 async def test_origin_reads_land_each_block_of_a_run_and_read_only_their_share(

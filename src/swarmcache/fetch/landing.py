@@ -8,6 +8,16 @@ and the image's sha256 advances over the sealed prefix in order (the hasher), so
 the whole-image check needs no second pass over the file. Blocking calls run in the
 fetcher's thread pool and are tracked: `close` waits for every one of them, so no
 thread writes to an image after its fetch ended.
+
+Blocks are written on the event loop itself, not in a thread, while the disk keeps up:
+a 256 KiB write into the page cache and its xxh3 take tens of microseconds, and the
+trip to a thread and back (queue, wake-up, GIL hand-over, the loop's self-pipe) cost
+more than that. Measured with two daemons on loopback (512 MiB, one peer to the
+other): receiver CPU 3.53 -> 2.97 core-s per GiB, wall 1.94 -> 1.62 s. A write can
+block, though, when the kernel throttles writers because the disk is behind: so when
+the chunks sealed but not yet durable pass INLINE_BACKLOG bytes (the flusher's fsync
+lags the network), or when one write on the loop took longer than SLOW_WRITE, block
+writes go to the thread pool again (for SLOW_PAUSE seconds after a slow one).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -28,6 +39,10 @@ from ..store import CachedImage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+INLINE_BACKLOG = 64 * 1024 * 1024  # bytes sealed, not yet durable: past this, writes go to threads
+SLOW_WRITE = 0.05  # seconds: a write on the loop that took longer sends the next ones to threads
+SLOW_PAUSE = 10.0  # ... for this long
 
 
 class Landing:
@@ -57,6 +72,8 @@ class Landing:
         self._hash_next = 0  # chunks before this one are in _sha or being added to it
         self._hash_wake = asyncio.Event()
         self.error: SwarmcacheError | None = None
+        self._threads_until = float("-inf")  # block writes go to threads until then
+        self.inline_writes = 0  # blocks written on the event loop (for tests)
 
     async def thread(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking `fn` in the pool, tracked until it really ends."""
@@ -73,14 +90,29 @@ class Landing:
         announced digest), a block that does not match it is not written: the
         IntegrityError names both digests."""
 
-        def check_and_write() -> tuple[bytes, bool]:  # one trip to a thread per block
+        def check_and_write() -> tuple[bytes, bool]:
             pieces = [data] if isinstance(data, Buffer) else data
             digest = pieces_digest(pieces)
             if expected is not None and digest != expected:
                 return digest, False
             return digest, self.image.write_block(block, pieces, digest)
 
-        digest, last = await self.thread(check_and_write)
+        if self._inline():
+            start = time.monotonic()
+            digest, last = check_and_write()
+            self.inline_writes += 1
+            took = time.monotonic() - start
+            if took > SLOW_WRITE:
+                log.info(
+                    "%s: writing block %d took %.3f s; block writes go to threads for %g s",
+                    self.image.image_id,
+                    block,
+                    took,
+                    SLOW_PAUSE,
+                )
+                self._threads_until = start + took + SLOW_PAUSE
+        else:
+            digest, last = await self.thread(check_and_write)
         if expected is not None and digest != expected:
             raise IntegrityError(
                 f"block {block} of {self.image.image_id} has digest {digest.hex()}, "
@@ -90,6 +122,12 @@ class Landing:
             m = self.image.manifest
             self.seal_soon(block * m.block_size // m.chunk_size)
         return digest
+
+    def _inline(self) -> bool:
+        """Write the next block on the event loop (see the module's docstring)."""
+        if time.monotonic() < self._threads_until:
+            return False
+        return len(self._unsynced) * self.image.manifest.chunk_size <= INLINE_BACKLOG
 
     def seal_soon(self, chunk: int) -> None:
         """Seal chunk `chunk` (every block of it is written) in the background."""
