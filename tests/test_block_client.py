@@ -292,3 +292,30 @@ async def test_a_kept_connection_closed_as_we_ask_is_asked_again_once(
             assert bytes(again.body) == b"abc"
             assert client.connections == 2
             assert conns == 2
+
+
+@pytest.mark.parametrize(
+    ("raw", "kept"),
+    [
+        (b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nRetry-After: 0.1\r\n\r\n", True),
+        (b"HTTP/1.1 100 Continue\r\nContent-Length: 0\r\n\r\n", False),  # not final
+        (b"HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\nContent-Length: 0\r\n\r\n", False),
+        (b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", False),
+        (b"HTTP/1.1 503 Busy\r\nContent-Length: 3\r\n\r\nbye", False),
+    ],
+)
+async def test_only_a_final_empty_answer_keeps_its_connection(
+    raw: bytes, kept: bool, client: BlockClient
+) -> None:
+    """Whatever a peer sends after a response head we do not read must not be taken
+    for the next response: only a final status with an empty, unchunked body (a 503
+    refusal) leaves its connection in the pool."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _answer(writer, reader, raw)
+        await reader.read()  # until the client hangs up
+
+    async with _Raw(serve) as srv:
+        resp = await client.get("127.0.0.1", srv.port, "/blocks/0", {}, BLOCK)
+        assert resp.status == int(raw.split(b" ")[1])
+        assert client.idle() == (1 if kept else 0)

@@ -11,6 +11,8 @@ import pytest
 from swarmcache.exchange import (
     ENDGAME_COPIES,
     HAVE,
+    HAVE_BATCH,
+    HAVE_BATCH_MIN,
     INFLIGHT,
     MISSING,
     QUIET,
@@ -25,6 +27,7 @@ from swarmcache.exchange import (
     OriginLane,
     rank,
     readers,
+    shortest_have_batch,
 )
 
 KiB = 1024
@@ -730,3 +733,19 @@ def test_the_blocks_seen_per_chunk_follow_neighbours_coming_growing_and_going(se
         assert ex.seen == [
             sum(1 for b in ex.geometry.blocks_of(c) if ex.count[b]) for c in range(8)
         ]
+
+
+def test_a_fetch_that_has_not_landed_two_blocks_does_not_hurry_the_others_haves() -> None:
+    fast, new = _landing_every(0.0021), _landing_every(None)  # 1 Gbit/s; just started
+    assert new.have_batch() == pytest.approx(HAVE_BATCH_MIN)
+    assert shortest_have_batch([fast, new]) == pytest.approx(0.0084)  # the known rate's
+    assert shortest_have_batch([new]) == pytest.approx(HAVE_BATCH_MIN)  # alone, its own
+    assert shortest_have_batch([]) == HAVE_BATCH
+
+
+def test_a_host_holding_the_whole_image_turns_its_slots_unhurried() -> None:
+    ex = _exchange(blocks=64, per_chunk=4)
+    for n in range(64):  # the whole image at 10 Gbit/s
+        ex.landed(n, None, n * 0.0002)
+    assert ex.finished
+    assert ex.rotate_every() == pytest.approx(ROTATE)  # seeding: not every 5 ms

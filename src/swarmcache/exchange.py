@@ -479,7 +479,8 @@ class Exchange:
         at once, see `have_batch`): 100 hosts x 256 MiB at 10 Gbit/s 1.826x -> 1.233x,
         at 1 Gbit/s 1.172x -> 1.119x; 300 hosts at 1 Gbit/s 1.236x -> 1.19x; cells at
         50-200 Mbit/s unchanged within 1.5%."""
-        return self._landing_time(ROTATE_BLOCKS, ROTATE_MIN, ROTATE_MAX, ROTATE)
+        turn = self._landing_time(ROTATE_BLOCKS, ROTATE_MIN, ROTATE_MAX, ROTATE)
+        return turn if self.missing else max(turn, ROTATE)  # seeding: no need to hurry
 
     def have_batch(self) -> float:
         """How long a Have of ours may wait for more before it goes out: about the time
@@ -691,6 +692,16 @@ class Exchange:
     def rotate_at(self) -> float:
         """When `rotate` next hands a slot on."""
         return self._rotate_at
+
+
+def shortest_have_batch(exchanges: Iterable[Exchange], default: float = HAVE_BATCH) -> float:
+    """How long a Have waits for more on a host with these fetches: the shortest any
+    of them asks for (`Exchange.have_batch`). A fetch that has not landed two blocks
+    yet asks for the shortest of all; it counts only when no fetch knows its landing
+    rate, so one fetch starting (or stalled) does not hurry every image's Haves."""
+    fetching = list(exchanges)
+    known = [ex for ex in fetching if ex.gap] or fetching
+    return min((ex.have_batch() for ex in known), default=default)
 
 
 class ActiveSet:

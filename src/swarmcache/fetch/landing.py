@@ -17,7 +17,9 @@ other): receiver CPU 3.53 -> 2.97 core-s per GiB, wall 1.94 -> 1.62 s. A write c
 block, though, when the kernel throttles writers because the disk is behind: so when
 the chunks sealed but not yet durable pass INLINE_BACKLOG bytes (the flusher's fsync
 lags the network), or when one write on the loop took longer than SLOW_WRITE, block
-writes go to the thread pool again (for SLOW_PAUSE seconds after a slow one).
+writes go to the thread pool again (for SLOW_PAUSE seconds after a slow one). The
+backlog counts this image's sealed chunks only: blocks of chunks not yet sealed and
+other fetches' dirty pages are not in it; SLOW_WRITE is the guard for those.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Landing:
         self._hash_wake = asyncio.Event()
         self.error: SwarmcacheError | None = None
         self._threads_until = float("-inf")  # block writes go to threads until then
+        self._syncing = 0  # chunks in the flusher's fdatasync now
         self.inline_writes = 0  # blocks written on the event loop (for tests)
 
     async def thread(self, fn: Callable[..., T], *args: Any) -> T:
@@ -127,7 +130,8 @@ class Landing:
         """Write the next block on the event loop (see the module's docstring)."""
         if time.monotonic() < self._threads_until:
             return False
-        return len(self._unsynced) * self.image.manifest.chunk_size <= INLINE_BACKLOG
+        waiting = len(self._unsynced) + self._syncing
+        return waiting * self.image.manifest.chunk_size <= INLINE_BACKLOG
 
     def seal_soon(self, chunk: int) -> None:
         """Seal chunk `chunk` (every block of it is written) in the background."""
@@ -174,7 +178,11 @@ class Landing:
                 await self._dirty.wait()
             batch, self._unsynced = self._unsynced, []
             if batch:
-                await self.thread(self.image.sync_chunks, batch)
+                self._syncing = len(batch)
+                try:
+                    await self.thread(self.image.sync_chunks, batch)
+                finally:
+                    self._syncing = 0
             elif self._closing:
                 return
 

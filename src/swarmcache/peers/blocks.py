@@ -109,9 +109,15 @@ class _Connection(asyncio.BufferedProtocol):
             return
         extra = self._head_len - (end + 4)
         if response.status != 200:
-            # an empty body (a 503 refusal) leaves the connection as it was; any other
-            # body is not read: the connection ends with it
-            if extra or response.headers.get("content-length") != "0":
+            # a final answer with an empty body (a 503 refusal) leaves the connection as
+            # it was; any other body is not read (nor a 1xx's answer that would follow):
+            # the connection ends with it
+            if (
+                extra
+                or response.status < 200
+                or "transfer-encoding" in response.headers
+                or response.headers.get("content-length") != "0"
+            ):
                 self.closed = True
             self._response = response
             self._finish()

@@ -37,7 +37,6 @@ from aiohttp import web
 from ..config import PeersConfig
 from ..errors import PeerError, PeerGone, SwarmcacheError
 from ..exchange import (
-    HAVE_BATCH,
     LAZY_HAVE,
     ROTATE,
     ActiveSet,
@@ -45,6 +44,7 @@ from ..exchange import (
     Geometry,
     OriginLane,
     readers,
+    shortest_have_batch,
 )
 from ..httpfile import read_small
 from ..manifest import DIGEST_SIZE, Manifest, bitmap_new, bitmap_set
@@ -461,12 +461,8 @@ class Swarm:
         return [p.node_id for p in self.table.usable(self.clock())] + [self.node_id]
 
     def have_batch(self) -> float:
-        """How long a Have waits for more: the shortest any fetch here asks for (see
-        Exchange.have_batch), HAVE_BATCH with none."""
-        return min(
-            (t.exchange.have_batch() for t in self.trades.values() if t.job is not None),
-            default=HAVE_BATCH,
-        )
+        """How long a Have waits for more (see exchange.shortest_have_batch)."""
+        return shortest_have_batch(t.exchange for t in self.trades.values() if t.job is not None)
 
     def readers_of(self, image_id: str) -> list[str]:
         """The hosts that read `image_id` from the origin (and answer Joins for it)."""
