@@ -179,6 +179,7 @@ async def test_blocks_are_written_on_the_loop_until_the_disk_falls_behind(
     b = bench
     m = b.image.manifest
     monkeypatch.setattr(landing_mod, "INLINE_BACKLOG", CHUNK)  # one chunk may wait
+    monkeypatch.setattr(landing_mod, "SLOW_WRITE", 60.0)  # a loaded machine: not this rule
     for block in m.blocks_of(0):
         await b.landing.write(block, block_bytes(b, block), None)
     await settle(b, 1)

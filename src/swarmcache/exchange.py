@@ -694,14 +694,15 @@ class Exchange:
         return self._rotate_at
 
 
-def shortest_have_batch(exchanges: Iterable[Exchange], default: float = HAVE_BATCH) -> float:
+def shortest_have_batch(exchanges: Iterable[Exchange]) -> float:
     """How long a Have waits for more on a host with these fetches: the shortest any
-    of them asks for (`Exchange.have_batch`). A fetch that has not landed two blocks
-    yet asks for the shortest of all; it counts only when no fetch knows its landing
-    rate, so one fetch starting (or stalled) does not hurry every image's Haves."""
+    of them asks for (`Exchange.have_batch`), HAVE_BATCH with none. A fetch that has
+    not landed two blocks yet asks for the shortest of all; it counts only when no
+    fetch knows its landing rate, so one fetch starting (or stalled) does not hurry
+    every image's Haves."""
     fetching = list(exchanges)
     known = [ex for ex in fetching if ex.gap] or fetching
-    return min((ex.have_batch() for ex in known), default=default)
+    return min((ex.have_batch() for ex in known), default=HAVE_BATCH)
 
 
 class ActiveSet:

@@ -100,8 +100,8 @@ class Landing:
                 return digest, False
             return digest, self.image.write_block(block, pieces, digest)
 
-        if self._inline():
-            start = time.monotonic()
+        start = time.monotonic()
+        if self._inline(start):
             digest, last = check_and_write()
             self.inline_writes += 1
             took = time.monotonic() - start
@@ -126,9 +126,9 @@ class Landing:
             self.seal_soon(block * m.block_size // m.chunk_size)
         return digest
 
-    def _inline(self) -> bool:
+    def _inline(self, now: float) -> bool:
         """Write the next block on the event loop (see the module's docstring)."""
-        if time.monotonic() < self._threads_until:
+        if now < self._threads_until:
             return False
         waiting = len(self._unsynced) + self._syncing
         return waiting * self.image.manifest.chunk_size <= INLINE_BACKLOG

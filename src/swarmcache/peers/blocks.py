@@ -161,6 +161,10 @@ class _Connection(asyncio.BufferedProtocol):
             self._view = memoryview(bytearray())  # the caller has the body: let it go
             self.idle_since = time.monotonic()
 
+    def reusable(self, now: float) -> bool:
+        """Open, and idle for less than IDLE_KEEP: fit for the next request."""
+        return not self.closed and now - self.idle_since < IDLE_KEEP
+
     def close(self) -> None:
         """End the connection (at once: nothing is flushed)."""
         self.closed = True
@@ -274,7 +278,7 @@ class BlockClient:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < IDLE_KEEP:
+            if conn.reusable(now):
                 return conn
             conn.close()
         return None
@@ -299,7 +303,7 @@ class BlockClient:
         again would otherwise keep them open as long as it likes)."""
         now = time.monotonic()
         for key, idle in list(self._idle.items()):
-            keep = [c for c in idle if not c.closed and now - c.idle_since < IDLE_KEEP]
+            keep = [c for c in idle if c.reusable(now)]
             for conn in idle:
                 if conn not in keep:
                     conn.close()
