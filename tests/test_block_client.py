@@ -319,3 +319,22 @@ async def test_only_a_final_empty_answer_keeps_its_connection(
         resp = await client.get("127.0.0.1", srv.port, "/blocks/0", {}, BLOCK)
         assert resp.status == int(raw.split(b" ")[1])
         assert client.idle() == (1 if kept else 0)
+
+
+async def test_recycled_bodies_are_reused_and_fully_overwritten(
+    server: tuple[int, list[str]],
+    client: BlockClient,
+) -> None:
+    port, _ = server
+    first = await client.get("127.0.0.1", port, "/blocks/0", {"X-Test": "yes"}, BLOCK)
+    buffer = first.body
+    client.recycle(buffer)
+    assert client.pool.held == BLOCK
+    second = await client.get("127.0.0.1", port, "/blocks/2", {"X-Test": "yes"}, BLOCK)
+    assert second.body is buffer  # the same memory, holding the new block's bytes only
+    assert bytes(second.body) == DATA[2 * BLOCK :]
+    assert client.pool.held == 0
+    # a body not handed back is never given out again
+    third = await client.get("127.0.0.1", port, "/blocks/1", {"X-Test": "yes"}, BLOCK)
+    assert third.body is not buffer
+    assert bytes(second.body) == DATA[2 * BLOCK :]

@@ -154,7 +154,8 @@ async def test_a_block_changed_on_disk_before_its_chunk_is_sealed_is_fetched_aga
     assert b.metrics.verification_failures.labels("chunk")._value.get() == 1
     await b.landing.write(1, block_bytes(b, 1), None)
     await settle(b, 1)
-    assert b.image.read_chunk(0) == b.data[:CHUNK]
+    with b.image.read_chunk(0) as data:
+        assert data == b.data[:CHUNK]
 
 
 async def test_close_makes_the_sealed_chunks_durable_and_waits_for_threads(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from swarmcache import store as store_module
+from swarmcache.buffers import BufferPool
 from swarmcache.errors import IntegrityError, StorageError
 from swarmcache.manifest import LOG_RECORD_SIZE, Manifest, chunk_digest
 from swarmcache.store import Store, pwrite_all
@@ -50,7 +52,8 @@ def test_reload_keeps_logged_chunks_and_cuts_torn_tail(tmp_path: Path) -> None:
     assert [i for i in range(4) if image.has(i)] == [0, 2]
     assert image.manifest.digest(2) == chunk_digest(_chunk(2))
     assert log.stat().st_size == 2 * LOG_RECORD_SIZE
-    assert image.read_chunk(2) == _chunk(2)
+    with image.read_chunk(2) as data:
+        assert data == _chunk(2)
     for i in (1, 3):
         image.write_chunk(i, _chunk(i), chunk_digest(_chunk(i)))
     image.sync_chunks([1, 3])
@@ -197,7 +200,8 @@ def test_write_chunk_in_pieces_reads_back_whole(tmp_path: Path) -> None:
     data = os.urandom(CHUNK)
     pieces = [data[:1], data[1:1000], b"", data[1000:]]
     image.write_chunk(1, pieces, chunk_digest(data))
-    assert image.read_chunk(1) == data
+    with image.read_chunk(1) as back:
+        assert back == data
     with pytest.raises(Exception, match="bytes, want"):
         image.write_chunk(0, pieces[:2], chunk_digest(data))
     store.close()
@@ -319,3 +323,46 @@ def test_a_complete_image_from_before_blocks_gets_them_once(tmp_path: Path) -> N
     assert (m.block_size, m.blocks) == (BLOCK, 5)
     assert m.block_digest(4) == chunk_digest(b"x" * 100)
     assert m.block_digest(1) == chunk_digest(data[BLOCK : 2 * BLOCK])
+
+
+def test_chunks_read_back_share_buffers_and_never_each_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "CHUNK_BUFFERS", BufferPool(1 << 30))
+    store = Store(tmp_path, 1 << 30)
+    store.open()
+    image = _new(store, Manifest("img", size=2 * CHUNK, chunk_size=CHUNK))
+    chunks = [os.urandom(CHUNK), os.urandom(CHUNK)]
+    for i, data in enumerate(chunks):
+        image.write_chunk(i, [data], chunk_digest(data))
+    with image.read_chunk(0) as first, image.read_chunk(1) as second:
+        assert first == chunks[0]  # two reads at once: two buffers
+        assert second == chunks[1]
+        assert first.obj is not second.obj
+        kept = first.obj
+    with image.read_chunk(1) as again:  # the buffer read 0 into, handed out again
+        assert again == chunks[1]
+        assert again.obj is kept
+    store.close()
+
+
+def test_the_buffer_pool_is_bounded_and_let_go_when_idle() -> None:
+    block = 256 * 1024
+    pool = BufferPool(limit=3 * block)
+    taken = [pool.take(block) for _ in range(5)]
+    for buf in taken:
+        pool.give(buf)
+    assert pool.held == 3 * block  # the rest are left to the garbage collector
+    pool.give(bytearray(1024))  # too small to be worth keeping
+    assert pool.held == 3 * block
+    got = pool.take(block)
+    assert any(got is buf for buf in taken[:3])
+    with pool.lend(block) as lent:
+        assert pool.held == block
+        assert len(lent) == block
+    assert pool.held == 2 * block
+    pool.trim()  # buffers were taken since the last trim: kept
+    assert pool.held == 2 * block
+    pool.trim()  # nothing taken since: let go
+    assert pool.held == 0
+    assert len(pool.take(block)) == block

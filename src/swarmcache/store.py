@@ -33,12 +33,14 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import msgpack
 
+from .buffers import BufferPool
 from .errors import ImageBusy, ImageNotFound, IntegrityError, StorageError, SwarmcacheError
 from .eviction import Candidate, plan_eviction
 from .manifest import (
@@ -62,7 +64,7 @@ from .manifest import (
 log = logging.getLogger(__name__)
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 META_SAVE_INTERVAL = 30.0  # seconds between saves of access stats
-_scratch = threading.local()  # read_chunk's buffer, one per thread
+CHUNK_BUFFERS = BufferPool(32 * 1024 * 1024)  # read_chunk's buffers (see buffers.py)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -231,7 +233,8 @@ class CachedImage:
         against its digest once more (what is logged must be what is on disk), and
         make the chunk readable with its digest, which it returns. Blocking."""
         m = self.manifest
-        digest, blocks = digest_blocks([self.read_chunk(index)], m.block_size)
+        with self.read_chunk(index) as data:
+            digest, blocks = digest_blocks([data], m.block_size)
         bad = [b for b, d in zip(m.blocks_of(index), blocks, strict=True) if d != m.block_digest(b)]
         with self._bits_lock:
             if bad:
@@ -277,24 +280,21 @@ class CachedImage:
             for i in indices:
                 bitmap_set(self.bitmap, i)
 
-    def read_chunk(self, index: int) -> memoryview:
-        """Chunk `index` read back from disk into this thread's scratch buffer: valid
-        until the thread's next read_chunk (hash it, don't keep it). A fresh buffer per
-        read would cost more than the read: every new page is zeroed by the kernel
-        first (5% of a 32-host swarm's CPU went there). Blocking."""
+    @contextlib.contextmanager
+    def read_chunk(self, index: int) -> Iterator[memoryview]:
+        """Chunk `index` read back from disk, for the `with` block only (hash it, don't
+        keep it): the buffer is reused after it (see buffers.py). Blocking."""
         offset, length = self.manifest.span(index)
-        buf = getattr(_scratch, "buf", None)
-        if buf is None or len(buf) < length:
-            buf = _scratch.buf = bytearray(length)
-        view = memoryview(buf)[:length]
-        got = 0
-        fd = self._data_fd()
-        while got < length:
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if n == 0:  # the file is cut short: what is there fails its digest
-                break
-            got += n
-        return view[:got]
+        with CHUNK_BUFFERS.lend(length) as buf, memoryview(buf) as view:
+            got = 0
+            fd = self._data_fd()
+            while got < length:
+                n = os.preadv(fd, [view[got:]], offset + got)
+                if n == 0:  # the file is cut short: what is there fails its digest
+                    break
+                got += n
+            with view[:got] as data:
+                yield data
 
     def unchecked(self) -> list[int]:
         """Chunks logged as durable but not yet re-checked in this run (after a restart)."""
@@ -315,12 +315,12 @@ class CachedImage:
         for index in self.unchecked() if indices is None else indices:
             if not bitmap_get(self.bitmap, index) or bitmap_get(self.readable, index):
                 continue
-            data = self.read_chunk(index)
             blocks: list[bytes] = []
-            if self.manifest.block_size:
-                digest, blocks = digest_blocks([data], self.manifest.block_size)
-            else:
-                digest = chunk_digest(data)
+            with self.read_chunk(index) as data:
+                if self.manifest.block_size:
+                    digest, blocks = digest_blocks([data], self.manifest.block_size)
+                else:
+                    digest = chunk_digest(data)
             ok = digest == self.manifest.digest(index)
             with self._bits_lock:
                 if ok:
@@ -340,7 +340,8 @@ class CachedImage:
             return
         cut = dataclasses.replace(m, block_size=block_size, block_digests=bytearray())
         for index in range(m.chunks):
-            _, blocks = digest_blocks([self.read_chunk(index)], block_size)
+            with self.read_chunk(index) as data:
+                _, blocks = digest_blocks([data], block_size)
             for b, d in zip(cut.blocks_of(index), blocks, strict=True):
                 cut.set_block_digest(b, d)
         write_atomic(self.path / "manifest", cut.encode())

@@ -33,7 +33,7 @@ from ..manifest import Manifest
 from ..metrics import Metrics
 from ..origin import Origin
 from ..peers.swarm import Swarm
-from ..store import Store
+from ..store import CHUNK_BUFFERS, Store
 from .job import FetchJob
 
 log = logging.getLogger(__name__)
@@ -307,6 +307,8 @@ class Fetcher:
         finally:
             self.jobs.pop(image_id, None)
             self._tasks.pop(image_id, None)
+            if not self.jobs:  # no fetch reads chunks back now: let their buffers go
+                CHUNK_BUFFERS.clear()
         elapsed = time.monotonic() - job.started
         err = job.result.exception() if job.result.done() else None
         if err is None:

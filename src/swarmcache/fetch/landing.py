@@ -208,7 +208,8 @@ class Landing:
     def _hash_run(self, run: list[int]) -> None:
         """Add chunks to the sha256 in order, read back from the page cache (in a thread)."""
         for index in run:
-            self._sha.update(self.image.read_chunk(index))
+            with self.image.read_chunk(index) as data:
+                self._sha.update(data)
 
     @property
     def sha256(self) -> str:

@@ -92,14 +92,17 @@ class PeerReads:
         t0 = time.monotonic()
         try:
             data = await swarm.read_block(node, self.image.manifest, block)
-            expected = swarm.digest(self.image_id, node, block)
-            if expected is None:
-                raise PeerError(f"peer {node} announced block {block} without a digest")
-            if self.image.has_block(block):
-                self.metrics.block_requests.labels("ok").inc()  # served, just too late
-                self.exchange.landed(block, node, time.monotonic())
+            size = len(data)
+            try:
+                digest = await self._land(node, block, data)
+            except asyncio.CancelledError:
+                raise  # a thread may still be writing `data`: its buffer is not reused
+            except BaseException:
+                swarm.blocks.recycle(data)
+                raise
+            swarm.blocks.recycle(data)
+            if digest is None:
                 return  # another copy (endgame) landed first
-            digest = await self.landing.write(block, data, expected)
         except PeerBusy as err:
             self.metrics.block_requests.labels("busy").inc()
             now = time.monotonic()
@@ -140,8 +143,19 @@ class PeerReads:
             self.wakeup.set()
         self.metrics.block_requests.labels("ok").inc()
         seconds = time.monotonic() - t0
-        size = len(data)
         swarm.table.succeeded(node, size, seconds, time.monotonic())
         self.used.add(node)
         self.tally.add("peer", size, seconds)
         self.on_landed(block, digest, node)
+
+    async def _land(self, node: str, block: int, data: bytearray) -> bytes | None:
+        """Check a block read from `node` and write it: its digest, or None when another
+        copy landed first (endgame)."""
+        expected = self.swarm.digest(self.image_id, node, block)
+        if expected is None:
+            raise PeerError(f"peer {node} announced block {block} without a digest")
+        if self.image.has_block(block):
+            self.metrics.block_requests.labels("ok").inc()  # served, just too late
+            self.exchange.landed(block, node, time.monotonic())
+            return None
+        return await self.landing.write(block, data, expected)

@@ -20,7 +20,10 @@ not: every size is bounded, anything unexpected ends the connection):
   refusal, which names Retry-After: with 32 daemons at 50 Mbit/s a host was refused
   about 100 of its 350 requests, each then cost a new connection);
 - a connection the peer closed while idle is noticed (it is dropped from the pool), and
-  a request on one it closed at that very moment is sent again once on a fresh one.
+  a request on one it closed at that very moment is sent again once on a fresh one;
+- bodies are received into buffers kept for reuse (buffers.BufferPool): the caller
+  hands a body back with `recycle` once it is written; a new 256 KiB bytearray per
+  block is zero-filled and faults in 64 fresh pages.
 
 Cancelling a read (its timeout, the peer gone) closes its connection.
 """
@@ -32,11 +35,13 @@ import socket
 import time
 from collections.abc import Mapping
 
+from ..buffers import BufferPool
 from ..httpfile import RCVLOWAT
 
 MAX_HEAD = 16 * 1024  # bytes of status line and headers a peer may send
 IDLE_KEEP = 15.0  # seconds an idle connection is kept for the next request
 IDLE_PER_PEER = 8  # idle connections kept per peer
+POOL_BYTES = 16 * 1024 * 1024  # bytes of free body buffers kept for reuse
 
 
 class BlockResponse:
@@ -57,7 +62,8 @@ class ProtocolError(ConnectionError):
 class _Connection(asyncio.BufferedProtocol):
     """One keep-alive connection: a request, then its response, then the next."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: BufferPool) -> None:
+        self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.idle_since = time.monotonic()
@@ -125,7 +131,7 @@ class _Connection(asyncio.BufferedProtocol):
         if extra > self._length:
             self._fail(ProtocolError("the peer sent more than the block"))
             return
-        response.body = bytearray(self._length)
+        response.body = self.pool.take(self._length)
         self._view = memoryview(response.body)
         self._view[:extra] = self._head[end + 4 : self._head_len]
         self._got = extra
@@ -227,6 +233,7 @@ class BlockClient:
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._busy: set[_Connection] = set()
         self.connections = 0  # opened so far (for tests and metrics)
+        self.pool = BufferPool(POOL_BYTES)
 
     async def get(
         self, host: str, port: int, path: str, headers: Mapping[str, str], length: int
@@ -287,11 +294,15 @@ class BlockClient:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(_Connection, host, port)
+                _, conn = await loop.create_connection(lambda: _Connection(self.pool), host, port)
         except ValueError as err:  # e.g. a label too long for IDNA: not an OSError
             raise ProtocolError(f"cannot connect to {host!r}: {err}") from None
         self.connections += 1
         return conn
+
+    def recycle(self, body: bytearray) -> None:
+        """A 200's body is written and nobody holds it any more: reuse its buffer."""
+        self.pool.give(body)
 
     def forget(self, host: str, port: int) -> None:
         """Close the idle connections to a peer (it is gone)."""
@@ -300,7 +311,9 @@ class BlockClient:
 
     def sweep(self) -> None:
         """Close the connections idle for more than IDLE_KEEP (a peer never asked
-        again would otherwise keep them open as long as it likes)."""
+        again would otherwise keep them open as long as it likes), and let the free
+        buffers go if no block came since the last sweep."""
+        self.pool.trim()
         now = time.monotonic()
         for key, idle in list(self._idle.items()):
             keep = [c for c in idle if c.reusable(now)]
