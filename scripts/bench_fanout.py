@@ -455,9 +455,10 @@ def cached_sha256(bed: Testbed, host: Host, image_id: str) -> str | None:
     return status["sha256"] if status.get("state") == "complete" else None
 
 
-def mode_timeout(limit: float) -> float:
-    """Seconds a mode may take: 10x the physical limit + 60 s; a host not done by then fails."""
-    return 10 * limit + 60
+def mode_timeout(limit: float, at_least: float = 0.0) -> float:
+    """Seconds a mode may take: 10x the physical limit + 60 s (or `at_least`, the
+    --min-timeout, if longer); a host not done by then fails."""
+    return max(10 * limit + 60, at_least)
 
 
 def tidy(mode_dir: Path, keep: bool) -> None:
@@ -680,6 +681,14 @@ def main() -> int:
         action="store_true",
         help="keep the work directory: logs, configs, results.json (image copies are deleted)",
     )
+    p.add_argument(
+        "--min-timeout",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="a mode may take at least S s (default: 10x the physical limit + 60 s, which a "
+        "CPU-bound cell of many hosts on fast links can outlast)",
+    )
     matrix = p.add_argument_group(
         "matrix",
         "--matrix runs every cell (hosts x size x rate) on a fresh test bed, modes "
@@ -781,7 +790,7 @@ def bench(args: argparse.Namespace, modes: list[str], work: Path) -> int:
     print(f"making a {args.size} MiB image ...", flush=True)
     image = Image("bench-image", image_path, make_image(image_path, args.size), args.size * MiB)
     limit = image.size * 8 / rate_bits_per_s(args.rate) if args.rate else 60.0
-    timeout = mode_timeout(limit)
+    timeout = mode_timeout(limit, args.min_timeout)
     results: dict[str, list[ModeResult]] = {m: [] for m in modes}
     with Testbed(args.hosts, rate=args.rate) as bed:
         torrent = None
@@ -957,11 +966,12 @@ def plan_cell(cell: Cell, modes: Sequence[str], args: argparse.Namespace) -> Cel
     if args.max_seconds <= 0 or not run:
         return planned
     cores = os.cpu_count() or 1
-    if cell.machine_seconds > mode_timeout(cell.limit):
+    timeout = mode_timeout(cell.limit, args.min_timeout)
+    if cell.machine_seconds > timeout:
         planned.reason = (
             f"delivering {cell.hosts * cell.size * MiB / GiB:.1f} GiB takes "
             f"~{cell.machine_seconds:.0f} s at the ~{cores * CORE_BITS_PER_S / 1e9:.1f} Gbit/s "
-            f"{cores} cores move, over the {mode_timeout(cell.limit):.0f} s a mode may take"
+            f"{cores} cores move, over the {timeout:.0f} s a mode may take"
         )
     elif cell.estimate(run, args.settle) > args.max_seconds:
         planned.reason = (
@@ -1001,7 +1011,7 @@ def run_cell(
         planned.reason = f"needs ~{need / GiB:.1f} GiB of disk, {free / GiB:.1f} GiB free"
         planned.skipped.update(dict.fromkeys(run, "cell skipped"))
         return
-    timeout = mode_timeout(cell.limit)
+    timeout = mode_timeout(cell.limit, args.min_timeout)
     start_timeout = max(30.0, 2 * cell.hosts * DAEMON_START_CORE_S / (os.cpu_count() or 1) + 10)
     cell_dir = root / f"h{cell.hosts}-{cell.size}mib-{cell.rate}"
     bed = Testbed(cell.hosts, rate=cell.rate)
