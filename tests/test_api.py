@@ -14,6 +14,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from conftest import CHUNK, DaemonFactory, ImageDir, Origin, metric, sha256
+from swarmcache import buffers
+from swarmcache.buffers import BufferPool
 
 SIZE = 17 * CHUNK + 123  # 18 chunks, the last one short
 
@@ -142,6 +144,34 @@ async def test_range_on_complete_image(
     assert resp.headers["Content-Range"] == f"bytes {start}-{end}/{SIZE}"
     assert resp.headers["Content-Length"] == str(end - start + 1)
     assert await resp.read() == data[start : end + 1]
+
+
+class _CountingPool(BufferPool):
+    """A pool that counts the buffers handed back to it."""
+
+    given = 0
+
+    def give(self, buf: bytearray) -> None:
+        self.given += 1
+        super().give(buf)
+
+
+async def test_buffers_are_reused_during_a_fetch_and_let_go_after_it(
+    daemon: DaemonFactory, images: ImageDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = _CountingPool(1 << 30)
+    monkeypatch.setattr(buffers, "SHARED", pool)
+    data = images.add("img", SIZE)
+    client = await daemon()
+    resp = await client.post("/v1/images/img/fetch?wait=60")
+    assert resp.status == 200
+    assert pool.given >= 18  # every chunk read back (sealed, hashed) into a pooled buffer
+    for _ in range(200):  # the fetch's task ends just after it answers
+        if pool.held == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert pool.held == 0  # no fetch running: an idle daemon keeps no spare buffers
+    assert await (await client.get("/v1/images/img")).read() == data
 
 
 async def test_range_on_uncached_image_fetches_needed_chunks_first(

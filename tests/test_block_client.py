@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from swarmcache import buffers
+from swarmcache.buffers import BufferPool
 from swarmcache.peers import blocks
 from swarmcache.peers.blocks import MAX_HEAD, BlockClient, ProtocolError
 
@@ -49,8 +51,9 @@ async def server(aiohttp_server: Any) -> tuple[int, list[str]]:
 
 
 @pytest.fixture
-def client() -> Iterator[BlockClient]:
-    """A block client, closed after the test."""
+def client(monkeypatch: pytest.MonkeyPatch) -> Iterator[BlockClient]:
+    """A block client (with a pool of its own), closed after the test."""
+    monkeypatch.setattr(buffers, "SHARED", BufferPool(16 * BLOCK))
     c = BlockClient(connect_timeout=5)
     yield c
     c.close()

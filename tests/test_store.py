@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from swarmcache import store as store_module
+from swarmcache import buffers
 from swarmcache.buffers import BufferPool
 from swarmcache.errors import IntegrityError, StorageError
 from swarmcache.manifest import LOG_RECORD_SIZE, Manifest, chunk_digest
@@ -328,7 +328,7 @@ def test_a_complete_image_from_before_blocks_gets_them_once(tmp_path: Path) -> N
 def test_chunks_read_back_share_buffers_and_never_each_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "CHUNK_BUFFERS", BufferPool(1 << 30))
+    monkeypatch.setattr(buffers, "SHARED", BufferPool(1 << 30))
     store = Store(tmp_path, 1 << 30)
     store.open()
     image = _new(store, Manifest("img", size=2 * CHUNK, chunk_size=CHUNK))
@@ -346,7 +346,7 @@ def test_chunks_read_back_share_buffers_and_never_each_others(
     store.close()
 
 
-def test_the_buffer_pool_is_bounded_and_let_go_when_idle() -> None:
+def test_the_buffer_pool_is_bounded_and_let_go() -> None:
     block = 256 * 1024
     pool = BufferPool(limit=3 * block)
     taken = [pool.take(block) for _ in range(5)]
@@ -361,8 +361,6 @@ def test_the_buffer_pool_is_bounded_and_let_go_when_idle() -> None:
         assert pool.held == block
         assert len(lent) == block
     assert pool.held == 2 * block
-    pool.trim()  # buffers were taken since the last trim: kept
-    assert pool.held == 2 * block
-    pool.trim()  # nothing taken since: let go
+    pool.clear()
     assert pool.held == 0
     assert len(pool.take(block)) == block

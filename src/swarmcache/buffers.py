@@ -9,10 +9,10 @@ that ever sealed or hashed a chunk) and block bodies (one per block). On that ma
 fault; on any host it is a fault per 4 KiB. A pool hands the same memory out again:
 as many buffers as are in use at once, not one per thread or per block.
 
-Thread-safe (the I/O threads and the event loop share one pool). Bounded: at most
-`limit` bytes of free buffers are kept; `trim` lets them all go when the pool was idle
-since the previous trim (the block client's, every minute), `clear` at once (the chunk
-buffers, when the last fetch ends).
+One pool per process (SHARED), for both: thread-safe (the I/O threads and the event
+loop share it) and bounded (at most `limit` bytes of free buffers are kept). Buffers
+are only taken while a fetch runs, so the fetcher lets them all go (`clear`) when the
+last fetch ends: an idle daemon holds none.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ class BufferPool:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0  # bytes of free buffers kept
-        self.used = False  # a buffer was taken since the last trim
         self._free: dict[int, list[bytearray]] = {}
         self._lock = threading.Lock()
 
@@ -38,7 +37,6 @@ class BufferPool:
         """A buffer of exactly `size` bytes: a free one if there is one (its old bytes
         are not cleared: the caller overwrites what it uses), else a new one."""
         with self._lock:
-            self.used = True
             free = self._free.get(size)
             if free:
                 self.held -= size
@@ -72,10 +70,5 @@ class BufferPool:
             self._free.clear()
             self.held = 0
 
-    def trim(self) -> None:
-        """Let every free buffer go if none was taken since the last trim (idle)."""
-        with self._lock:
-            if not self.used:
-                self._free.clear()
-                self.held = 0
-            self.used = False
+
+SHARED = BufferPool(48 * 1024 * 1024)  # the process's: block bodies and chunk read-backs

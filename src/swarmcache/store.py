@@ -40,7 +40,7 @@ from typing import Any
 
 import msgpack
 
-from .buffers import BufferPool
+from . import buffers
 from .errors import ImageBusy, ImageNotFound, IntegrityError, StorageError, SwarmcacheError
 from .eviction import Candidate, plan_eviction
 from .manifest import (
@@ -64,7 +64,6 @@ from .manifest import (
 log = logging.getLogger(__name__)
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
 META_SAVE_INTERVAL = 30.0  # seconds between saves of access stats
-CHUNK_BUFFERS = BufferPool(32 * 1024 * 1024)  # read_chunk's buffers (see buffers.py)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -285,7 +284,7 @@ class CachedImage:
         """Chunk `index` read back from disk, for the `with` block only (hash it, don't
         keep it): the buffer is reused after it (see buffers.py). Blocking."""
         offset, length = self.manifest.span(index)
-        with CHUNK_BUFFERS.lend(length) as buf, memoryview(buf) as view:
+        with buffers.SHARED.lend(length) as buf, memoryview(buf) as view:
             got = 0
             fd = self._data_fd()
             while got < length:

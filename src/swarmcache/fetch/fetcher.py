@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .. import buffers
 from ..errors import (
     ImageBusy,
     ImageNotFound,
@@ -33,7 +34,7 @@ from ..manifest import Manifest
 from ..metrics import Metrics
 from ..origin import Origin
 from ..peers.swarm import Swarm
-from ..store import CHUNK_BUFFERS, Store
+from ..store import Store
 from .job import FetchJob
 
 log = logging.getLogger(__name__)
@@ -307,8 +308,8 @@ class Fetcher:
         finally:
             self.jobs.pop(image_id, None)
             self._tasks.pop(image_id, None)
-            if not self.jobs:  # no fetch reads chunks back now: let their buffers go
-                CHUNK_BUFFERS.clear()
+            if not self.jobs:  # nothing takes buffers until the next fetch: let them go
+                buffers.SHARED.clear()
         elapsed = time.monotonic() - job.started
         err = job.result.exception() if job.result.done() else None
         if err is None:

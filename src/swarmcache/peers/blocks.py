@@ -21,7 +21,7 @@ not: every size is bounded, anything unexpected ends the connection):
   about 100 of its 350 requests, each then cost a new connection);
 - a connection the peer closed while idle is noticed (it is dropped from the pool), and
   a request on one it closed at that very moment is sent again once on a fresh one;
-- bodies are received into buffers kept for reuse (buffers.BufferPool): the caller
+- bodies are received into buffers kept for reuse (buffers.SHARED): the caller
   hands a body back with `recycle` once it is written; a new 256 KiB bytearray per
   block is zero-filled and faults in 64 fresh pages.
 
@@ -35,13 +35,13 @@ import socket
 import time
 from collections.abc import Mapping
 
+from .. import buffers
 from ..buffers import BufferPool
 from ..httpfile import RCVLOWAT
 
 MAX_HEAD = 16 * 1024  # bytes of status line and headers a peer may send
 IDLE_KEEP = 15.0  # seconds an idle connection is kept for the next request
 IDLE_PER_PEER = 8  # idle connections kept per peer
-POOL_BYTES = 16 * 1024 * 1024  # bytes of free body buffers kept for reuse
 
 
 class BlockResponse:
@@ -233,7 +233,7 @@ class BlockClient:
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._busy: set[_Connection] = set()
         self.connections = 0  # opened so far (for tests and metrics)
-        self.pool = BufferPool(POOL_BYTES)
+        self.pool = buffers.SHARED
 
     async def get(
         self, host: str, port: int, path: str, headers: Mapping[str, str], length: int
@@ -311,9 +311,7 @@ class BlockClient:
 
     def sweep(self) -> None:
         """Close the connections idle for more than IDLE_KEEP (a peer never asked
-        again would otherwise keep them open as long as it likes), and let the free
-        buffers go if no block came since the last sweep."""
-        self.pool.trim()
+        again would otherwise keep them open as long as it likes)."""
         now = time.monotonic()
         for key, idle in list(self._idle.items()):
             keep = [c for c in idle if c.reusable(now)]
