@@ -26,7 +26,7 @@ from swarmcache.exchange import Exchange, Geometry, OriginLane
 from swarmcache.fetch.common import Tally, Wakeup
 from swarmcache.fetch.landing import Landing
 from swarmcache.fetch.origin_reads import OriginReads
-from swarmcache.manifest import Manifest, pieces_digest
+from swarmcache.manifest import Checksum, Manifest, pieces_digest
 from swarmcache.metrics import Metrics
 from swarmcache.origin import make_origin
 from swarmcache.store import CachedImage, Store
@@ -105,7 +105,7 @@ async def test_blocks_landing_in_any_order_seal_their_chunks_and_hash_the_image(
     assert sorted(b.reports.ready) == list(range(m.chunks))
     async with asyncio.timeout(10):
         await hasher
-    assert b.landing.sha256 == hashlib.sha256(b.data).hexdigest()
+    assert b.landing.image_hash == Checksum("sha256", hashlib.sha256(b.data).hexdigest())
     b.landing.finish()
     async with asyncio.timeout(10):
         await flusher
@@ -262,7 +262,7 @@ async def test_origin_reads_land_each_block_of_a_run_and_read_only_their_share(
     for block, digest, _ in b.reports.landed:
         assert digest == pieces_digest([block_bytes(b, block)])
     assert tally.by_source["origin"] == SIZE  # each byte read once
-    assert b.landing.sha256 == hashlib.sha256(b.data).hexdigest()
+    assert b.landing.image_hash == Checksum("sha256", hashlib.sha256(b.data).hexdigest())
 
 
 async def test_a_job_seals_a_chunk_whose_blocks_an_earlier_fetch_left_unsealed(

@@ -185,8 +185,8 @@ def test_no_import_cycle_in_the_runtime_package_but_the_known_ones(
 # lower floors' modules, never a higher floor's. The HTTP edge, then the fetch, then
 # peers and origins (the network), then the store, then pure logic and the basics.
 FLOORS: tuple[tuple[str, ...], ...] = (
-    ("swarmcache.__main__", "swarmcache.cli", "swarmcache.daemon"),
-    ("swarmcache.api", "swarmcache.peer_api"),
+    ("swarmcache.__main__", "swarmcache.cli", "swarmcache.daemon", "swarmcache.warm_view"),
+    ("swarmcache.api", "swarmcache.peer_api", "swarmcache.glance_api", "swarmcache.warm"),
     ("swarmcache.fetch",),
     ("swarmcache.peers", "swarmcache.origin", "swarmcache.discovery", "swarmcache.httpfile"),
     ("swarmcache.store", "swarmcache.eviction"),

@@ -22,7 +22,7 @@ from conftest import (
     sha256,
     start_daemon_process,
 )
-from swarmcache.manifest import Manifest, chunk_digest
+from swarmcache.manifest import Checksum, Manifest, chunk_digest
 from swarmcache.wire import Hello, Join, Slot, State, Subscribe, decode, encode
 
 MIB = 1024 * 1024
@@ -452,7 +452,9 @@ async def test_an_origin_sidecar_is_read_whole_and_bounded(oversize: bool) -> No
                 with pytest.raises(OriginInvalid, match="larger than"):
                     await origin.stat("img")
             else:
-                assert (await origin.stat("img")).sha256 == hashlib.sha256(data).hexdigest()
+                assert (await origin.stat("img")).checksum == Checksum(
+                    "sha256", hashlib.sha256(data).hexdigest()
+                )
 
 
 @contextlib.asynccontextmanager

@@ -12,6 +12,7 @@ from swarmcache.errors import ConfigError, IntegrityError, InvalidImageId, Range
 from swarmcache.eviction import Candidate, plan_eviction
 from swarmcache.manifest import (
     LOG_RECORD_SIZE,
+    Checksum,
     Manifest,
     bitmap_count,
     bitmap_get,
@@ -156,7 +157,13 @@ def test_chunk_geometry(size: int, chunk: int, count: int, last: tuple | None) -
 
 
 def test_manifest_roundtrip_and_etag() -> None:
-    m = Manifest("img", size=10, chunk_size=4, origin_sha256="a" * 64, origin_validator="v1")
+    m = Manifest(
+        "img",
+        size=10,
+        chunk_size=4,
+        origin_hash=Checksum("sha256", "a" * 64),
+        origin_validator="v1",
+    )
     assert m.digest(1) is None
     m.set_digest(1, chunk_digest(b"abcd"))
     back = Manifest.decode(m.encode())
@@ -164,7 +171,13 @@ def test_manifest_roundtrip_and_etag() -> None:
     assert back.digest(1) == chunk_digest(b"abcd")
     assert m.etag == back.etag
     assert m.same_source(back)
-    other = Manifest("img", size=10, chunk_size=4, origin_sha256="b" * 64, origin_validator="v1")
+    other = Manifest(
+        "img",
+        size=10,
+        chunk_size=4,
+        origin_hash=Checksum("sha256", "b" * 64),
+        origin_validator="v1",
+    )
     assert m.etag != other.etag
     assert not m.same_source(other)
 
@@ -193,7 +206,7 @@ def test_manifest_decode_rejects_wrong_digest_count_and_bad_id() -> None:
         {"id": "../x"},
         {"v": 99},
         {"size": -1},
-        {"sha256": "zz"},
+        {"image_hash": "sha256:zz"},
     ):
         with pytest.raises(IntegrityError):
             Manifest.decode(msgpack.packb({**good, **change}))
@@ -357,6 +370,49 @@ def test_manifest_with_blocks_round_trips_and_version_1_still_loads() -> None:
     )
     old = Manifest.decode(v1)
     assert (old.block_size, old.blocks, list(old.blocks_of(0))) == (0, 0, [])
+
+
+def test_version_2_manifest_reads_its_sha256_hex_as_checksums() -> None:
+    """A cache written before "algo:hex" hashes survives the upgrade: its sha256 hex
+    digests become sha256 Checksums, and it is the same source as before."""
+    new = Manifest(
+        "img", size=10, chunk_size=4, origin_hash=Checksum("sha256", "a" * 64), complete=True
+    )
+    new.image_hash = Checksum("sha256", "a" * 64)
+    obj = msgpack.unpackb(new.encode())
+    del obj["origin_hash"], obj["image_hash"]
+    obj.update(v=2, origin_sha256="a" * 64, sha256="a" * 64)
+    old = Manifest.decode(msgpack.packb(obj, use_bin_type=True))
+    assert old == new
+    assert old.same_source(new)
+    assert old.etag == new.etag
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("sha512:" + "ab" * 64, None),
+        ("md5:" + "0" * 32, None),
+        ("sha256:" + "A" * 64, "not a sha256 hex digest"),  # Glance and sha256sum write lower case
+        ("sha512:" + "ab" * 32, "not a sha512 hex digest"),
+        ("crc32:00000000", "unsupported hash algorithm"),
+        ("ab" * 32, "expected 'algo:hex'"),
+        ("sha256:", "not a sha256 hex digest"),
+    ],
+)
+def test_checksum_text_form(text: str, problem: str | None) -> None:
+    if problem is None:
+        assert str(Checksum.parse(text)) == text
+    else:
+        with pytest.raises(ValueError, match=problem):
+            Checksum.parse(text)
+
+
+def test_manifest_from_a_peer_with_a_bad_checksum_is_an_integrity_error() -> None:
+    obj = msgpack.unpackb(Manifest("img", size=8192, chunk_size=4096).encode())
+    obj["origin_hash"] = "sha512:" + "zz" * 64
+    with pytest.raises(IntegrityError, match="sha512 hex digest"):
+        Manifest.decode(msgpack.packb(obj, use_bin_type=True))
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 from swarmcache import buffers
 from swarmcache.buffers import BufferPool
 from swarmcache.errors import IntegrityError, StorageError
-from swarmcache.manifest import LOG_RECORD_SIZE, Manifest, chunk_digest
+from swarmcache.manifest import LOG_RECORD_SIZE, Checksum, Manifest, chunk_digest
 from swarmcache.store import Store, pwrite_all
 
 CHUNK = 64 * 1024
@@ -59,14 +59,14 @@ def test_reload_keeps_logged_chunks_and_cuts_torn_tail(tmp_path: Path) -> None:
     image.sync_chunks([1, 3])
     sha = hashlib.sha256(b"".join(_chunk(i) for i in range(4))).hexdigest()
     assert hashlib.sha256(image.data_path.read_bytes()).hexdigest() == sha
-    image.mark_complete(sha)
+    image.mark_complete(Checksum("sha256", sha))
     assert not log.exists()
     store.close()
 
     store = Store(tmp_path, 1 << 30)
     store.open()
     assert store.images["img"].complete
-    assert store.images["img"].manifest.sha256 == sha
+    assert store.images["img"].manifest.image_hash == Checksum("sha256", sha)
     store.close()
 
 
@@ -162,7 +162,7 @@ def test_durability_order_data_then_log_then_manifest(
     assert events.index(("write", "chunks.log")) < events.index(("fdatasync", "chunks.log"))
     assert image.present_chunks == 2
     events.clear()
-    image.mark_complete(hashlib.sha256(_chunk(0) + _chunk(1)).hexdigest())
+    image.mark_complete(Checksum("sha256", hashlib.sha256(_chunk(0) + _chunk(1)).hexdigest()))
     assert events[0] == ("fdatasync", "data")
     assert events.index(("rename", "manifest")) > events.index(("fdatasync", "data"))
     fsynced_tmp = [e for e in events if e[0] == "fsync" and e[1].startswith(".manifest")]
@@ -313,7 +313,7 @@ def test_a_complete_image_from_before_blocks_gets_them_once(tmp_path: Path) -> N
     image.write_chunk(0, data[:CHUNK], chunk_digest(data[:CHUNK]))
     image.write_chunk(1, data[CHUNK:], chunk_digest(data[CHUNK:]))
     image.sync_chunks([0, 1])
-    image.mark_complete(hashlib.sha256(data).hexdigest())
+    image.mark_complete(Checksum("sha256", hashlib.sha256(data).hexdigest()))
     assert image.manifest.block_size == 0
     image.ensure_blocks(BLOCK)
     store.close()

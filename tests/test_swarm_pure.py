@@ -6,7 +6,7 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from swarmcache.manifest import Manifest
+from swarmcache.manifest import Checksum, Manifest
 from swarmcache.peers.table import DOWN_AFTER, PeerTable
 from swarmcache.wire import (
     MAX_MESSAGE,
@@ -29,7 +29,13 @@ from swarmcache.wire import (
 
 
 def _manifest() -> Manifest:
-    m = Manifest("img", size=10 * 1024, chunk_size=2048, origin_sha256="a" * 64, block_size=1024)
+    m = Manifest(
+        "img",
+        size=10 * 1024,
+        chunk_size=2048,
+        origin_hash=Checksum("sha256", "a" * 64),
+        block_size=1024,
+    )
     m.set_digest(3, b"\x07" * 16)
     m.set_block_digest(7, b"\x09" * 16)
     return m

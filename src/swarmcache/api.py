@@ -27,7 +27,7 @@ from .errors import (
 )
 from .fetch import Fetcher, FetchJob
 from .httpfile import sendfile
-from .manifest import Manifest, validate_image_id
+from .manifest import Checksum, Manifest, validate_image_id
 from .metrics import CONTENT_TYPE, Metrics
 from .peers.swarm import Swarm
 from .ranges import parse_range
@@ -136,8 +136,7 @@ def describe(fetcher: Fetcher, image_id: str, *, progress: bool) -> dict[str, An
             hits=image.hits,
             pinned=image.pinned,
             readers=image.readers,
-            sha256=m.sha256,
-            origin_sha256=m.origin_sha256,
+            **_hashes(m.image_hash, m.origin_hash),
         )
     else:  # a failure with nothing cached: the same keys, nothing known
         assert failure is not None
@@ -151,8 +150,7 @@ def describe(fetcher: Fetcher, image_id: str, *, progress: bool) -> dict[str, An
             hits=0,
             pinned=False,
             readers=0,
-            sha256=None,
-            origin_sha256=None,
+            **_hashes(None, None),
         )
     if failure is not None and out["state"] == "failed":
         out["error"] = {
@@ -163,6 +161,21 @@ def describe(fetcher: Fetcher, image_id: str, *, progress: bool) -> dict[str, An
     if progress and job is not None:
         out["fetch"] = job.progress()
     return out
+
+
+def _hashes(image_hash: Checksum | None, origin_hash: Checksum | None) -> dict[str, Any]:
+    """The whole-image hashes as "algo:hex", and as sha256 hex (the older keys) when
+    that is the algorithm."""
+
+    def sha256(c: Checksum | None) -> str | None:
+        return c.hex if c is not None and c.algo == "sha256" else None
+
+    return {
+        "hash": None if image_hash is None else str(image_hash),
+        "origin_hash": None if origin_hash is None else str(origin_hash),
+        "sha256": sha256(image_hash),
+        "origin_sha256": sha256(origin_hash),
+    }
 
 
 async def empty_id(request: web.Request) -> web.Response:
@@ -294,29 +307,53 @@ async def get_image(request: web.Request) -> web.StreamResponse:
                 manifest = image.manifest
                 byte_range = _requested_range(request, manifest)
     size = manifest.size
-    start, end = byte_range if byte_range is not None else (0, size - 1)
-    resp = web.StreamResponse(status=206 if byte_range is not None else 200)
-    resp.content_type = "application/octet-stream"
-    resp.content_length = end - start + 1 if size else 0
+    resp, start, end = image_response(size, byte_range)
     resp.headers["Accept-Ranges"] = "bytes"
     resp.headers["ETag"] = manifest.etag
-    if byte_range is not None:
-        resp.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
     if head or image is None or size == 0:
         if job is not None and not head:
             await job.wait_verified()  # an empty image is checked like any other
         await resp.prepare(request)
         await resp.write_eof()
         return resp
+    await send_image(request, resp, fetcher, image, job, manifest, start, end)
+    return resp
+
+
+def image_response(
+    size: int, byte_range: tuple[int, int] | None
+) -> tuple[web.StreamResponse, int, int]:
+    """(response, first byte, last byte) for all of an image or one range of it: 200 or
+    206, application/octet-stream, Content-Length, Content-Range."""
+    start, end = byte_range if byte_range is not None else (0, size - 1)
+    resp = web.StreamResponse(status=206 if byte_range is not None else 200)
+    resp.content_type = "application/octet-stream"
+    resp.content_length = end - start + 1 if size else 0
+    if byte_range is not None:
+        resp.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    return resp, start, end
+
+
+async def send_image(
+    request: web.Request,
+    resp: web.StreamResponse,
+    fetcher: Fetcher,
+    image: CachedImage,
+    job: FetchJob | None,
+    manifest: Manifest,
+    start: int,
+    end: int,
+) -> None:
+    """Send bytes start..end of an image as `resp` (headers set by the caller), from the
+    cache or following `job`; counted as a read (a reader blocks eviction meanwhile)."""
     image.readers += 1
     try:
         await _send_image(request, resp, image, job, manifest, start, end)
     finally:
         image.readers -= 1
-        if image.touch(time.time()) and store.get(image_id) is image:
+        if image.touch(time.time()) and fetcher.store.get(image.image_id) is image:
             # not awaited: the response is done, and the client may already be gone
             fetcher.in_background(_save_meta_quietly, image)
-    return resp
 
 
 def _requested_range(request: web.Request, manifest: Manifest) -> tuple[int, int] | None:

@@ -121,6 +121,31 @@ def build_parser() -> argparse.ArgumentParser:
         "measured transfer rate.",
     )
     peers.add_argument("--json", action="store_true", help="print the API's JSON")
+    w = sub_parser(
+        "warm",
+        help="pre-warm images on this host, a list of hosts, or every host",
+        description="Fetch images into caches ahead of a rollout. The daemon this "
+        "command talks to runs the job: every host starts on an image at once, so the "
+        "origin sends it about once however many hosts warm it. Without --wait the "
+        "job id is printed (follow it with GET /v1/warm/JOB); with --wait a live "
+        "per-host view is drawn and the exit status is 1 if anything failed.",
+    )
+    w.add_argument("image_ids", metavar="ID", nargs="*", help="image ids")
+    w.add_argument(
+        "--from-file",
+        metavar="FILE",
+        help="more image ids, one per line ('-' = stdin; blank lines and # comments skipped)",
+    )
+    w.add_argument(
+        "--hosts",
+        metavar="all|HOST:PORT,...",
+        help="'all' (this host and every peer it knows) or a comma-separated list of "
+        "daemon API addresses (default: this host only)",
+    )
+    w.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    w.add_argument(
+        "--json", action="store_true", help="print the API's JSON (with --wait: at the end)"
+    )
     return p
 
 
@@ -188,9 +213,12 @@ class Client:
     def __init__(self, base: str) -> None:
         self.base = base.rstrip("/")
 
-    def open(self, method: str, path: str) -> Any:
-        """Send a request; raise CliError with the daemon's message on an error status."""
-        req = urllib.request.Request(self.base + path, method=method)
+    def open(self, method: str, path: str, body: Any = None) -> Any:
+        """Send a request (`body` as JSON); raise CliError with the daemon's message on
+        an error status."""
+        data = None if body is None else json.dumps(body).encode()
+        headers = {} if body is None else {"Content-Type": "application/json"}
+        req = urllib.request.Request(self.base + path, data=data, headers=headers, method=method)
         try:
             return urllib.request.urlopen(req, timeout=60)
         except urllib.error.HTTPError as err:
@@ -201,9 +229,9 @@ class Client:
                 f"cannot reach the daemon at {self.base}: {reason}", EXIT_UNREACHABLE
             ) from None
 
-    def json(self, method: str, path: str) -> Any:
+    def json(self, method: str, path: str, body: Any = None) -> Any:
         """Send a request and decode the JSON answer."""
-        with self.open(method, path) as resp:
+        with self.open(method, path, body) as resp:
             return json.load(resp)
 
 
@@ -361,8 +389,8 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
         "last_access",
         "pinned",
         "readers",
-        "sha256",
-        "origin_sha256",
+        "hash",
+        "origin_hash",
     ):
         if key in data:
             print(f"{key:15} {_show(key, data[key])}")
@@ -431,6 +459,47 @@ def _table(rows: Sequence[tuple[str, ...]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
+def _warm_ids(args: argparse.Namespace) -> list[str]:
+    ids = list(args.image_ids)
+    if args.from_file:
+        try:
+            if args.from_file == "-":
+                text = sys.stdin.read()
+            else:
+                with open(args.from_file, encoding="utf-8") as f:
+                    text = f.read()
+        except OSError as err:
+            raise CliError(f"cannot read {args.from_file}: {err.strerror}", EXIT_USAGE) from None
+        for line in text.splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                ids.append(line)
+    if not ids:
+        raise CliError("no image ids (give IDs or --from-file FILE)", EXIT_USAGE)
+    return ids
+
+
+def cmd_warm(client: Client, args: argparse.Namespace) -> int:
+    """swarmcache warm."""
+    body: dict[str, Any] = {"images": _warm_ids(args)}
+    if args.hosts:
+        hosts = args.hosts.strip()
+        body["hosts"] = "all" if hosts == "all" else [h.strip() for h in hosts.split(",") if h]
+    job = client.json("POST", "/v1/warm", body)
+    if not args.wait:
+        if args.json:
+            print(json.dumps(job, indent=2))
+        else:
+            print(job["job"])
+        return EXIT_OK
+    from .warm_view import follow
+
+    job = follow(client.json, job, quiet=args.json)
+    if args.json:
+        print(json.dumps(job, indent=2))
+    return EXIT_FAILED if job["state"] == "failed" else EXIT_OK
+
+
 COMMANDS = {
     "fetch": cmd_fetch,
     "ls": cmd_ls,
@@ -439,4 +508,5 @@ COMMANDS = {
     "pin": cmd_pin,
     "unpin": cmd_pin,
     "peers": cmd_peers,
+    "warm": cmd_warm,
 }

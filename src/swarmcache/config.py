@@ -127,6 +127,11 @@ def _listen(value: object) -> str:
     return text
 
 
+def _listen_or_off(value: object) -> str:
+    """host:port, or "" (off)."""
+    return _listen(value) if value != "" else ""
+
+
 def _str_list(value: object) -> tuple[str, ...]:
     """A TOML array of strings, or (from the environment) a comma-separated string."""
     if isinstance(value, str):
@@ -167,7 +172,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
         "chunk_size": (_positive(parse_size), parse_size("4MiB")),
     },
     "origin": {
-        "kind": (_choice("http", "directory"), "http"),
+        "kind": (_choice("http", "directory", "glance"), "http"),
         "url": (_parse_str, "http://origin.example:8080/images/{image_id}"),
         "path": (_parse_str, "/srv/images"),
         "concurrency": (_positive(_parse_int), 4),
@@ -177,6 +182,16 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
         "read_timeout": (_positive(parse_duration), 30.0),
         "min_rate": (_positive(parse_size), parse_size("1MiB")),
         "checksum_sidecar": (_parse_bool, True),
+        # kind=glance: a token in a file, or Keystone v3 (secrets from files only)
+        "token_file": (_parse_str, ""),
+        "auth_url": (_parse_str, ""),
+        "username": (_parse_str, ""),
+        "password_file": (_parse_str, ""),
+        "user_domain_name": (_parse_str, "Default"),
+        "project_name": (_parse_str, ""),
+        "project_domain_name": (_parse_str, "Default"),
+        "application_credential_id": (_parse_str, ""),
+        "application_credential_secret_file": (_parse_str, ""),
     },
     "discovery": {
         "mdns": (_parse_bool, True),
@@ -189,6 +204,12 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
         "quarantine": (_positive(parse_duration), 300.0),
         "degree": (_positive(_parse_int), 12),
         "block_size": (_positive(parse_size), parse_size("256KiB")),
+    },
+    "glance_api": {
+        "listen": (_listen_or_off, ""),
+    },
+    "warm": {
+        "concurrency": (_positive(_parse_int), 2),
     },
 }
 
@@ -229,7 +250,7 @@ class CacheConfig:
 class OriginConfig:
     """[origin]: where images come from when nobody nearer has them."""
 
-    kind: Literal["http", "directory"] = "http"
+    kind: Literal["http", "directory", "glance"] = "http"
     url: str = "http://origin.example:8080/images/{image_id}"
     path: Path = Path("/srv/images")
     concurrency: int = 4
@@ -239,6 +260,15 @@ class OriginConfig:
     read_timeout: float = 30.0
     min_rate: int = 1024**2
     checksum_sidecar: bool = True
+    token_file: str = ""
+    auth_url: str = ""
+    username: str = ""
+    password_file: str = ""
+    user_domain_name: str = "Default"
+    project_name: str = ""
+    project_domain_name: str = "Default"
+    application_credential_id: str = ""
+    application_credential_secret_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -262,6 +292,20 @@ class PeersConfig:
 
 
 @dataclass(frozen=True)
+class GlanceApiConfig:
+    """[glance_api]: the Glance-compatible endpoint for nova-compute and the clients."""
+
+    listen: str = ""  # host:port; "" = off
+
+
+@dataclass(frozen=True)
+class WarmConfig:
+    """[warm]: pre-warming caches across hosts."""
+
+    concurrency: int = 2  # images one daemon warms at once
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole, validated configuration."""
 
@@ -270,6 +314,8 @@ class Config:
     origin: OriginConfig = field(default_factory=OriginConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     peers: PeersConfig = field(default_factory=PeersConfig)
+    glance_api: GlanceApiConfig = field(default_factory=GlanceApiConfig)
+    warm: WarmConfig = field(default_factory=WarmConfig)
     source: str = "<defaults>"
 
 
@@ -333,6 +379,12 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str], source: str) ->
         raise ConfigError(source, "origin.url", "must contain {image_id}")
     if origin["kind"] == "http" and not origin["url"].startswith(("http://", "https://")):
         raise ConfigError(source, "origin.url", "must start with http:// or https://")
+    if origin["kind"] == "glance":
+        _check_glance(source, origin)
+    if values["glance_api"]["listen"] and origin["kind"] != "glance":
+        raise ConfigError(
+            source, "glance_api.listen", 'needs origin.kind = "glance" (it passes requests to it)'
+        )
     if origin["retries"] < 0:
         raise ConfigError(source, "origin.retries", "must not be negative")
     return Config(
@@ -343,8 +395,44 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str], source: str) ->
         origin=OriginConfig(**{**origin, "path": Path(origin["path"])}),
         discovery=DiscoveryConfig(**values["discovery"]),
         peers=PeersConfig(**values["peers"]),
+        glance_api=GlanceApiConfig(**values["glance_api"]),
+        warm=WarmConfig(**values["warm"]),
         source=source,
     )
+
+
+def _check_glance(source: str, origin: dict[str, Any]) -> None:
+    """kind=glance: an endpoint URL, and at most one complete way to authenticate."""
+    url = origin["url"]
+    if not url.startswith(("http://", "https://")) or "{image_id}" in url:
+        raise ConfigError(
+            source, "origin.url", "must be the Glance endpoint, e.g. http://glance.example:9292"
+        )
+    keystone = ("username", "password_file", "application_credential_id")
+    if origin["token_file"] and (origin["auth_url"] or any(origin[k] for k in keystone)):
+        raise ConfigError(source, "origin.token_file", "use a token_file or Keystone, not both")
+    if not origin["auth_url"]:
+        for key in (*keystone, "application_credential_secret_file"):
+            if origin[key]:
+                raise ConfigError(source, f"origin.{key}", "needs origin.auth_url")
+        return
+    if origin["application_credential_id"]:
+        if not origin["application_credential_secret_file"]:
+            raise ConfigError(
+                source, "origin.application_credential_secret_file", "is required with an id"
+            )
+        if origin["username"] or origin["password_file"]:
+            raise ConfigError(
+                source, "origin.username", "use a password or an application credential, not both"
+            )
+        return
+    for key in ("username", "password_file"):
+        if not origin[key]:
+            raise ConfigError(
+                source,
+                f"origin.{key}",
+                "is required with auth_url (or use application_credential_id)",
+            )
 
 
 def _parse(source: str, section: str, key: str, value: object) -> Any:

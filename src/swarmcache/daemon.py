@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import secrets
 import signal
+import socket
 from collections.abc import AsyncIterator, Iterable
 
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from . import peer_api
+from . import peer_api, warm
 from .api import (
     FETCHER,
     METRICS,
@@ -27,6 +29,7 @@ from .config import Config
 from .discovery import Discovery, interface_addresses
 from .errors import StartupError
 from .fetch import Fetcher
+from .glance_api import build_glance_app
 from .metrics import Metrics, gauge
 from .origin import make_origin
 from .peers.swarm import Swarm
@@ -34,6 +37,8 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 CONFIG = web.AppKey("config", Config)
+# host:port the Glance-compatible endpoint listens on (its port, when listen asked for 0)
+GLANCE_ADDRESS = web.AppKey("glance_address", str)
 
 
 def build_app(config: Config) -> web.Application:
@@ -45,9 +50,12 @@ def build_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_swarm_ctx)
     app.cleanup_ctx.append(_fetcher_ctx)
     app.cleanup_ctx.append(_discovery_ctx)
+    app.cleanup_ctx.append(_warmer_ctx)
+    app.cleanup_ctx.append(_glance_api_ctx)
     app.on_shutdown.append(_stop_fetches)
     add_routes(app)
     peer_api.add_routes(app)
+    warm.add_routes(app)
     return app
 
 
@@ -170,6 +178,34 @@ async def _fetcher_ctx(app: web.Application) -> AsyncIterator[None]:
             await fetcher.close()
 
 
+async def _warmer_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with warm.Warmer(app[FETCHER], app[SWARM], app[CONFIG].warm.concurrency) as warmer:
+        app[warm.WARMER] = warmer
+        yield
+
+
+async def _glance_api_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The Glance-compatible endpoint on its own address ([glance_api] listen)."""
+    config = app[CONFIG]
+    if not config.glance_api.listen:
+        yield
+        return
+    runner = _runner(build_glance_app(config, app), config)
+    await runner.setup()
+    try:
+        await _listen(runner, config.glance_api.listen, "glance_api.listen")
+        host, port = runner.addresses[0][:2]
+        app[GLANCE_ADDRESS] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        log.info(
+            "Glance-compatible endpoint on http://%s (Glance at %s)",
+            app[GLANCE_ADDRESS],
+            config.origin.url,
+        )
+        yield
+    finally:
+        await runner.cleanup()
+
+
 async def _stop_fetches(app: web.Application) -> None:
     # on_shutdown runs before aiohttp waits for open requests: readers waiting on a
     # fetch are cut short at once instead of holding the stop for shutdown_timeout.
@@ -190,6 +226,26 @@ def _state_metrics(fetcher: Fetcher) -> Iterable[Metric]:
     yield gauge("swarmcache_images", "Images by state", labelled=states, label="state")
 
 
+def sd_notify(message: str, env: dict[str, str] | None = None) -> bool:
+    """Tell systemd (Type=notify) about our state through $NOTIFY_SOCKET, if it is set.
+
+    The protocol is one datagram on a Unix socket (an abstract one when the path
+    starts with "@"); small enough to speak without a library. False if not sent.
+    """
+    path = (os.environ if env is None else env).get("NOTIFY_SOCKET", "")
+    if not path:
+        return False
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as err:
+        log.warning("cannot notify systemd at %s: %s", path, err)
+        return False
+    return True
+
+
 def run(config: Config) -> None:
     """Serve until SIGINT/SIGTERM."""
     logging.basicConfig(
@@ -199,27 +255,33 @@ def run(config: Config) -> None:
     asyncio.run(serve(config))
 
 
-async def serve(config: Config) -> None:
-    """Start every part, listen, wait for SIGINT/SIGTERM, then stop in reverse order."""
+def _runner(app: web.Application, config: Config) -> web.AppRunner:
     # handler_cancellation: a client that hangs up stops its handler, so it no longer
     # counts as a reader (which would block DELETE and eviction) or waits on a fetch.
-    runner = web.AppRunner(
-        build_app(config),
+    return web.AppRunner(
+        app,
         access_log=logging.getLogger("swarmcache.access") if config.daemon.access_log else None,
         access_log_class=AccessLog,
         shutdown_timeout=5,
         handler_cancellation=True,
     )
+
+
+async def _listen(runner: web.AppRunner, listen: str, key: str) -> None:
+    """Start listening on host:port (StartupError naming the config key if we cannot)."""
+    host, _, port = listen.rpartition(":")
+    try:
+        await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+    except OSError as err:
+        raise StartupError(f"cannot listen on {listen} ({key}): {err.strerror or err}") from None
+
+
+async def serve(config: Config) -> None:
+    """Start every part, listen, wait for SIGINT/SIGTERM, then stop in reverse order."""
+    runner = _runner(build_app(config), config)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.daemon.host, config.daemon.port)
-        try:
-            await site.start()
-        except OSError as err:
-            reason = err.strerror or str(err)
-            raise StartupError(
-                f"cannot listen on {config.daemon.listen} (daemon.listen): {reason}"
-            ) from None
+        await _listen(runner, config.daemon.listen, "daemon.listen")
         log.info(
             "swarmcache listening on http://%s (cache %s, origin %s)",
             config.daemon.listen,
@@ -230,7 +292,9 @@ async def serve(config: Config) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        sd_notify("READY=1\nSTATUS=listening on " + config.daemon.listen)
         await stop.wait()
         log.info("swarmcache stopping")
+        sd_notify("STOPPING=1")
     finally:
         await runner.cleanup()

@@ -59,6 +59,13 @@ class ImageNotFound(SwarmcacheError, LookupError):
     error = "image not found"
 
 
+class NotFound(SwarmcacheError, LookupError):
+    """A thing the API names (a warm job) does not exist."""
+
+    status = 404
+    error = "not found"
+
+
 class ImageBusy(SwarmcacheError):
     """The image is being read or fetched, so it cannot be removed now."""
 
@@ -131,6 +138,26 @@ class OriginChanged(OriginError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail, retryable=False)
+
+
+class OriginDenied(OriginError):
+    """The origin refused our credentials (401 after a renewed token, or 403)."""
+
+    error = "origin refused access"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, retryable=False)
+
+
+class ImageNotActive(OriginError):
+    """The origin has the image but will not serve its bytes yet (Glance: not active)."""
+
+    status = 409
+    error = "image not active"
+
+    def __init__(self, detail: str, image_status: str) -> None:
+        super().__init__(detail, retryable=False)
+        self.image_status = image_status
 
 
 class OriginTimeout(OriginError, asyncio.TimeoutError):

@@ -3,8 +3,10 @@
 A manifest describes one image: its size, how it is cut into chunks (the unit of
 verification and durability) and chunks into blocks (the unit of transfer between
 hosts), the xxh3-128 digest of every chunk and of every block (known once fetched
-and checked), the whole-image sha256 and the checksum the origin publishes. It
-travels as msgpack, always decoded with size limits, because it comes from peers.
+and checked), the checksum the origin publishes for the whole image (sha256 from a
+sidecar, Glance's os_hash_value or md5 checksum) and the same hash of what was
+fetched, each written "algo:hex" (see `Checksum`). It travels as msgpack, always
+decoded with size limits, because it comes from peers.
 A manifest written before blocks existed (version 1) has `block_size` 0 and no
 block digests; they are worked out from the data when they are first needed.
 
@@ -15,6 +17,7 @@ or corrupt tail record (a crash mid-append) fails its own checksum and is droppe
 
 from __future__ import annotations
 
+import hashlib
 import re
 import struct
 from collections.abc import Iterable, Iterator, Sequence
@@ -28,7 +31,9 @@ from .errors import IntegrityError, InvalidImageId
 
 IMAGE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DIGEST_SIZE = 16  # xxh3-128
-MANIFEST_VERSION = 2  # 2: block_size and block digests; version 1 is still read
+# 2: block_size and block digests; 3: "algo:hex" whole-image hashes instead of sha256
+# hex (versions 1 and 2 are still read: caches survive an upgrade)
+MANIFEST_VERSION = 3
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # 4M chunks: a 16 TiB image at 4 MiB chunks
 _NO_DIGEST = bytes(DIGEST_SIZE)
 
@@ -42,6 +47,42 @@ def validate_image_id(image_id: str) -> str:
             "starting with a letter or digit"
         )
     return image_id
+
+
+# Whole-image hash algorithms an origin may name (Glance's os_hash_algo is any of
+# hashlib's; these are the ones a host can count on having).
+HASH_ALGORITHMS = frozenset(
+    ("md5", "sha1", "sha224", "sha256", "sha384", "sha512", "sha3_256", "sha3_512", "blake2b")
+)
+DEFAULT_HASH = "sha256"  # what a fetch computes when the origin publishes no checksum
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """A whole-image hash: an algorithm of HASH_ALGORITHMS and its lower-case hex digest."""
+
+    algo: str
+    hex: str
+
+    def __post_init__(self) -> None:
+        if self.algo not in HASH_ALGORITHMS:
+            raise ValueError(f"unsupported hash algorithm {self.algo!r}")
+        width = hashlib.new(self.algo).digest_size * 2
+        if not re.fullmatch(f"[0-9a-f]{{{width}}}", self.hex):
+            raise ValueError(f"not a {self.algo} hex digest: {self.hex[:200]!r}")
+
+    @classmethod
+    def parse(cls, text: str) -> Checksum:
+        """Read the "algo:hex" form (ValueError if it is not one)."""
+        if not isinstance(text, str):
+            raise ValueError(f"expected 'algo:hex', got {text!r}")
+        algo, sep, hexdigest = text.partition(":")
+        if not sep:
+            raise ValueError(f"expected 'algo:hex', got {text[:200]!r}")
+        return cls(algo, hexdigest)
+
+    def __str__(self) -> str:
+        return f"{self.algo}:{self.hex}"
 
 
 Buffer = bytes | bytearray | memoryview
@@ -112,9 +153,9 @@ class Manifest:
     image_id: str
     size: int
     chunk_size: int
-    origin_sha256: str | None = None
+    origin_hash: Checksum | None = None  # the origin's checksum of the whole image
     origin_validator: str = ""
-    sha256: str | None = None
+    image_hash: Checksum | None = None  # the same hash of the bytes fetched, once complete
     complete: bool = False
     digests: bytearray = field(default_factory=bytearray)
     block_size: int = 0  # 0: not cut into blocks yet (a version 1 manifest)
@@ -176,7 +217,7 @@ class Manifest:
     @property
     def etag(self) -> str:
         """A strong ETag that is the same for partial and complete copies of this image."""
-        basis = self.origin_sha256 or f"{self.size}:{self.origin_validator}"
+        basis = str(self.origin_hash or f"{self.size}:{self.origin_validator}")
         return '"' + xxhash.xxh3_64_hexdigest(f"{self.image_id}\0{basis}".encode()) + '"'
 
     def same_source(self, other: Manifest) -> bool:
@@ -185,7 +226,15 @@ class Manifest:
         return (
             self.size == other.size
             and self.chunk_size == other.chunk_size
-            and self.origin_sha256 == other.origin_sha256
+            and self.origin_hash == other.origin_hash
+            and self.origin_validator == other.origin_validator
+        )
+
+    def same_version(self, other: Manifest) -> bool:
+        """True if both describe the same bytes at the origin (however they are cut)."""
+        return (
+            self.size == other.size
+            and self.origin_hash == other.origin_hash
             and self.origin_validator == other.origin_validator
         )
 
@@ -197,9 +246,9 @@ class Manifest:
                 "id": self.image_id,
                 "size": self.size,
                 "chunk_size": self.chunk_size,
-                "origin_sha256": self.origin_sha256,
+                "origin_hash": _str_or_none(self.origin_hash),
                 "origin_validator": self.origin_validator,
-                "sha256": self.sha256,
+                "image_hash": _str_or_none(self.image_hash),
                 "complete": self.complete,
                 "digests": bytes(self.digests),
                 "block_size": self.block_size,
@@ -231,7 +280,7 @@ class Manifest:
 
     @classmethod
     def _from_obj(cls, obj: Any) -> Manifest:
-        if not isinstance(obj, dict) or obj.get("v") not in (1, MANIFEST_VERSION):
+        if not isinstance(obj, dict) or obj.get("v") not in (1, 2, MANIFEST_VERSION):
             raise ValueError("unsupported manifest version")
         size, chunk_size = obj["size"], obj["chunk_size"]
         if (
@@ -256,16 +305,19 @@ class Manifest:
             raise ValueError("chunk_size is not a multiple of block_size")
         if len(block_digests) != (DIGEST_SIZE * chunk_count(size, block_size) if block_size else 0):
             raise ValueError("block digest list does not match the block count")
-        for key in ("origin_sha256", "sha256"):
-            if obj[key] is not None and not re.fullmatch(r"[0-9a-f]{64}", obj[key]):
-                raise ValueError(f"{key} is not a sha256 hex digest")
+        if obj["v"] < 3:  # sha256 hex digests then
+            origin_hash = _sha256_or_none(obj["origin_sha256"])
+            image_hash = _sha256_or_none(obj["sha256"])
+        else:
+            origin_hash = _checksum_or_none(obj["origin_hash"])
+            image_hash = _checksum_or_none(obj["image_hash"])
         return cls(
             image_id=validate_image_id(obj["id"]),
             size=size,
             chunk_size=chunk_size,
-            origin_sha256=obj["origin_sha256"],
+            origin_hash=origin_hash,
             origin_validator=str(obj["origin_validator"]),
-            sha256=obj["sha256"],
+            image_hash=image_hash,
             complete=bool(obj["complete"]),
             digests=bytearray(digests),
             block_size=block_size,
@@ -275,8 +327,20 @@ class Manifest:
     def restarted(self) -> Manifest:
         """A copy with no chunk known, for a fresh fetch of the same image."""
         return replace(
-            self, sha256=None, complete=False, digests=bytearray(), block_digests=bytearray()
+            self, image_hash=None, complete=False, digests=bytearray(), block_digests=bytearray()
         )
+
+
+def _str_or_none(value: Checksum | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def _checksum_or_none(value: Any) -> Checksum | None:
+    return None if value is None else Checksum.parse(value)
+
+
+def _sha256_or_none(value: Any) -> Checksum | None:
+    return None if value is None else Checksum("sha256", value)
 
 
 # Chunk log: <index:u32><digest:16 bytes><xxh32 of the previous 20 bytes:u32>

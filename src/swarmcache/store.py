@@ -14,7 +14,7 @@ commit: fdatasync of the data file *before* the chunks' log records are appended
 and fsynced, so after a crash at any moment every logged chunk is on disk; a chunk
 whose record did not make it is simply fetched again. After a restart a logged
 chunk is re-checked against its digest before it is readable. An image becomes
-complete (after the fetcher checked its sha256) with a last fdatasync and an atomic
+complete (after the fetcher checked its whole-image hash) with a last fdatasync and an atomic
 manifest that carries all digests; the log is then removed.
 
 Blocking calls here are synchronous on purpose: the async callers run them in a
@@ -47,6 +47,7 @@ from .manifest import (
     DIGEST_SIZE,
     LOG_RECORD_SIZE,
     Buffer,
+    Checksum,
     Manifest,
     Pieces,
     bitmap_count,
@@ -349,15 +350,15 @@ class CachedImage:
             m.block_size = block_size
             self.blocks_ready = bitmap_new(m.blocks)
 
-    def mark_complete(self, sha256: str) -> None:
+    def mark_complete(self, image_hash: Checksum) -> None:
         """Make every byte durable, persist the verified manifest, drop the log. Blocking."""
         try:
             os.fdatasync(self._data_fd())
         except OSError as err:
             raise _storage_error(f"cannot make {self.image_id} durable", err) from err
-        done = dataclasses.replace(self.manifest, sha256=sha256, complete=True)
+        done = dataclasses.replace(self.manifest, image_hash=image_hash, complete=True)
         write_atomic(self.path / "manifest", done.encode())
-        self.manifest.sha256 = sha256
+        self.manifest.image_hash = image_hash
         self.manifest.complete = True
         self.close()
         with contextlib.suppress(FileNotFoundError):

@@ -32,7 +32,7 @@ from ..errors import (
 )
 from ..manifest import Manifest
 from ..metrics import Metrics
-from ..origin import Origin
+from ..origin import Origin, OriginImage
 from ..peers.swarm import Swarm
 from ..store import Store
 from .job import FetchJob
@@ -113,10 +113,10 @@ class Fetcher:
             self._joined[image_id] = (time.monotonic(), hosts)
             if found is not None and found.block_size == self.block_size:
                 log.info(
-                    "%s: manifest from peers (%d bytes, origin sha256 %s); not asking the origin",
+                    "%s: manifest from peers (%d bytes, origin checksum %s); not asking the origin",
                     image_id,
                     found.size,
-                    found.origin_sha256,
+                    found.origin_hash,
                 )
                 return dataclasses.replace(
                     found.restarted(), block_size=found.block_size, block_digests=bytearray()
@@ -136,14 +136,7 @@ class Fetcher:
             self.metrics.source_errors.labels(self.origin.name).inc()
             self._record_failure(image_id, err, None)
             raise
-        manifest = Manifest(
-            image_id=image_id,
-            size=stat.size,
-            chunk_size=self.chunk_size,
-            origin_sha256=stat.sha256,
-            origin_validator=stat.validator,
-            block_size=self.block_size,
-        )
+        manifest = self.manifest_from(image_id, stat)
         # kept here, in the one task all callers share, not by a caller that wakes up
         # later: a Join handled in between would find neither and ask the origin again
         self._fresh.pop(image_id, None)
@@ -151,6 +144,36 @@ class Fetcher:
         while len(self._fresh) > MAX_FAILURES:
             del self._fresh[next(iter(self._fresh))]
         return manifest.restarted()
+
+    def manifest_from(self, image_id: str, stat: OriginImage) -> Manifest:
+        """A fresh manifest for what the origin says about an image."""
+        return Manifest(
+            image_id=image_id,
+            size=stat.size,
+            chunk_size=self.chunk_size,
+            origin_hash=stat.checksum,
+            origin_validator=stat.validator,
+            block_size=self.block_size,
+        )
+
+    async def start_version(self, manifest: Manifest) -> FetchJob | None:
+        """`start` for the version `manifest` names (from a caller that asked the origin
+        itself): a cached or fetching copy of another version is dropped first, even
+        while it is read (its readers keep the old file open)."""
+        image_id = manifest.image_id
+        image = self.store.get(image_id)
+        if image is not None and not image.manifest.same_version(manifest):
+            log.info(
+                "%s: the cached copy (%s, %d bytes) is not the origin's version (%s, %d bytes):"
+                " dropping it",
+                image_id,
+                image.manifest.origin_hash,
+                image.manifest.size,
+                manifest.origin_hash,
+                manifest.size,
+            )
+            await self.remove(image_id, force=True)
+        return await self.start(image_id, fresh=manifest)
 
     async def ride_along(self, image_id: str) -> Manifest | None:
         """A host joined an image we read from the origin: fetch it too if we do not
@@ -381,15 +404,16 @@ class Fetcher:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed: %r", task.exception())
 
-    async def remove(self, image_id: str) -> None:
-        """Cancel the image's fetch, if any, and drop it (ImageBusy while it is read)."""
+    async def remove(self, image_id: str, force: bool = False) -> None:
+        """Cancel the image's fetch, if any, and drop it (ImageBusy while it is read,
+        unless `force`: a reader of the dropped copy keeps reading its open file)."""
         async with self._lock(image_id):
             image = self.store.get(image_id)
             if image is None:
-                if self.failures.pop(image_id, None) is None:
+                if self.failures.pop(image_id, None) is None and not force:
                     raise ImageNotFound(f"image {image_id!r} is not in the cache")
                 return
-            if image.readers:
+            if image.readers and not force:
                 raise ImageBusy(f"image {image_id!r} is being read by {image.readers} client(s)")
             task = self._tasks.get(image_id)
             if task is not None:
@@ -397,7 +421,7 @@ class Fetcher:
                 # wait() lets our own cancellation through but not the task's: the fetch
                 # must have stopped (threads included) before its files go.
                 await asyncio.wait({task})
-            self._purge(self.store.remove(image_id))
+            self._purge(self.store.remove(image_id, force=force))
             self._gone(image_id)
             self.failures.pop(image_id, None)
 

@@ -5,7 +5,7 @@ The pure `Exchange` decides which block to ask of which neighbour and the pure
 wires them to the parts that carry it out: `OriginReads` (runs of blocks from the
 origin), `PeerReads` (blocks from neighbours) and `Landing` (write, seal, durable,
 hashed). It also keeps the readers' waits (a client waiting for chunk i) and the
-progress the API shows. The image's sha256 must match the origin's before the image
+progress the API shows. The image's hash must match the origin's before the image
 is complete.
 """
 
@@ -41,7 +41,7 @@ class FetchJob:
     What runs at once: `lane.streams` origin readers and a peer requester land
     blocks (a landed block is served to peers at once), chunks are sealed when their
     last block lands, a flusher makes sealed chunks durable in group commits, and
-    the sha256 advances over the sealed prefix. `verified` resolves when the
+    the image's hash advances over the sealed prefix. `verified` resolves when the
     checksum passed, `result` when the image is also durable and marked complete.
     """
 
@@ -240,7 +240,7 @@ class FetchJob:
             self._verify()
             self.landing.finish()
             await flusher
-            await self.landing.thread(self.image.mark_complete, self.landing.sha256)
+            await self.landing.thread(self.image.mark_complete, self.landing.image_hash)
         except SwarmcacheError as err:
             self._fail(err)
         except asyncio.CancelledError:
@@ -316,23 +316,24 @@ class FetchJob:
 
     def _verify(self) -> None:
         manifest = self.image.manifest
-        sha256 = self.landing.sha256
-        if manifest.origin_sha256 is not None and sha256 != manifest.origin_sha256:
+        got = self.landing.image_hash
+        if manifest.origin_hash is not None and got != manifest.origin_hash:
             self.metrics.verification_failures.labels("image").inc()
             used = self.peer_reads.used if self.peer_reads is not None else set()
             if self.swarm is not None and used:
                 # Each chunk matched its holder's digest, so a holder lied consistently:
                 # we cannot tell which, so none of them is trusted for a while.
                 log.warning(
-                    "%s failed its sha256 with chunks from peers %s: quarantining them",
+                    "%s failed its %s with chunks from peers %s: quarantining them",
                     self.image_id,
+                    got.algo,
                     ", ".join(sorted(used)),
                 )
                 for node in used:
                     self.swarm.quarantine(node)
             raise IntegrityError(
-                f"{self.image_id}: sha256 {sha256} does not match the origin's "
-                f"{manifest.origin_sha256}; image discarded"
+                f"{self.image_id}: {got.algo} {got.hex} does not match the origin's "
+                f"{manifest.origin_hash.hex}; image discarded"
             )
         self.verified.set_result(None)
 

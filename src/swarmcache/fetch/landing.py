@@ -4,10 +4,10 @@ A block lands once its bytes are written and match their digest (`write`); it ca
 served on at once. When the last block of a chunk lands, the chunk is sealed: read
 back, every block checked once more against its digest, and made readable to
 clients (`on_ready`). Sealed chunks become durable in group commits (the flusher),
-and the image's sha256 advances over the sealed prefix in order (the hasher), so
-the whole-image check needs no second pass over the file. Blocking calls run in the
-fetcher's thread pool and are tracked: `close` waits for every one of them, so no
-thread writes to an image after its fetch ended.
+and the image's hash (the origin's algorithm, sha256 if it names none) advances
+over the sealed prefix in order (the hasher), so the whole-image check needs no
+second pass over the file. Blocking calls run in the fetcher's thread pool and are
+tracked: `close` waits for every one of them, so no thread writes to an image after its fetch ended.
 
 Blocks are written on the event loop itself, not in a thread, while the disk keeps up:
 a 256 KiB write into the page cache and its xxh3 take tens of microseconds, and the
@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ..errors import IntegrityError, SwarmcacheError
-from ..manifest import Buffer, Pieces, pieces_digest
+from ..manifest import DEFAULT_HASH, Buffer, Checksum, Pieces, pieces_digest
 from ..metrics import Metrics
 from ..store import CachedImage
 
@@ -70,7 +70,9 @@ class Landing:
         self._unsynced: list[int] = []
         self._dirty = asyncio.Event()
         self._closing = False
-        self._sha = hashlib.sha256()
+        origin_hash = image.manifest.origin_hash
+        self._algo = origin_hash.algo if origin_hash is not None else DEFAULT_HASH
+        self._sha = hashlib.new(self._algo)
         self._hash_next = 0  # chunks before this one are in _sha or being added to it
         self._hash_wake = asyncio.Event()
         self.error: SwarmcacheError | None = None
@@ -187,7 +189,7 @@ class Landing:
                 return
 
     async def hasher(self) -> None:
-        """Advance the image's sha256 over the readable prefix, as chunks are sealed;
+        """Advance the image's hash over the readable prefix, as chunks are sealed;
         returns when every chunk is in it (or the disk failed)."""
         chunks = self.image.manifest.chunks
         while self._hash_next < chunks:
@@ -206,15 +208,15 @@ class Landing:
             await self.thread(self._hash_run, run)
 
     def _hash_run(self, run: list[int]) -> None:
-        """Add chunks to the sha256 in order, read back from the page cache (in a thread)."""
+        """Add chunks to the hash in order, read back from the page cache (in a thread)."""
         for index in run:
             with self.image.read_chunk(index) as data:
                 self._sha.update(data)
 
     @property
-    def sha256(self) -> str:
-        """The sha256 of what the hasher has seen (the image, once it returned)."""
-        return self._sha.hexdigest()
+    def image_hash(self) -> Checksum:
+        """The hash of what the hasher has seen (the image, once it returned)."""
+        return Checksum(self._algo, self._sha.hexdigest())
 
     def finish(self) -> None:
         """No more chunks: the flusher makes the last ones durable and returns."""

@@ -21,7 +21,7 @@ from typing import Protocol, TypeVar
 
 from ..config import OriginConfig
 from ..errors import OriginError
-from ..manifest import pieces_size
+from ..manifest import Checksum, pieces_size
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,7 +35,7 @@ class OriginImage:
 
     size: int
     validator: str  # changes when the bytes change (ETag, Last-Modified, mtime)
-    sha256: str | None  # from the `.sha256` sidecar, if published
+    checksum: Checksum | None  # of the whole image, if the origin publishes one
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:

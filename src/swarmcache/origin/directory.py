@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from ..errors import OriginChanged, OriginError, OriginInvalid, OriginNotFound
-from ..manifest import validate_image_id
+from ..manifest import Checksum, validate_image_id
 from .base import Origin, OriginImage, Sink, parse_sha256_sidecar
 
 
@@ -41,7 +41,8 @@ class DirectoryOrigin(Origin):
                 sha256 = parse_sha256_sidecar(sidecar.read_bytes())
             except (OSError, ValueError) as err:
                 raise OriginInvalid(f"checksum sidecar {sidecar} is unusable: {err}") from err
-        return OriginImage(size=st.st_size, validator=_validator(st), sha256=sha256)
+        checksum = Checksum("sha256", sha256) if sha256 is not None else None
+        return OriginImage(size=st.st_size, validator=_validator(st), checksum=checksum)
 
     async def _read(
         self,

@@ -18,7 +18,7 @@ import aiohttp
 from ..config import OriginConfig
 from ..errors import OriginChanged, OriginError, OriginInvalid, OriginNotFound, OriginTimeout
 from ..httpfile import read_pieces, read_small
-from ..manifest import validate_image_id
+from ..manifest import Checksum, validate_image_id
 from .base import MAX_SIDECAR_BYTES, Origin, OriginImage, Sink, parse_sha256_sidecar
 
 T = TypeVar("T")
@@ -85,7 +85,8 @@ class HttpOrigin(Origin):
                 size = int(m.group(3))
                 validator = _validator(resp)
         sha256 = await self._sidecar(url) if self.config.checksum_sidecar else None
-        return OriginImage(size=size, validator=validator, sha256=sha256)
+        checksum = Checksum("sha256", sha256) if sha256 is not None else None
+        return OriginImage(size=size, validator=validator, checksum=checksum)
 
     async def _sidecar(self, url: str) -> str | None:
         sidecar = url + ".sha256"
@@ -122,20 +123,34 @@ class HttpOrigin(Origin):
                 raise OriginChanged(f"{url}: the image changed at the origin during the fetch")
             if resp.status == 416:
                 raise OriginChanged(f"{url}: the origin no longer has bytes {offset}-{end}")
-            self._check(resp, url, (200, 206))
-            if resp.status == 200:
-                raise OriginInvalid(f"{url}: origin ignores Range requests; swarmcache needs them")
-            m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-            if not m or int(m.group(1)) != offset or int(m.group(2)) != end:
-                raise OriginInvalid(
-                    f"{url}: origin answered a different range "
-                    f"({resp.headers.get('Content-Range')!r}) for {offset}-{end}"
-                )
-            if size is not None and m.group(3) not in ("*", str(size)):
-                raise OriginChanged(
-                    f"{url}: the image is now {m.group(3)} bytes, not {size}: it changed"
-                )
-            return await self._pieces(resp, url, length, self.config, sink)
+            return await self._range_body(resp, url, offset, length, size, sink)
+
+    async def _range_body(
+        self,
+        resp: aiohttp.ClientResponse,
+        url: str,
+        offset: int,
+        length: int,
+        size: int | None,
+        sink: Sink | None,
+    ) -> list[bytes]:
+        """The body of an answer to a Range request for `length` bytes at `offset`, once
+        its status and Content-Range say it is exactly those bytes of the same image."""
+        end = offset + length - 1
+        self._check(resp, url, (200, 206))
+        if resp.status == 200:
+            raise OriginInvalid(f"{url}: origin ignores Range requests; swarmcache needs them")
+        m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
+        if not m or int(m.group(1)) != offset or int(m.group(2)) != end:
+            raise OriginInvalid(
+                f"{url}: origin answered a different range "
+                f"({resp.headers.get('Content-Range')!r}) for {offset}-{end}"
+            )
+        if size is not None and m.group(3) not in ("*", str(size)):
+            raise OriginChanged(
+                f"{url}: the image is now {m.group(3)} bytes, not {size}: it changed"
+            )
+        return await self._pieces(resp, url, length, self.config, sink)
 
     @staticmethod
     async def _body(

@@ -1,0 +1,399 @@
+"""A Glance-compatible endpoint: nova-compute and the OpenStack clients read images
+through the swarm while everything else reaches Glance unchanged.
+
+Theory of operation. Nova uses one Glance endpoint for everything (`[glance]
+endpoint_override`): image downloads, but also snapshot uploads, metadata, members.
+So this endpoint is a reverse proxy to Glance (`origin.url`) with one route taken
+over: `GET /v2/images/{id}/file`.
+
+- Authorization stays Glance's: before a byte is served, the caller's own request
+  for `GET /v2/images/{id}` (its X-Auth-Token, X-Service-Token, request id, ...) goes
+  to Glance. A 401, 403 or 404 is passed back as Glance wrote it. An image that is
+  not active or has no hash is passed through to Glance, so Glance decides (204, 403).
+- The bytes come from the swarm (the local cache, peers, Glance as origin), keyed by
+  the image id with its hash and size: a cached copy of another version is dropped,
+  never served. The response is Glance's: 200, or 206 for one range (several: 400,
+  past the end: 416), `Content-Type: application/octet-stream`, `Content-MD5` (the
+  image's md5 checksum, as Glance sends it, also on 206), no Accept-Ranges.
+- Bytes that fail verification never reach the client as a clean response: the last
+  chunk waits for the whole-image check, and any failure after the headers cuts the
+  connection, so the client's own checksum fails (api.send_image).
+- Every other method and path streams both ways, unbuffered (image uploads are
+  gigabytes); `direct_url` and `locations` are not rewritten. The version documents
+  (`/`, `/versions`) point their links here, and list the cache API (v2.14), which
+  this endpoint answers itself (`/v2/cache...`: swarmcache's cache, in Glance's shape).
+- Glance unreachable: 503 (nova retries it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .api import FETCHER, METRICS, STORE, error_middleware, image_response, send_image
+from .config import Config
+from .errors import BadRequest, ImageNotFound, StorageError, SwarmcacheError
+from .fetch import Fetcher, FetchJob
+from .manifest import Manifest, validate_image_id
+from .origin.glance import glance_endpoint, glance_image
+from .ranges import parse_range
+from .store import CachedImage
+
+log = logging.getLogger(__name__)
+
+MAX_META_BYTES = 1024 * 1024
+# RFC 9110 7.6.1: headers about one connection, never forwarded
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+    )
+)
+CACHE_API = "v2.14"  # the Glance API version that brought /v2/cache
+
+
+class GlanceUnreachable(SwarmcacheError):
+    """Glance did not answer (connection refused, timeout): 503, which nova retries."""
+
+    status = 503
+    error = "glance unreachable"
+
+
+class Upstream:
+    """The connection pool to Glance; an async context manager."""
+
+    def __init__(self, endpoint: str, connect_timeout: float, read_timeout: float) -> None:
+        self.endpoint = endpoint
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Upstream:
+        # auto_decompress off: bodies pass through byte for byte, encoding and all
+        self._session = aiohttp.ClientSession(timeout=self._timeout, auto_decompress=False)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def request(
+        self, method: str, path_qs: str, headers: CIMultiDict[str], data: Any = None
+    ) -> Any:
+        """A request to Glance (`async with`), with the caller's headers as given."""
+        assert self._session is not None
+        return self._session.request(
+            method,
+            self.endpoint + path_qs,
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+            # send what the caller sent, nothing aiohttp would add on its own
+            skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+        )
+
+
+UPSTREAM = web.AppKey("upstream", Upstream)
+
+
+def forwarded_headers(request: web.Request, drop: Iterable[str] = ()) -> CIMultiDict[str]:
+    """The caller's headers minus hop-by-hop ones (and `drop`), for Glance."""
+    skip = HOP_BY_HOP | {d.lower() for d in drop}
+    return CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in skip)
+
+
+def _answer_headers(resp: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    return CIMultiDict(
+        (k, v)
+        for k, v in resp.headers.items()
+        if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"
+    )
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    """Any request but an image download: to Glance and back, streamed both ways."""
+    return await forward(request, request.raw_path)
+
+
+async def forward(
+    request: web.Request, path_qs: str, drop: Iterable[str] = ()
+) -> web.StreamResponse:
+    """Send the request to Glance as it came (streaming its body) and stream the answer."""
+    upstream = request.app[UPSTREAM]
+    headers = forwarded_headers(request, drop)
+    body = request.content.iter_chunked(1024 * 1024) if request.can_read_body else None
+    try:
+        async with upstream.request(request.method, path_qs, headers, body) as up:
+            resp = web.StreamResponse(status=up.status, reason=up.reason)
+            resp.headers.extend(_answer_headers(up))
+            if up.content_length is not None:
+                resp.content_length = up.content_length
+            await resp.prepare(request)
+            if request.method != "HEAD":
+                async for data in up.content.iter_chunked(1024 * 1024):
+                    await resp.write(data)
+            await resp.write_eof()
+            return resp
+    except (aiohttp.ClientConnectionError, TimeoutError) as err:
+        if "resp" in locals() and resp.prepared:
+            # mid-body: the only honest signal left is a cut connection
+            log.warning("%s %s: Glance went away mid-answer: %s", request.method, path_qs, err)
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
+        raise GlanceUnreachable(f"Glance at {upstream.endpoint} did not answer: {err!r}") from None
+
+
+async def _image_meta(
+    request: web.Request, image_id: str
+) -> tuple[dict[str, Any] | None, web.Response | None]:
+    """Glance's `GET /v2/images/{id}` with the caller's credentials: (metadata, None),
+    or (None, Glance's answer to pass back) when Glance said anything but 200."""
+    upstream = request.app[UPSTREAM]
+    headers = forwarded_headers(request, drop=("Range", "If-Range", "Content-Length"))
+    headers.popall("Accept-Encoding", None)
+    try:
+        async with upstream.request("GET", f"/v2/images/{image_id}", headers) as up:
+            body = await up.content.read(MAX_META_BYTES + 1)
+            if up.status != 200:
+                return None, web.Response(
+                    status=up.status, reason=up.reason, body=body, headers=_answer_headers(up)
+                )
+    except (aiohttp.ClientError, TimeoutError) as err:
+        raise GlanceUnreachable(f"Glance at {upstream.endpoint} did not answer: {err!r}") from None
+    try:
+        meta = json.loads(body)
+    except ValueError:
+        meta = None
+    if len(body) > MAX_META_BYTES or not isinstance(meta, dict):
+        raise GlanceUnreachable(f"Glance's answer for image {image_id} is not an image")
+    return meta, None
+
+
+async def image_file(request: web.Request) -> web.StreamResponse:
+    """GET /v2/images/{id}/file: Glance authorizes, the swarm serves."""
+    raw_id = request.match_info["image_id"]
+    try:
+        image_id = validate_image_id(raw_id)
+    except BadRequest:
+        return await proxy(request)  # not an id we can cache: Glance answers it
+    meta, refusal = await _image_meta(request, image_id)
+    if refusal is not None:
+        return refusal
+    assert meta is not None
+    fetcher = request.app[FETCHER]
+    try:
+        stat = glance_image(meta)
+    except SwarmcacheError as err:  # not active, no usable size or hash: Glance decides
+        log.info("%s: passed to Glance (%s)", image_id, err.detail)
+        return await proxy(request)
+    if stat.checksum is None:
+        log.info("%s has no hash in Glance: passed to Glance", image_id)
+        return await proxy(request)
+    manifest = fetcher.manifest_from(image_id, stat)
+    byte_range = _glance_range(request.headers.getall("Range", []), manifest.size)
+    try:
+        image, job, manifest = await _open(fetcher, request, manifest)
+    except StorageError as err:  # too big for this cache, or its disk failed
+        log.warning("%s: cannot cache (%s): passed to Glance", image_id, err.detail)
+        return await proxy(request)
+    size = manifest.size
+    resp, start, end = image_response(size, byte_range)
+    if isinstance(meta.get("checksum"), str):
+        resp.headers["Content-MD5"] = meta["checksum"]
+    for name in ("X-OpenStack-Request-ID",):
+        if name in request.headers:
+            resp.headers[name] = request.headers[name]
+    if size == 0:  # an empty image is checked like any other before it is "served"
+        if job is not None:
+            await job.wait_verified()
+        await resp.prepare(request)
+        await resp.write_eof()
+        return resp
+    await send_image(request, resp, fetcher, image, job, manifest, start, end)
+    return resp
+
+
+async def _open(
+    fetcher: Fetcher, request: web.Request, manifest: Manifest
+) -> tuple[CachedImage, FetchJob | None, Manifest]:
+    """(image, running job or None, the manifest that will be served) for the version
+    `manifest` names: cached, or fetching now."""
+    store, metrics = request.app[STORE], request.app[METRICS]
+    image_id = manifest.image_id
+    image = store.get(image_id)
+    if image is not None and image.complete and image.manifest.same_version(manifest):
+        metrics.cache_hits.inc()
+        return image, None, image.manifest
+    metrics.cache_misses.inc()
+    job = await fetcher.start_version(manifest)
+    image = job.image if job is not None else store.get(image_id)
+    if image is None:
+        raise ImageNotFound(f"image {image_id!r} vanished from the cache")
+    return image, job, image.manifest
+
+
+def _glance_range(headers: list[str], size: int) -> tuple[int, int] | None:
+    """The one byte range asked for, as Glance reads Range: several ranges are a 400,
+    a start past the end a 416; no header: None (the whole image)."""
+    if not headers:
+        return None
+    if len(headers) > 1 or "," in headers[0]:
+        raise BadRequest("multiple ranges are not supported (one byte range at most)")
+    header = headers[0]
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or not spec.strip():
+        raise BadRequest(f"unsupported Range header {header[:100]!r}")
+    byte_range = parse_range(header, size)
+    if byte_range is None:
+        raise BadRequest(f"malformed Range header {header[:100]!r}")
+    return byte_range
+
+
+async def versions(request: web.Request) -> web.Response:
+    """GET / and /versions: Glance's version document, links pointing here, the cache
+    API listed (this endpoint answers it whatever Glance's own configuration)."""
+    upstream = request.app[UPSTREAM]
+    headers = forwarded_headers(request)
+    headers.popall("Accept-Encoding", None)
+    try:
+        async with upstream.request("GET", "/versions", headers) as up:
+            body = await up.content.read(MAX_META_BYTES + 1)
+            status = up.status
+    except (aiohttp.ClientError, TimeoutError) as err:
+        raise GlanceUnreachable(f"Glance at {upstream.endpoint} did not answer: {err!r}") from None
+    try:
+        doc = json.loads(body)
+        listed = doc["versions"]
+        assert isinstance(listed, list)
+    except (ValueError, KeyError, TypeError, AssertionError):
+        raise GlanceUnreachable(f"Glance's /versions answered {status} without versions") from None
+    here = f"{request.scheme}://{request.host}"
+    for version in listed:
+        for link in version.get("links", []) if isinstance(version, dict) else []:
+            href = link.get("href") if isinstance(link, dict) else None
+            if isinstance(href, str) and href.startswith(upstream.endpoint):
+                link["href"] = here + href[len(upstream.endpoint) :]
+    if not any(isinstance(v, dict) and v.get("id") == CACHE_API for v in listed):
+        listed.append(
+            {
+                "id": CACHE_API,
+                "status": "SUPPORTED",
+                "links": [{"rel": "self", "href": here + "/v2/"}],
+            }
+        )
+    # Glance answers / with 300 Multiple Choices and /versions with 200
+    return web.json_response(doc, status=300 if request.path == "/" else 200)
+
+
+def _cache_entry(image: CachedImage) -> dict[str, Any]:
+    try:  # when its bytes were last written: Glance's "last_modified" of a cached image
+        modified = os.stat(image.data_path).st_mtime
+    except OSError:
+        modified = 0.0
+    return {
+        "image_id": image.image_id,
+        "hits": image.hits,
+        "last_accessed": image.last_access or 0,
+        "last_modified": modified,
+        "size": image.manifest.size,
+    }
+
+
+async def cache_list(request: web.Request) -> web.Response:
+    """GET /v2/cache: complete images, and images being fetched, in Glance's shape."""
+    fetcher = request.app[FETCHER]
+    cached, queued = [], []
+    for image_id, image in sorted(fetcher.store.images.items()):
+        if image.complete:
+            cached.append(_cache_entry(image))
+        elif image_id in fetcher.jobs:
+            queued.append(image_id)
+    return web.json_response({"cached_images": cached, "queued_images": queued})
+
+
+async def cache_queue(request: web.Request) -> web.Response:
+    """PUT /v2/cache/{id}: fetch the image into this host's cache (202), if the
+    caller may read it in Glance."""
+    image_id = validate_image_id(request.match_info["image_id"])
+    meta, refusal = await _image_meta(request, image_id)
+    if refusal is not None:
+        return refusal
+    assert meta is not None
+    fetcher = request.app[FETCHER]
+    manifest = fetcher.manifest_from(image_id, glance_image(meta))
+    await fetcher.start_version(manifest)
+    log.info("image %s queued for caching through the Glance endpoint", image_id)
+    return web.Response(status=202)
+
+
+async def cache_delete(request: web.Request) -> web.Response:
+    """DELETE /v2/cache/{id}: drop it from this host's cache (or stop its fetch)."""
+    image_id = validate_image_id(request.match_info["image_id"])
+    await request.app[FETCHER].remove(image_id)
+    log.info("image %s removed through the Glance endpoint's cache API", image_id)
+    return web.Response(status=204)
+
+
+async def cache_clear(request: web.Request) -> web.Response:
+    """DELETE /v2/cache: drop cached images, queued ones or both
+    (x-image-cache-clear-target: cache | queue | both, the default)."""
+    target = request.headers.get("x-image-cache-clear-target", "both").strip().lower()
+    if target not in ("cache", "queue", "both"):
+        raise BadRequest(f"x-image-cache-clear-target must be cache, queue or both, not {target!r}")
+    fetcher = request.app[FETCHER]
+    cleared = {"cache_deleted": 0, "queue_deleted": 0}
+    for image_id, image in list(fetcher.store.images.items()):
+        queued = not image.complete
+        if (queued and target == "cache") or (not queued and target == "queue"):
+            continue
+        try:
+            await fetcher.remove(image_id)
+        except SwarmcacheError as err:  # busy (being read), or gone meanwhile
+            log.info("cache clear: %s kept: %s", image_id, err.detail)
+            continue
+        cleared["queue_deleted" if queued else "cache_deleted"] += 1
+    log.info("cache cleared through the Glance endpoint (%s): %s", target, cleared)
+    return web.json_response(cleared)
+
+
+def build_glance_app(config: Config, parent: web.Application) -> web.Application:
+    """The endpoint as an aiohttp app sharing the daemon's store, fetcher and metrics."""
+    app = web.Application(middlewares=[error_middleware], handler_args={"max_field_size": 65536})
+    for key in (STORE, FETCHER, METRICS):
+        app[key] = parent[key]  # type: ignore[misc]
+    endpoint = glance_endpoint(config.origin.url)
+
+    async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+        # uploads and Glance's own slow answers: minutes of silence are not a failure
+        async with Upstream(endpoint, config.origin.connect_timeout, 3600.0) as upstream:
+            app[UPSTREAM] = upstream
+            yield
+
+    app.cleanup_ctx.append(upstream_ctx)
+    app.router.add_get("/", versions, allow_head=False)
+    app.router.add_get("/versions", versions, allow_head=False)
+    app.router.add_get("/v2/images/{image_id}/file", image_file, allow_head=False)
+    app.router.add_get("/v2/cache", cache_list, allow_head=False)
+    app.router.add_delete("/v2/cache", cache_clear)
+    app.router.add_put("/v2/cache/{image_id}", cache_queue)
+    app.router.add_delete("/v2/cache/{image_id}", cache_delete)
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    return app
