@@ -39,7 +39,15 @@ from multidict import CIMultiDict
 
 from .api import FETCHER, METRICS, STORE, error_middleware, image_response, send_image
 from .config import Config
-from .errors import BadRequest, ImageNotFound, StorageError, SwarmcacheError
+from .errors import (
+    BadRequest,
+    ImageNotActive,
+    ImageNotFound,
+    OriginDenied,
+    OriginNotFound,
+    StorageError,
+    SwarmcacheError,
+)
 from .fetch import Fetcher, FetchJob
 from .manifest import Manifest, validate_image_id
 from .origin.glance import glance_endpoint, glance_image
@@ -211,8 +219,10 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     byte_range = _glance_range(request.headers.getall("Range", []), manifest.size)
     try:
         image, job, manifest = await _open(fetcher, request, manifest)
-    except StorageError as err:  # too big for this cache, or its disk failed
-        log.warning("%s: cannot cache (%s): passed to Glance", image_id, err.detail)
+    except (StorageError, OriginDenied, OriginNotFound, ImageNotActive) as err:
+        # too big for this cache, its disk failed, or swarmcache's own account may not
+        # read the image: the caller may, and Glance serves it as it would have
+        log.warning("%s: not from the swarm (%s): passed to Glance", image_id, err.detail)
         return await proxy(request)
     size = manifest.size
     resp, start, end = image_response(size, byte_range)
@@ -242,6 +252,9 @@ async def _open(
     if image is not None and image.complete and image.manifest.same_version(manifest):
         metrics.cache_hits.inc()
         return image, None, image.manifest
+    if image_id not in fetcher.jobs:
+        # the caller may read the image; a fetch needs swarmcache's own account to
+        await fetcher.origin.stat(image_id)
     metrics.cache_misses.inc()
     job = await fetcher.start_version(manifest)
     image = job.image if job is not None else store.get(image_id)
