@@ -69,6 +69,8 @@ def follow(
 ) -> dict[str, Any]:
     """Poll the job until it ends, drawing it; returns its last state."""
     console = Console(stderr=quiet)
+    if not console.is_terminal:  # a log or a pipe: whole lines, not 80 columns' worth
+        console = Console(stderr=quiet, width=max(console.width, 240))
     path = f"/v1/warm/{job['job']}"
     rows = max(5, console.size.height - 6)
     with Live(

@@ -38,6 +38,7 @@ import http.client
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -424,6 +425,15 @@ class GlanceServer:
         except OSError:
             return ""
         return f"\n--- last lines of {self.log_path}:\n" + "\n".join(text)
+
+    def data_bytes_sent(self, image_id: str) -> int:
+        """Image bytes Glance sent for `image_id` so far (GET .../file answers, from
+        uWSGI's request log: what left the application, not counting HTTP headers)."""
+        pattern = re.compile(
+            rf"\] GET /v2/images/{re.escape(image_id)}/file => generated (\d+) bytes"
+        )
+        text = self.log_path.read_text(errors="replace")
+        return sum(int(m.group(1)) for m in pattern.finditer(text))
 
     # --- the API ------------------------------------------------------------------------
 
