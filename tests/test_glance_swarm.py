@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from swarmtools.glance import GlanceServer
 from swarmtools import testbed
+from swarmtools.glance import GlanceServer
 from swarmtools.testbed import Testbed, http_request, python_argv
 from test_swarm import API, Swarm, fetch_all, ok_peers, wait_for
 
