@@ -67,8 +67,10 @@ class Node:
         return metric(await (await self.client.get("/metrics")).text(), name, **labels)
 
     async def status(self, image_id: str) -> dict[str, Any]:
-        """GET /v1/images/{id}/status."""
-        body: dict[str, Any] = await (await self.client.get(f"/v1/images/{image_id}/status")).json()
+        """GET /v1/images/{id}/status, once a running fetch ended (it ends a moment
+        after its last byte went out: the image is made durable first)."""
+        resp = await self.client.get(f"/v1/images/{image_id}/status?wait=10")
+        body: dict[str, Any] = await resp.json()
         return body
 
 
