@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import random
 import sys
@@ -179,6 +180,28 @@ async def test_glanceclient_downloads_through_the_endpoint_and_uploads_land_in_g
     assert created["status"] == "active"
     assert created["os_hash_value"] == hashlib.sha512(upload.read_bytes()).hexdigest()
     assert (await n.client.get(f"/v1/images/{new_id}/status")).status == 404  # not cached
+
+
+async def test_an_upload_with_a_content_length_streams_through_to_glance(
+    glance: GlanceServer, node: NodeFactory
+) -> None:
+    n = await node(glance.url)
+    data = _random(3 * MIB + 11, 9)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(
+            f"{n.endpoint}/v2/images",
+            json={"name": "put", "disk_format": "raw", "container_format": "bare"},
+        ) as r:
+            image_id = (await r.json())["id"]
+        async with s.put(
+            f"{n.endpoint}/v2/images/{image_id}/file",
+            data=io.BytesIO(data),  # sized: sent with Content-Length, not chunked
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
+        ) as r:
+            assert r.status == 204
+    meta = await asyncio.to_thread(glance.image, image_id)
+    assert (meta["status"], meta["size"]) == ("active", len(data))
+    assert meta["os_hash_value"] == hashlib.sha512(data).hexdigest()
 
 
 _SDK_SCRIPT = """

@@ -140,13 +140,12 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     return await forward(request, request.raw_path)
 
 
-async def forward(
-    request: web.Request, path_qs: str, drop: Iterable[str] = ()
-) -> web.StreamResponse:
+async def forward(request: web.Request, path_qs: str) -> web.StreamResponse:
     """Send the request to Glance as it came (streaming its body) and stream the answer."""
     upstream = request.app[UPSTREAM]
-    headers = forwarded_headers(request, drop)
+    headers = forwarded_headers(request)
     body = request.content.iter_chunked(1024 * 1024) if request.can_read_body else None
+    resp: web.StreamResponse | None = None
     try:
         async with upstream.request(request.method, path_qs, headers, body) as up:
             resp = web.StreamResponse(status=up.status, reason=up.reason)
@@ -160,9 +159,9 @@ async def forward(
             await resp.write_eof()
             return resp
     except (aiohttp.ClientConnectionError, TimeoutError) as err:
-        if "resp" in locals() and resp.prepared:
-            # mid-body: the only honest signal left is a cut connection
-            log.warning("%s %s: Glance went away mid-answer: %s", request.method, path_qs, err)
+        if resp is not None and resp.prepared:
+            # mid-body (Glance or the caller went away): all that is left is to cut it
+            log.info("%s %s cut short mid-answer: %r", request.method, path_qs, err)
             if request.transport is not None:
                 request.transport.abort()
             return resp
