@@ -222,8 +222,8 @@ class GlanceOrigin(HttpOrigin):
     _auth: GlanceAuth | None = None
 
     async def __aenter__(self) -> GlanceOrigin:
+        self._auth = make_auth(self.config)  # first: an unreadable secret opens nothing
         await super().__aenter__()
-        self._auth = make_auth(self.config)
         return self
 
     async def __aexit__(
