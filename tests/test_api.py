@@ -1031,3 +1031,27 @@ async def test_recreated_entry_does_not_inherit_old_stats(
     st = await wait_state(client, "img", "complete")
     assert st["pinned"] is False
     assert st["hits"] == 1  # a new entry: the old one's stats stayed with it
+
+
+async def test_a_cached_copy_of_another_version_is_dropped_not_served(
+    daemon: DaemonFactory, images: ImageDir
+) -> None:
+    """What the Glance-compatible endpoint relies on: starting the version the origin
+    names now drops a complete copy of another version (other hash), read or not."""
+    from swarmcache.api import FETCHER
+
+    old = images.add("img", 3 * CHUNK + 1)
+    client = await daemon()
+    assert await (await client.get("/v1/images/img")).read() == old
+    new = images.add("img", 3 * CHUNK + 1, seed=1)  # same size, other bytes and sha256
+    fetcher = client.server.app[FETCHER]
+    stat = await fetcher.origin.stat("img")
+    job = await fetcher.start_version(fetcher.manifest_from("img", stat))
+    assert job is not None  # the old copy did not count as this version
+    await asyncio.wait_for(job.result, 10)
+    assert await (await client.get("/v1/images/img")).read() == new
+    status = await (await client.get("/v1/images/img/status?wait=10")).json()
+    assert status["sha256"] == sha256(new)
+    # the same version again: served from the cache, no new fetch
+    again = await fetcher.start_version(fetcher.manifest_from("img", stat))
+    assert again is None

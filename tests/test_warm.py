@@ -149,3 +149,23 @@ async def test_warm_all_hosts_from_one_cli_call_costs_the_origin_one_copy(
                 assert (st["state"], st["sha256"]) == ("complete", sha256(data)), d.url
     for name, data in (("one", one), ("two", two)):
         assert origin.stats.bytes_by_path[name] <= 1.05 * len(data)
+
+
+async def test_warm_concurrency_bounds_the_images_warming_at_once(
+    daemon: DaemonFactory, images: ImageDir, origin: Origin
+) -> None:
+    images.add("a", 100_000)
+    images.add("b", 100_000)
+    origin.faults.delay = 0.5  # every origin answer: a fetch takes a second or more
+    client = await daemon(warm={"concurrency": 1})
+    job = await (await client.post("/v1/warm", json={"images": ["a", "b"]})).json()
+    (me,) = job["hosts"]
+    await asyncio.sleep(0.3)
+    now = await (await client.get(f"/v1/warm/{job['job']}")).json()
+    assert (now["hosts"][me]["a"]["state"], now["hosts"][me]["b"]["state"]) == (
+        "fetching",
+        "queued",
+    )
+    origin.faults.delay = 0
+    end = await _job_end(client, job["job"])
+    assert end["counts"]["cached"] == 2
