@@ -11,7 +11,15 @@ Every figure comes from the same run, on this machine's loopback:
 The sha512 runs as chunks land, so the tail should be a small fraction of H.
 Status is polled every 10 ms, so tail figures carry +-10 ms. Load average printed.
 
+With --hosts N (root): N hosts and the origin as network namespaces on a bridge, every
+link shaped to --rate, Glance in the origin's namespace:
+  D  every host downloads the image from Glance at once (curl)   no swarmcache
+  W  every host reads it through its own daemon at once           swarmcache, mDNS on
+  time until the last host is done, against the physical limit size / rate (each
+  host's own link), and the copies Glance sent (its request log)
+
 Usage: scripts/bench-glance [--size-mib 1024] [--runs 3] [--chunk-size 4MiB]
+                            [--hosts N --rate 1gbit]
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from swarmtools import testbed as tb
 from swarmtools.glance import GlanceServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,13 +132,115 @@ def one_fetch(
         subprocess.run(["rm", "-rf", str(cache)], check=False)
 
 
+def swarm_bench(args: argparse.Namespace) -> int:
+    """N hosts at once: straight from Glance, then through their daemons."""
+    size = args.size_mib * 1024 * 1024
+    limit = size * 8 / tb.rate_bits_per_s(args.rate)
+    rows: list[tuple[str, list[float], list[float]]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-glance-") as tmp:
+        work = Path(args.keep or tmp)
+        image = work / "image"
+        with open(image, "wb") as f:
+            for _ in range(args.size_mib):
+                f.write(os.urandom(1024 * 1024))
+        with (
+            tb.Testbed(args.hosts, rate=args.rate) as bed,
+            GlanceServer(
+                host=bed.origin.addr, port=9292, netns=bed.origin.ns, workdir=work / "glance"
+            ) as glance,
+        ):
+            meta = glance.create_image_from_file(image)
+            image.unlink()
+            image_id = meta["id"]
+            file_url = f"{glance.url}/v2/images/{image_id}/file"
+            direct: list[float] = []
+            direct_copies: list[float] = []
+            for _ in range(args.runs):
+                before = glance.data_bytes_sent(image_id)
+                direct.append(all_at_once(bed, ["curl", "-sf", "-o", "/dev/null", file_url]))
+                direct_copies.append((glance.data_bytes_sent(image_id) - before) / size)
+            rows.append(("D every host from Glance", direct, direct_copies))
+            swarm: list[float] = []
+            swarm_copies: list[float] = []
+            for run in range(args.runs):
+                procs = start_daemons(bed, glance, work / f"run{run}", args.chunk_size)
+                before = glance.data_bytes_sent(image_id)
+                api = f"http://127.0.0.1:{tb.DAEMON_PORT}/v1/images/{image_id}"
+                swarm.append(all_at_once(bed, ["curl", "-sf", "-o", "/dev/null", api]))
+                swarm_copies.append((glance.data_bytes_sent(image_id) - before) / size)
+                for proc in procs:
+                    bed.stop(proc)
+            rows.append(("W every host through swarmcache", swarm, swarm_copies))
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(
+        f"{args.hosts} hosts, image {args.size_mib} MiB, links {args.rate}, chunk "
+        f"{args.chunk_size}, runs {args.runs}, load {load}; limit size/rate {limit:.2f} s"
+    )
+    for name, times, copies in rows:
+        shown = " ".join(f"{t:7.2f}" for t in times)
+        med = sorted(times)[len(times) // 2]
+        print(
+            f"{name:34} {shown} s  median {med:.2f} s = {med / limit:.2f}x limit, "
+            f"Glance sent {' '.join(f'{c:.3f}' for c in copies)} copies"
+        )
+    return 0
+
+
+def all_at_once(bed: tb.Testbed, argv: list[str]) -> float:
+    """Seconds until `argv` ended on every host, all started together."""
+    t0 = time.monotonic()
+    procs = [bed.popen(h, argv) for h in bed.hosts]
+    for proc in procs:
+        if proc.wait(timeout=900) != 0:
+            raise RuntimeError(f"{proc.args} failed with {proc.returncode}")
+    return time.monotonic() - t0
+
+
+def start_daemons(
+    bed: tb.Testbed, glance: GlanceServer, work: Path, chunk: str
+) -> list[subprocess.Popen[bytes]]:
+    """A fresh daemon on every host (mDNS on), once they all see each other."""
+    procs = []
+    for h in bed.hosts:
+        sections = tb.host_config(
+            h,
+            work / h.name / "cache",
+            glance.url,
+            extra={
+                "origin": {"kind": "glance", "url": glance.url},
+                "discovery": {"mdns": True},
+                "cache": {"chunk_size": chunk},
+            },
+        )
+        config = tb.write_toml(work / f"{h.name}.toml", sections)
+        procs.append(tb.start_daemon(bed, h, config, log=work / f"{h.name}.log"))
+    want = len(bed.hosts) - 1
+    deadline = time.monotonic() + 60
+    for h in bed.hosts:
+        while True:
+            peers = json.loads(
+                tb.http_request(bed, h, f"http://127.0.0.1:{tb.DAEMON_PORT}/v1/peers")
+            )
+            if sum(p["state"] == "ok" for p in peers["peers"]) >= want:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{h.name} did not discover the others in 60 s")
+            time.sleep(0.2)
+    return procs
+
+
 def main() -> int:
     """Run the benchmark and print its table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size-mib", type=int, default=1024)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--chunk-size", default="4MiB")
+    p.add_argument("--hosts", type=int, default=0, help="N hosts in network namespaces")
+    p.add_argument("--rate", default="1gbit", help="with --hosts: every link's rate")
+    p.add_argument("--keep", metavar="DIR", help="with --hosts: work (logs) in DIR, kept")
     args = p.parse_args()
+    if args.hosts:
+        return swarm_bench(args)
     size = args.size_mib * 1024 * 1024
     with tempfile.TemporaryDirectory(prefix="bench-glance-") as tmp:
         work = Path(tmp)

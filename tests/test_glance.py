@@ -204,6 +204,32 @@ async def test_an_upload_with_a_content_length_streams_through_to_glance(
     assert meta["os_hash_value"] == hashlib.sha512(data).hexdigest()
 
 
+async def test_an_upload_that_expects_100_continue_does_not_hang(
+    glance: GlanceServer, node: NodeFactory, tmp_path: Path
+) -> None:
+    """curl sends `Expect: 100-continue` with a body over 1 MiB; the endpoint answers
+    the 100 itself and must not make Glance wait for one of its own."""
+    n = await node(glance.url)
+    upload = tmp_path / "upload"
+    upload.write_bytes(_random(2 * MIB, 10))
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            f"{n.endpoint}/v2/images",
+            json={"name": "curl", "disk_format": "raw", "container_format": "bare"},
+        ) as r,
+    ):
+        image_id = (await r.json())["id"]
+    code, _, err = await _run(
+        "curl", "-sSf", "--max-time", "60", "-T", str(upload),
+        "-H", "Content-Type: application/octet-stream", "-H", "Expect: 100-continue",
+        f"{n.endpoint}/v2/images/{image_id}/file",
+    )  # fmt: skip
+    assert code == 0, err
+    meta = await asyncio.to_thread(glance.image, image_id)
+    assert meta["os_hash_value"] == hashlib.sha512(upload.read_bytes()).hexdigest()
+
+
 _SDK_SCRIPT = """
 import sys, openstack
 conn = openstack.connection.Connection(
@@ -359,6 +385,13 @@ async def test_callers_rights_are_glances(guarded_glance: GlanceServer, node: No
     # deactivated: Glance decides (403 for a non-admin), even with the bytes cached
     status, _, body = await _get(f"{n.endpoint}/v2/images/{public['id']}/file", anonymous)
     assert (status, body) == (200, data)
+    # may see the image but not download it (Glance's download_image policy): Glance's
+    # 403, though the bytes are cached
+    viewer = {**ADMIN_HEADERS, "X-Roles": "reader,no_download"}
+    status, _, _ = await _get(f"{n.endpoint}/v2/images/{public['id']}", viewer)
+    assert status == 200
+    status, _, _ = await _get(f"{n.endpoint}/v2/images/{public['id']}/file", viewer)
+    assert status == 403
     await asyncio.to_thread(guarded_glance.deactivate, public["id"])
     status, _, _ = await _get(f"{n.endpoint}/v2/images/{public['id']}/file", anonymous)
     assert status == 403

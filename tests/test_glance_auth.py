@@ -39,6 +39,7 @@ class Keystone:
     def __init__(self) -> None:
         self.valid: set[str] = set()
         self.requests: list[dict[str, Any]] = []
+        self.lifetime = 3600.0  # seconds a token is valid
 
     async def tokens(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -54,7 +55,7 @@ class Keystone:
             return web.json_response({"error": {"code": 401}}, status=401)
         token = secrets.token_hex(16)
         self.valid.add(token)
-        expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1)
+        expires = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=self.lifetime)
         return web.json_response(
             {
                 "token": {
@@ -170,6 +171,33 @@ async def test_keystone_token_is_used_and_renewed_once_on_a_401(
     st = await (await client.get(f"/v1/images/{meta2['id']}/status?wait=10")).json()
     assert st["hash"] == f"sha512:{meta2['os_hash_value']}"
     assert PASSWORD not in caplog.text  # the secret is never logged
+
+
+async def test_a_token_about_to_expire_is_renewed_before_glance_refuses_it(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+    glance: GlanceServer,
+    servers: Servers,
+) -> None:
+    """keystoneauth1 takes a new token when the one it holds expires within 120 s, so
+    a daemon never sends Glance a token that runs out during a chunk read."""
+    keystone, ks, gated = servers
+    keystone.lifetime = 100.0  # every token is "about to expire"
+    secret = tmp_path / "secret"
+    secret.write_text(PASSWORD + "\n")
+    client = await _daemon(
+        aiohttp_client,
+        tmp_path,
+        url=str(gated.make_url("")),
+        auth_url=str(ks.make_url("/v3")),
+        application_credential_id="ac1",
+        application_credential_secret_file=str(secret),
+    )
+    meta, data = await _image(glance, 6)
+    assert await (await client.get(f"/v1/images/{meta['id']}")).read() == data
+    # one token per request to Glance (a stat and three chunk reads), none refused
+    assert len(keystone.requests) >= 4
+    assert set(gated.app[SEEN]) <= keystone.valid  # every token Glance saw was good
 
 
 async def test_refused_credentials_are_a_clear_error(

@@ -6,6 +6,7 @@ import itertools
 
 import msgpack
 import pytest
+import xxhash
 
 from swarmcache.config import build_config, parse_duration, parse_size
 from swarmcache.errors import ConfigError, IntegrityError, InvalidImageId, RangeNotSatisfiable
@@ -206,7 +207,7 @@ def test_manifest_decode_rejects_wrong_digest_count_and_bad_id() -> None:
         {"id": "../x"},
         {"v": 99},
         {"size": -1},
-        {"image_hash": "sha256:zz"},
+        {"sha256": "zz"},
     ):
         with pytest.raises(IntegrityError):
             Manifest.decode(msgpack.packb({**good, **change}))
@@ -372,20 +373,25 @@ def test_manifest_with_blocks_round_trips_and_version_1_still_loads() -> None:
     assert (old.block_size, old.blocks, list(old.blocks_of(0))) == (0, 0, [])
 
 
-def test_version_2_manifest_reads_its_sha256_hex_as_checksums() -> None:
-    """A cache written before "algo:hex" hashes survives the upgrade: its sha256 hex
-    digests become sha256 Checksums, and it is the same source as before."""
-    new = Manifest(
+def test_sha256_manifests_stay_version_2_and_others_are_version_3() -> None:
+    """A manifest with sha256 hashes is written as before ("v": 2, hex digests), so a
+    daemon of the version before reads it from disk after a rollback and from a peer
+    during a rolling upgrade, and its ETag is the one it always had; another
+    algorithm needs version 3 ("algo:hex")."""
+    sha = Manifest(
         "img", size=10, chunk_size=4, origin_hash=Checksum("sha256", "a" * 64), complete=True
     )
-    new.image_hash = Checksum("sha256", "a" * 64)
-    obj = msgpack.unpackb(new.encode())
-    del obj["origin_hash"], obj["image_hash"]
-    obj.update(v=2, origin_sha256="a" * 64, sha256="a" * 64)
-    old = Manifest.decode(msgpack.packb(obj, use_bin_type=True))
-    assert old == new
-    assert old.same_source(new)
-    assert old.etag == new.etag
+    sha.image_hash = Checksum("sha256", "a" * 64)
+    obj = msgpack.unpackb(sha.encode())
+    assert (obj["v"], obj["origin_sha256"], obj["sha256"]) == (2, "a" * 64, "a" * 64)
+    assert "origin_hash" not in obj
+    assert Manifest.decode(sha.encode()) == sha
+    # the ETag of the version before for this manifest (pinned: peers send it as If-Match)
+    assert sha.etag == '"' + xxhash.xxh3_64_hexdigest(b"img\0" + b"a" * 64) + '"'
+    sha512 = Manifest("img", size=10, chunk_size=4, origin_hash=Checksum("sha512", "b" * 128))
+    obj = msgpack.unpackb(sha512.encode())
+    assert (obj["v"], obj["origin_hash"], obj["image_hash"]) == (3, "sha512:" + "b" * 128, None)
+    assert Manifest.decode(sha512.encode()) == sha512
 
 
 @pytest.mark.parametrize(
@@ -409,7 +415,8 @@ def test_checksum_text_form(text: str, problem: str | None) -> None:
 
 
 def test_manifest_from_a_peer_with_a_bad_checksum_is_an_integrity_error() -> None:
-    obj = msgpack.unpackb(Manifest("img", size=8192, chunk_size=4096).encode())
+    m = Manifest("img", size=8192, chunk_size=4096, origin_hash=Checksum("md5", "0" * 32))
+    obj = msgpack.unpackb(m.encode())
     obj["origin_hash"] = "sha512:" + "zz" * 64
     with pytest.raises(IntegrityError, match="sha512 hex digest"):
         Manifest.decode(msgpack.packb(obj, use_bin_type=True))

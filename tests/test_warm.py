@@ -66,6 +66,9 @@ async def test_warm_refuses_bad_requests_clearly(daemon: DaemonFactory) -> None:
         json.dumps({"images": ["a"], "hosts": "some"}).encode(),
         json.dumps({"images": ["a"], "hosts": ["nohostport"]}).encode(),
         json.dumps({"images": ["a"], "hosts": []}).encode(),
+        # only host:port: nothing that would make the daemon ask another URL
+        json.dumps({"images": ["a"], "hosts": ["169.254.169.254/x#:80"]}).encode(),
+        json.dumps({"images": ["a"], "hosts": ["user@host:80"]}).encode(),
     ):
         resp = await client.post("/v1/warm", data=body)
         assert resp.status == 400, body

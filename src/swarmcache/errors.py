@@ -98,6 +98,13 @@ class ShuttingDown(SwarmcacheError):
     error = "shutting down"
 
 
+class Busy(SwarmcacheError):
+    """Too much of something runs already (warm jobs); try again later."""
+
+    status = 503
+    error = "busy"
+
+
 class OriginError(SwarmcacheError):
     """The origin store failed to deliver (after retries)."""
 

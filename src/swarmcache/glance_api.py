@@ -41,11 +41,7 @@ from .api import FETCHER, METRICS, STORE, error_middleware, image_response, send
 from .config import Config
 from .errors import (
     BadRequest,
-    ImageNotActive,
     ImageNotFound,
-    OriginDenied,
-    OriginNotFound,
-    StorageError,
     SwarmcacheError,
 )
 from .fetch import Fetcher, FetchJob
@@ -88,14 +84,21 @@ class Upstream:
 
     def __init__(self, endpoint: str, connect_timeout: float, read_timeout: float) -> None:
         self.endpoint = endpoint
+        # passed-through requests: uploads and Glance's own slow answers may be silent
+        # for minutes; our own small questions (metadata, versions) may not
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
+        self.short = aiohttp.ClientTimeout(total=connect_timeout + 30, sock_connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Upstream:
-        # auto_decompress off: bodies pass through byte for byte, encoding and all
-        self._session = aiohttp.ClientSession(timeout=self._timeout, auto_decompress=False)
+        self._session = aiohttp.ClientSession(
+            timeout=self._timeout,
+            auto_decompress=False,  # bodies pass through byte for byte, encoding and all
+            cookie_jar=aiohttp.DummyCookieJar(),  # one caller's cookies are not another's
+            connector=aiohttp.TCPConnector(limit=0),  # no waiting for a pooled connection
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -103,7 +106,12 @@ class Upstream:
             await self._session.close()
 
     def request(
-        self, method: str, path_qs: str, headers: CIMultiDict[str], data: Any = None
+        self,
+        method: str,
+        path_qs: str,
+        headers: CIMultiDict[str],
+        data: Any = None,
+        timeout: aiohttp.ClientTimeout | None = None,
     ) -> Any:
         """A request to Glance (`async with`), with the caller's headers as given."""
         assert self._session is not None
@@ -113,6 +121,7 @@ class Upstream:
             headers=headers,
             data=data,
             allow_redirects=False,
+            timeout=timeout or self._timeout,
             # send what the caller sent, nothing aiohttp would add on its own
             skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
         )
@@ -123,7 +132,10 @@ UPSTREAM = web.AppKey("upstream", Upstream)
 
 def forwarded_headers(request: web.Request, drop: Iterable[str] = ()) -> CIMultiDict[str]:
     """The caller's headers minus hop-by-hop ones (and `drop`), for Glance."""
-    skip = HOP_BY_HOP | {d.lower() for d in drop}
+    named = {
+        h.strip().lower() for v in request.headers.getall("Connection", []) for h in v.split(",")
+    }  # headers the Connection header names are about this hop only
+    skip = HOP_BY_HOP | NOT_FORWARDED | named | {d.lower() for d in drop}
     return CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in skip)
 
 
@@ -133,6 +145,11 @@ def _answer_headers(resp: aiohttp.ClientResponse) -> CIMultiDict[str]:
         for k, v in resp.headers.items()
         if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"
     )
+
+
+# Never forwarded: `Expect: 100-continue` was answered by aiohttp here, and Glance
+# holding the body back for a 100 of its own would hang the upload.
+NOT_FORWARDED = frozenset(("expect",))
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
@@ -158,7 +175,7 @@ async def forward(request: web.Request, path_qs: str) -> web.StreamResponse:
                     await resp.write(data)
             await resp.write_eof()
             return resp
-    except (aiohttp.ClientConnectionError, TimeoutError) as err:
+    except (aiohttp.ClientError, TimeoutError) as err:
         if resp is not None and resp.prepared:
             # mid-body (Glance or the caller went away): all that is left is to cut it
             log.info("%s %s cut short mid-answer: %r", request.method, path_qs, err)
@@ -174,15 +191,14 @@ async def _image_meta(
     """Glance's `GET /v2/images/{id}` with the caller's credentials: (metadata, None),
     or (None, Glance's answer to pass back) when Glance said anything but 200."""
     upstream = request.app[UPSTREAM]
-    headers = forwarded_headers(request, drop=("Range", "If-Range", "Content-Length"))
-    headers.popall("Accept-Encoding", None)
+    headers = _asking_headers(request)
     try:
-        async with upstream.request("GET", f"/v2/images/{image_id}", headers) as up:
+        async with upstream.request(
+            "GET", f"/v2/images/{image_id}", headers, timeout=upstream.short
+        ) as up:
             body = await up.content.read(MAX_META_BYTES + 1)
             if up.status != 200:
-                return None, web.Response(
-                    status=up.status, reason=up.reason, body=body, headers=_answer_headers(up)
-                )
+                return None, _passed_back(up, body)
     except (aiohttp.ClientError, TimeoutError) as err:
         raise GlanceUnreachable(f"Glance at {upstream.endpoint} did not answer: {err!r}") from None
     try:
@@ -192,6 +208,34 @@ async def _image_meta(
     if len(body) > MAX_META_BYTES or not isinstance(meta, dict):
         raise GlanceUnreachable(f"Glance's answer for image {image_id} is not an image")
     return meta, None
+
+
+async def _may_download(request: web.Request, image_id: str) -> web.Response | None:
+    """Ask Glance whether the caller may download the image (its `download_image`
+    policy, which may be stricter than seeing the image): one byte of `/file` with
+    the caller's credentials. None if it may, else Glance's answer to pass back."""
+    upstream = request.app[UPSTREAM]
+    headers = _asking_headers(request)
+    headers["Range"] = "bytes=0-0"
+    try:
+        async with upstream.request(
+            "GET", f"/v2/images/{image_id}/file", headers, timeout=upstream.short
+        ) as up:
+            body = await up.content.read(MAX_META_BYTES + 1)
+            return None if up.status in (200, 206) else _passed_back(up, body)
+    except (aiohttp.ClientError, TimeoutError) as err:
+        raise GlanceUnreachable(f"Glance at {upstream.endpoint} did not answer: {err!r}") from None
+
+
+def _asking_headers(request: web.Request) -> CIMultiDict[str]:
+    """The caller's headers for our own small questions to Glance in its name."""
+    headers = forwarded_headers(request, drop=("Range", "If-Range", "Content-Length"))
+    headers.popall("Accept-Encoding", None)
+    return headers
+
+
+def _passed_back(up: aiohttp.ClientResponse, body: bytes) -> web.Response:
+    return web.Response(status=up.status, reason=up.reason, body=body, headers=_answer_headers(up))
 
 
 async def image_file(request: web.Request) -> web.StreamResponse:
@@ -205,61 +249,65 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     if refusal is not None:
         return refusal
     assert meta is not None
+    # Glance's spelling of the id keys the cache (a database with case-insensitive
+    # ids would otherwise give one image several entries)
+    if isinstance(meta.get("id"), str) and meta["id"].lower() == image_id.lower():
+        image_id = validate_image_id(meta["id"])
     fetcher = request.app[FETCHER]
     try:
         stat = glance_image(meta)
     except SwarmcacheError as err:  # not active, no usable size or hash: Glance decides
         log.info("%s: passed to Glance (%s)", image_id, err.detail)
         return await proxy(request)
-    if stat.checksum is None:
-        log.info("%s has no hash in Glance: passed to Glance", image_id)
+    if stat.checksum is None or stat.size == 0:
+        log.info("%s has no hash or no bytes in Glance: passed to Glance", image_id)
         return await proxy(request)
-    manifest = fetcher.manifest_from(image_id, stat)
-    byte_range = _glance_range(request.headers.getall("Range", []), manifest.size)
+    refusal = await _may_download(request, image_id)
+    if refusal is not None:
+        return refusal
+    wanted = fetcher.manifest_from(image_id, stat)
+    byte_range = _glance_range(request.headers.getall("Range", []), wanted.size)
     try:
-        image, job, manifest = await _open(fetcher, request, manifest)
-    except (StorageError, OriginDenied, OriginNotFound, ImageNotActive) as err:
-        # too big for this cache, its disk failed, or swarmcache's own account may not
-        # read the image: the caller may, and Glance serves it as it would have
-        log.warning("%s: not from the swarm (%s): passed to Glance", image_id, err.detail)
+        image, job = await _open(fetcher, request, wanted)
+    except (SwarmcacheError, OSError) as err:
+        # too big for this cache, its disk failed, swarmcache's own account may not
+        # read the image or cannot reach Glance or Keystone: the caller may read it
+        # (Glance just said so), and Glance serves it as it would have
+        detail = err.detail if isinstance(err, SwarmcacheError) else repr(err)
+        log.warning("%s: not from the swarm (%s): passed to Glance", image_id, detail)
         return await proxy(request)
-    size = manifest.size
-    resp, start, end = image_response(size, byte_range)
+    manifest = image.manifest
+    resp, start, end = image_response(manifest.size, byte_range)
     if isinstance(meta.get("checksum"), str):
         resp.headers["Content-MD5"] = meta["checksum"]
     for name in ("X-OpenStack-Request-ID",):
         if name in request.headers:
             resp.headers[name] = request.headers[name]
-    if size == 0:  # an empty image is checked like any other before it is "served"
-        if job is not None:
-            await job.wait_verified()
-        await resp.prepare(request)
-        await resp.write_eof()
-        return resp
     await send_image(request, resp, fetcher, image, job, manifest, start, end)
     return resp
 
 
 async def _open(
-    fetcher: Fetcher, request: web.Request, manifest: Manifest
-) -> tuple[CachedImage, FetchJob | None, Manifest]:
-    """(image, running job or None, the manifest that will be served) for the version
-    `manifest` names: cached, or fetching now."""
+    fetcher: Fetcher, request: web.Request, wanted: Manifest
+) -> tuple[CachedImage, FetchJob | None]:
+    """(image, running job or None) of exactly the version `wanted` names: cached, or
+    fetching now. ImageNotFound if the cache holds, or a running fetch reads, another
+    version (a manifest a peer gave): Glance serves that request instead."""
     store, metrics = request.app[STORE], request.app[METRICS]
-    image_id = manifest.image_id
+    image_id = wanted.image_id
     image = store.get(image_id)
-    if image is not None and image.complete and image.manifest.same_version(manifest):
+    if image is not None and image.complete and image.manifest.same_version(wanted):
         metrics.cache_hits.inc()
-        return image, None, image.manifest
+        return image, None
     if image_id not in fetcher.jobs:
         # the caller may read the image; a fetch needs swarmcache's own account to
         await fetcher.origin.stat(image_id)
     metrics.cache_misses.inc()
-    job = await fetcher.start_version(manifest)
+    job = await fetcher.start_version(wanted)
     image = job.image if job is not None else store.get(image_id)
-    if image is None:
-        raise ImageNotFound(f"image {image_id!r} vanished from the cache")
-    return image, job, image.manifest
+    if image is None or not image.manifest.same_version(wanted):
+        raise ImageNotFound(f"image {image_id}: no copy of Glance's version at hand")
+    return image, job
 
 
 def _glance_range(headers: list[str], size: int) -> tuple[int, int] | None:
@@ -286,7 +334,7 @@ async def versions(request: web.Request) -> web.Response:
     headers = forwarded_headers(request)
     headers.popall("Accept-Encoding", None)
     try:
-        async with upstream.request("GET", "/versions", headers) as up:
+        async with upstream.request("GET", "/versions", headers, timeout=upstream.short) as up:
             body = await up.content.read(MAX_META_BYTES + 1)
             status = up.status
     except (aiohttp.ClientError, TimeoutError) as err:
@@ -349,6 +397,9 @@ async def cache_queue(request: web.Request) -> web.Response:
     if refusal is not None:
         return refusal
     assert meta is not None
+    refusal = await _may_download(request, image_id)
+    if refusal is not None:
+        return refusal
     fetcher = request.app[FETCHER]
     manifest = fetcher.manifest_from(image_id, glance_image(meta))
     await fetcher.start_version(manifest)

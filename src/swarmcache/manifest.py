@@ -217,7 +217,8 @@ class Manifest:
     @property
     def etag(self) -> str:
         """A strong ETag that is the same for partial and complete copies of this image."""
-        basis = str(self.origin_hash or f"{self.size}:{self.origin_validator}")
+        # the hex alone, as before hashes named their algorithm: ETags survive the upgrade
+        basis = self.origin_hash.hex if self.origin_hash else f"{self.size}:{self.origin_validator}"
         return '"' + xxhash.xxh3_64_hexdigest(f"{self.image_id}\0{basis}".encode()) + '"'
 
     def same_source(self, other: Manifest) -> bool:
@@ -239,23 +240,33 @@ class Manifest:
         )
 
     def encode(self) -> bytes:
-        """msgpack form, for disk and (later) for peers."""
-        return msgpack.packb(
-            {
-                "v": MANIFEST_VERSION,
-                "id": self.image_id,
-                "size": self.size,
-                "chunk_size": self.chunk_size,
-                "origin_hash": _str_or_none(self.origin_hash),
-                "origin_validator": self.origin_validator,
-                "image_hash": _str_or_none(self.image_hash),
-                "complete": self.complete,
-                "digests": bytes(self.digests),
-                "block_size": self.block_size,
-                "block_digests": bytes(self.block_digests),
-            },
-            use_bin_type=True,
-        )
+        """msgpack form, for disk and for peers. Version 2 (sha256 hex) while both hashes
+        are sha256 or unknown, so daemons of the version before read it during a rolling
+        upgrade (or after a rollback); version 3 ("algo:hex") for any other algorithm."""
+        fields: dict[str, Any] = {
+            "id": self.image_id,
+            "size": self.size,
+            "chunk_size": self.chunk_size,
+            "origin_validator": self.origin_validator,
+            "complete": self.complete,
+            "digests": bytes(self.digests),
+            "block_size": self.block_size,
+            "block_digests": bytes(self.block_digests),
+        }
+        hashes = (self.origin_hash, self.image_hash)
+        if all(h is None or h.algo == "sha256" for h in hashes):
+            fields.update(
+                v=2,
+                origin_sha256=_hex_or_none(self.origin_hash),
+                sha256=_hex_or_none(self.image_hash),
+            )
+        else:
+            fields.update(
+                v=MANIFEST_VERSION,
+                origin_hash=_str_or_none(self.origin_hash),
+                image_hash=_str_or_none(self.image_hash),
+            )
+        return msgpack.packb(fields, use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes) -> Manifest:
@@ -329,6 +340,10 @@ class Manifest:
         return replace(
             self, image_hash=None, complete=False, digests=bytearray(), block_digests=bytearray()
         )
+
+
+def _hex_or_none(value: Checksum | None) -> str | None:
+    return None if value is None else value.hex
 
 
 def _str_or_none(value: Checksum | None) -> str | None:

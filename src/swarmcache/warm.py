@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
-from .errors import BadRequest, ImageNotFound, NotFound, SwarmcacheError
+from .errors import BadRequest, Busy, ImageNotFound, NotFound, SwarmcacheError
 from .fetch import Fetcher
 from .manifest import validate_image_id
 from .peers.swarm import Swarm
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 MAX_IMAGES = 1000  # per job
 MAX_HOSTS = 10000  # per job
 MAX_JOBS = 100  # finished jobs kept for GET /v1/warm/{job}; the oldest go first
+MAX_RUNNING = 100  # jobs running at once; more is a 503 (they queue behind each other)
+STUCK = 600.0  # seconds a remote fetch may show no progress before it counts as failed
 POLL = 2.0  # seconds a remote status poll waits for the fetch to end (?wait=)
 REMOTE_TRIES = 5  # failed requests in a row before a remote host is marked failed
 LOCAL = "local"  # how a job's own host is named in `hosts` (shown by its address)
@@ -157,7 +160,10 @@ class Warmer:
         return out
 
     def submit(self, images: list[str], hosts: list[str]) -> WarmJob:
-        """Start a job; it runs in the background."""
+        """Start a job; it runs in the background (Busy, a 503, when MAX_RUNNING jobs
+        run already)."""
+        if sum(j.finished is None for j in self.jobs.values()) >= MAX_RUNNING:
+            raise Busy(f"{MAX_RUNNING} warm jobs are running; try again later")
         job = WarmJob(secrets.token_hex(8), images, hosts)
         self.jobs[job.job_id] = job
         finished = [j for j in self.jobs.values() if j.finished is not None]
@@ -224,9 +230,16 @@ class Warmer:
     async def _remote(self, host: str, image: str, target: Target) -> None:
         path = f"http://{host}/v1/images/{quote(image, safe='')}"
         status = await self._call(host, "POST", path + "/fetch")
+        moved = time.monotonic()
         while True:
             state = status.get("state")
-            target.bytes = int(status.get("bytes") or 0)
+            done = int(status.get("bytes") or 0)
+            if done != target.bytes:
+                moved = time.monotonic()
+            elif time.monotonic() - moved > STUCK:
+                _fail(target, f"no progress on {host} for {STUCK:.0f}s (still fetching there)")
+                return
+            target.bytes = done
             target.size = status.get("size")
             target.rate = float((status.get("fetch") or {}).get("rate_bytes_per_s") or 0)
             target.updated = time.time()
@@ -279,9 +292,14 @@ def _fail(target: Target, reason: str) -> None:
     target.updated = time.time()
 
 
+# host:port only (a name, IPv4 or [IPv6]): nothing that could turn the URL the daemon
+# builds from it into another one (a path, a query, credentials)
+_ADDRESS = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\]):(\d{1,5})")
+
+
 def _is_address(text: str) -> bool:
-    host, sep, port = text.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) <= 65535)
+    m = _ADDRESS.fullmatch(text)
+    return m is not None and 0 < int(m.group(1)) <= 65535
 
 
 WARMER = web.AppKey("warmer", Warmer)

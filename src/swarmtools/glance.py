@@ -82,11 +82,14 @@ _POLICY = {
 "default": ""
 """,
     # Glance's defaults want a reader role even for a public image; the anonymous
-    # context has none, so reading is opened up. Everything else stays Glance's.
+    # context has none, so reading is opened up. Downloading too, except for a caller
+    # with the role "no_download": one who may see an image but not download it, as
+    # operators restrict download_image (tests/test_glance.py). Everything else stays
+    # Glance's.
     "headers": """\
 "get_image": ""
 "get_images": ""
-"download_image": ""
+"download_image": "not role:no_download"
 """,
 }
 # The pipeline auth="headers" adds to Glance's paste file: "keystone" less authtoken.

@@ -159,20 +159,23 @@ class Fetcher:
     async def start_version(self, manifest: Manifest) -> FetchJob | None:
         """`start` for the version `manifest` names (from a caller that asked the origin
         itself): a cached or fetching copy of another version is dropped first, even
-        while it is read (its readers keep the old file open)."""
+        while it is read (its readers keep the old file open). The caller checks the
+        version of what it gets: a start already under way with a manifest from the
+        swarm may still win."""
         image_id = manifest.image_id
-        image = self.store.get(image_id)
-        if image is not None and not image.manifest.same_version(manifest):
-            log.info(
-                "%s: the cached copy (%s, %d bytes) is not the origin's version (%s, %d bytes):"
-                " dropping it",
-                image_id,
-                image.manifest.origin_hash,
-                image.manifest.size,
-                manifest.origin_hash,
-                manifest.size,
-            )
-            await self.remove(image_id, force=True)
+        async with self._lock(image_id):
+            image = self.store.get(image_id)
+            if image is not None and not image.manifest.same_version(manifest):
+                log.info(
+                    "%s: the cached copy (%s, %d bytes) is not the origin's version "
+                    "(%s, %d bytes): dropping it",
+                    image_id,
+                    image.manifest.origin_hash,
+                    image.manifest.size,
+                    manifest.origin_hash,
+                    manifest.size,
+                )
+                await self._remove_locked(image_id, force=True)
         return await self.start(image_id, fresh=manifest)
 
     async def ride_along(self, image_id: str) -> Manifest | None:
@@ -408,22 +411,25 @@ class Fetcher:
         """Cancel the image's fetch, if any, and drop it (ImageBusy while it is read,
         unless `force`: a reader of the dropped copy keeps reading its open file)."""
         async with self._lock(image_id):
-            image = self.store.get(image_id)
-            if image is None:
-                if self.failures.pop(image_id, None) is None and not force:
-                    raise ImageNotFound(f"image {image_id!r} is not in the cache")
-                return
-            if image.readers and not force:
-                raise ImageBusy(f"image {image_id!r} is being read by {image.readers} client(s)")
-            task = self._tasks.get(image_id)
-            if task is not None:
-                task.cancel()
-                # wait() lets our own cancellation through but not the task's: the fetch
-                # must have stopped (threads included) before its files go.
-                await asyncio.wait({task})
-            self._purge(self.store.remove(image_id, force=force))
-            self._gone(image_id)
-            self.failures.pop(image_id, None)
+            await self._remove_locked(image_id, force)
+
+    async def _remove_locked(self, image_id: str, force: bool) -> None:
+        image = self.store.get(image_id)
+        if image is None:
+            if self.failures.pop(image_id, None) is None and not force:
+                raise ImageNotFound(f"image {image_id!r} is not in the cache")
+            return
+        if image.readers and not force:
+            raise ImageBusy(f"image {image_id!r} is being read by {image.readers} client(s)")
+        task = self._tasks.get(image_id)
+        if task is not None:
+            task.cancel()
+            # wait() lets our own cancellation through but not the task's: the fetch
+            # must have stopped (threads included) before its files go.
+            await asyncio.wait({task})
+        self._purge(self.store.remove(image_id, force=force))
+        self._gone(image_id)
+        self.failures.pop(image_id, None)
 
     async def wait(self, image_id: str, seconds: float) -> None:
         """Return once the image's running fetch has ended (its outcome recorded), or

@@ -99,11 +99,15 @@ class TokenFileAuth(GlanceAuth):
 
     async def token(self) -> str | None:
         """The file's token (re-read if its mtime, size or inode changed)."""
-        st = await asyncio.to_thread(os.stat, self.path)
-        key = (st.st_mtime_ns, st.st_size, st.st_ino)
-        if key != self._seen:
-            self._token = await asyncio.to_thread(read_secret, self.path, "token_file")
-            self._seen = key
+        try:
+            st = await asyncio.to_thread(os.stat, self.path)
+            key = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if key != self._seen:
+                self._token = await asyncio.to_thread(read_secret, self.path, "token_file")
+                self._seen = key
+        except (OSError, ConfigError) as err:
+            detail = err.detail if isinstance(err, ConfigError) else err.strerror
+            raise OriginDenied(f"origin.token_file {self.path}: {detail}") from None
         return self._token
 
     async def renew(self) -> bool:
