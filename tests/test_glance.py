@@ -395,6 +395,14 @@ async def test_callers_rights_are_glances(guarded_glance: GlanceServer, node: No
     await asyncio.to_thread(guarded_glance.deactivate, public["id"])
     status, _, _ = await _get(f"{n.endpoint}/v2/images/{public['id']}/file", anonymous)
     assert status == 403
+    # what the operator sees: served by the swarm, handed to Glance, refused by Glance
+    outcomes = {
+        o: await n.metric("swarmcache_glance_downloads_total", outcome=o)
+        for o in ("swarm", "passed", "refused")
+    }
+    # (refused: the private image, the viewer; passed: the admin's read of what
+    # swarmcache's account may not read, and the deactivated image)
+    assert outcomes == {"swarm": 1, "passed": 2, "refused": 2}
 
 
 async def test_glance_unreachable_is_a_503(node: NodeFactory) -> None:

@@ -245,8 +245,10 @@ async def image_file(request: web.Request) -> web.StreamResponse:
         image_id = validate_image_id(raw_id)
     except BadRequest:
         return await proxy(request)  # not an id we can cache: Glance answers it
+    counted = request.app[METRICS].glance_downloads
     meta, refusal = await _image_meta(request, image_id)
     if refusal is not None:
+        counted.labels("refused").inc()
         return refusal
     assert meta is not None
     # Glance's spelling of the id keys the cache (a database with case-insensitive
@@ -258,12 +260,15 @@ async def image_file(request: web.Request) -> web.StreamResponse:
         stat = glance_image(meta)
     except SwarmcacheError as err:  # not active, no usable size or hash: Glance decides
         log.info("%s: passed to Glance (%s)", image_id, err.detail)
+        counted.labels("passed").inc()
         return await proxy(request)
     if stat.checksum is None or stat.size == 0:
         log.info("%s has no hash or no bytes in Glance: passed to Glance", image_id)
+        counted.labels("passed").inc()
         return await proxy(request)
     refusal = await _may_download(request, image_id)
     if refusal is not None:
+        counted.labels("refused").inc()
         return refusal
     wanted = fetcher.manifest_from(image_id, stat)
     byte_range = _glance_range(request.headers.getall("Range", []), wanted.size)
@@ -275,6 +280,7 @@ async def image_file(request: web.Request) -> web.StreamResponse:
         # (Glance just said so), and Glance serves it as it would have
         detail = err.detail if isinstance(err, SwarmcacheError) else repr(err)
         log.warning("%s: not from the swarm (%s): passed to Glance", image_id, detail)
+        counted.labels("passed").inc()
         return await proxy(request)
     manifest = image.manifest
     resp, start, end = image_response(manifest.size, byte_range)
@@ -283,6 +289,7 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     for name in ("X-OpenStack-Request-ID",):
         if name in request.headers:
             resp.headers[name] = request.headers[name]
+    counted.labels("swarm").inc()
     await send_image(request, resp, fetcher, image, job, manifest, start, end)
     return resp
 

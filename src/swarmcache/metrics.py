@@ -50,6 +50,14 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
+        self.glance_downloads = Counter(
+            "swarmcache_glance_downloads",
+            "Image downloads on the Glance-compatible endpoint, by outcome: swarm (served "
+            "by swarmcache), passed (handed to Glance: no hash, too big, swarmcache's own "
+            "reads could not start), refused (Glance refused the caller)",
+            ["outcome"],
+            registry=r,
+        )
         self.fetches = Counter(
             "swarmcache_fetches", "Fetches finished, by result", ["result"], registry=r
         )
