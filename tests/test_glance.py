@@ -306,6 +306,9 @@ async def test_an_image_without_data_is_glances_to_answer(
             queued = await r.json()
         async with s.get(f"{n.endpoint}/v2/images/{queued['id']}/file") as r:
             assert r.status == 204  # Glance's own answer for a queued image
+        async with s.put(f"{n.endpoint}/v2/cache/{queued['id']}") as r:
+            assert r.status == 409  # nothing to cache yet: said, not a 2xx
+            assert (await r.json())["error"] == "image not active"
     assert (await n.client.get(f"/v1/images/{queued['id']}/status")).status == 404
 
 

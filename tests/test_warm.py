@@ -69,6 +69,7 @@ async def test_warm_refuses_bad_requests_clearly(daemon: DaemonFactory) -> None:
         # only host:port: nothing that would make the daemon ask another URL
         json.dumps({"images": ["a"], "hosts": ["169.254.169.254/x#:80"]}).encode(),
         json.dumps({"images": ["a"], "hosts": ["user@host:80"]}).encode(),
+        json.dumps({"images": ["a"], "hosts": ["h:\u0668\u0660"]}).encode(),  # Arabic-Indic 80
     ):
         resp = await client.post("/v1/warm", data=body)
         assert resp.status == 400, body

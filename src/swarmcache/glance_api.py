@@ -196,7 +196,7 @@ async def _image_meta(
         async with upstream.request(
             "GET", f"/v2/images/{image_id}", headers, timeout=upstream.short
         ) as up:
-            body = await up.content.read(MAX_META_BYTES + 1)
+            body = await _small_body(up)
             if up.status != 200:
                 return None, _passed_back(up, body)
     except (aiohttp.ClientError, TimeoutError) as err:
@@ -221,10 +221,25 @@ async def _may_download(request: web.Request, image_id: str) -> web.Response | N
         async with upstream.request(
             "GET", f"/v2/images/{image_id}/file", headers, timeout=upstream.short
         ) as up:
-            body = await up.content.read(MAX_META_BYTES + 1)
-            return None if up.status in (200, 206) else _passed_back(up, body)
+            if up.status in (200, 206):
+                up.close()  # one byte, or (a Glance ignoring Range) the image: not read
+                return None
+            return _passed_back(up, await _small_body(up))
     except (aiohttp.ClientError, TimeoutError) as err:
         raise GlanceUnreachable(f"Glance at {upstream.endpoint} did not answer: {err!r}") from None
+
+
+async def _small_body(up: aiohttp.ClientResponse) -> bytes:
+    """A whole answer of at most MAX_META_BYTES (+1: one byte more says "too big"),
+    however many reads it arrives in."""
+    parts: list[bytes] = []
+    size = 0
+    async for data in up.content.iter_any():
+        parts.append(data)
+        size += len(data)
+        if size > MAX_META_BYTES:
+            break
+    return b"".join(parts)[: MAX_META_BYTES + 1]
 
 
 def _asking_headers(request: web.Request) -> CIMultiDict[str]:
@@ -238,6 +253,17 @@ def _passed_back(up: aiohttp.ClientResponse, body: bytes) -> web.Response:
     return web.Response(status=up.status, reason=up.reason, body=body, headers=_answer_headers(up))
 
 
+async def _downloadable(
+    request: web.Request, image_id: str, meta: dict[str, Any]
+) -> tuple[dict[str, Any] | None, web.Response | None]:
+    """(meta, None) if the caller may download the image or Glance must decide anyway
+    (not active: the request goes to Glance as it is), else (None, Glance's refusal)."""
+    if meta.get("status") != "active":
+        return meta, None
+    refusal = await _may_download(request, image_id)
+    return (meta, None) if refusal is None else (None, refusal)
+
+
 async def image_file(request: web.Request) -> web.StreamResponse:
     """GET /v2/images/{id}/file: Glance authorizes, the swarm serves."""
     raw_id = request.match_info["image_id"]
@@ -246,9 +272,15 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     except BadRequest:
         return await proxy(request)  # not an id we can cache: Glance answers it
     counted = request.app[METRICS].glance_downloads
-    meta, refusal = await _image_meta(request, image_id)
+    try:
+        meta, refusal = await _image_meta(request, image_id)
+        if meta is not None and refusal is None:
+            meta, refusal = await _downloadable(request, image_id, meta)
+    except GlanceUnreachable:
+        counted.labels("error").inc()
+        raise
     if refusal is not None:
-        counted.labels("refused").inc()
+        counted.labels("refused" if refusal.status < 500 else "error").inc()
         return refusal
     assert meta is not None
     # Glance's spelling of the id keys the cache (a database with case-insensitive
@@ -266,10 +298,6 @@ async def image_file(request: web.Request) -> web.StreamResponse:
         log.info("%s has no hash or no bytes in Glance: passed to Glance", image_id)
         counted.labels("passed").inc()
         return await proxy(request)
-    refusal = await _may_download(request, image_id)
-    if refusal is not None:
-        counted.labels("refused").inc()
-        return refusal
     wanted = fetcher.manifest_from(image_id, stat)
     byte_range = _glance_range(request.headers.getall("Range", []), wanted.size)
     try:
@@ -289,8 +317,18 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     for name in ("X-OpenStack-Request-ID",):
         if name in request.headers:
             resp.headers[name] = request.headers[name]
+    try:
+        await send_image(request, resp, fetcher, image, job, manifest, start, end)
+    except SwarmcacheError as err:
+        if resp.prepared:  # (send_image cuts the connection itself once headers are out)
+            if request.transport is not None:
+                request.transport.abort()
+            return resp
+        # the cache file went before a byte went out: Glance can still serve it
+        log.warning("%s: not from the swarm (%s): passed to Glance", image_id, err.detail)
+        counted.labels("passed").inc()
+        return await proxy(request)
     counted.labels("swarm").inc()
-    await send_image(request, resp, fetcher, image, job, manifest, start, end)
     return resp
 
 
@@ -306,7 +344,8 @@ async def _open(
     if image is not None and image.complete and image.manifest.same_version(wanted):
         metrics.cache_hits.inc()
         return image, None
-    if image_id not in fetcher.jobs:
+    running = fetcher.jobs.get(image_id)
+    if running is None or not running.image.manifest.same_version(wanted):
         # the caller may read the image; a fetch needs swarmcache's own account to
         await fetcher.origin.stat(image_id)
     metrics.cache_misses.inc()
@@ -342,7 +381,7 @@ async def versions(request: web.Request) -> web.Response:
     headers.popall("Accept-Encoding", None)
     try:
         async with upstream.request("GET", "/versions", headers, timeout=upstream.short) as up:
-            body = await up.content.read(MAX_META_BYTES + 1)
+            body = await _small_body(up)
             status = up.status
     except (aiohttp.ClientError, TimeoutError) as err:
         raise GlanceUnreachable(f"Glance at {upstream.endpoint} did not answer: {err!r}") from None
@@ -404,12 +443,12 @@ async def cache_queue(request: web.Request) -> web.Response:
     if refusal is not None:
         return refusal
     assert meta is not None
+    stat = glance_image(meta)  # 409 for an image that is not active
     refusal = await _may_download(request, image_id)
     if refusal is not None:
         return refusal
     fetcher = request.app[FETCHER]
-    manifest = fetcher.manifest_from(image_id, glance_image(meta))
-    await fetcher.start_version(manifest)
+    await fetcher.start_version(fetcher.manifest_from(image_id, stat))
     log.info("image %s queued for caching through the Glance endpoint", image_id)
     return web.Response(status=202)
 

@@ -54,7 +54,8 @@ class Metrics:
             "swarmcache_glance_downloads",
             "Image downloads on the Glance-compatible endpoint, by outcome: swarm (served "
             "by swarmcache), passed (handed to Glance: no hash, too big, swarmcache's own "
-            "reads could not start), refused (Glance refused the caller)",
+            "reads could not start), refused (Glance refused the caller: 4xx), error "
+            "(Glance failed: 5xx or unreachable)",
             ["outcome"],
             registry=r,
         )

@@ -236,7 +236,7 @@ class Warmer:
             done = int(status.get("bytes") or 0)
             if done != target.bytes:
                 moved = time.monotonic()
-            elif time.monotonic() - moved > STUCK:
+            elif state == "fetching" and time.monotonic() - moved > STUCK:
                 _fail(target, f"no progress on {host} for {STUCK:.0f}s (still fetching there)")
                 return
             target.bytes = done
@@ -294,7 +294,9 @@ def _fail(target: Target, reason: str) -> None:
 
 # host:port only (a name, IPv4 or [IPv6]): nothing that could turn the URL the daemon
 # builds from it into another one (a path, a query, credentials)
-_ADDRESS = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\]):(\d{1,5})")
+_ADDRESS = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\]):([0-9]{1,5})"
+)
 
 
 def _is_address(text: str) -> bool:
