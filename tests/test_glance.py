@@ -282,6 +282,8 @@ async def test_the_endpoint_answers_downloads_as_glance_does(
         for headers, status in (
             ({"Range": "bytes=0-1,5-6"}, 400),
             ({"Range": f"bytes={len(data)}-"}, 416),
+            ({"Range": "bytes=9-5"}, 416),
+            ({"Range": "items=0-1"}, 416),
         ):
             assert (await _get(ours, headers))[0] == status == (await _get(theirs, headers))[0]
     # passed through to Glance: HEAD (405), an unknown image (404), metadata

@@ -42,6 +42,7 @@ from .config import Config
 from .errors import (
     BadRequest,
     ImageNotFound,
+    RangeNotSatisfiable,
     SwarmcacheError,
 )
 from .fetch import Fetcher, FetchJob
@@ -357,19 +358,16 @@ async def _open(
 
 
 def _glance_range(headers: list[str], size: int) -> tuple[int, int] | None:
-    """The one byte range asked for, as Glance reads Range: several ranges are a 400,
-    a start past the end a 416; no header: None (the whole image)."""
+    """The one byte range asked for, as Glance 33 reads Range: several ranges are a
+    400; one it cannot satisfy (past the end, reversed, another unit) a 416; no
+    header: None (the whole image)."""
     if not headers:
         return None
     if len(headers) > 1 or "," in headers[0]:
         raise BadRequest("multiple ranges are not supported (one byte range at most)")
-    header = headers[0]
-    unit, _, spec = header.partition("=")
-    if unit.strip().lower() != "bytes" or not spec.strip():
-        raise BadRequest(f"unsupported Range header {header[:100]!r}")
-    byte_range = parse_range(header, size)
+    byte_range = parse_range(headers[0], size)
     if byte_range is None:
-        raise BadRequest(f"malformed Range header {header[:100]!r}")
+        raise RangeNotSatisfiable(f"cannot serve the range {headers[0][:100]!r}", size)
     return byte_range
 
 
