@@ -7,6 +7,7 @@ config/swarmcache.toml and nowhere else needs to change.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -65,6 +66,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"expected a duration such as '30s', got {value!r}")
     if isinstance(value, int | float):
+        if not math.isfinite(value):  # TOML has nan and inf
+            raise ValueError(f"duration must be a finite number, got {value}")
         if value < 0:
             raise ValueError(f"duration must not be negative, got {value}")
         return float(value)
