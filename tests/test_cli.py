@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -481,3 +482,39 @@ async def test_metric_helper_reads_a_real_daemons_metrics(
     ]:
         with pytest.raises(AssertionError, match=name):
             metric(text, name, **labels)
+
+
+async def test_verify_drops_a_chunk_corrupted_on_disk_and_it_is_fetched_again(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
+) -> None:
+    """`swarmcache verify` re-hashes what is on disk: a byte flipped by hand in the
+    cache is found, its chunk dropped (exit 1), fetched again by the next read (one
+    chunk from the origin), and the image served whole and right."""
+    from conftest import CHUNK
+
+    data = images.add("img", 5 * CHUNK + 77)
+    images.add("other", 2 * CHUNK)
+    d = await start_daemon_process(tmp_path, origin.url)
+    daemon_processes.append(d)
+    for name in ("img", "other"):
+        code, _, err = await swarmcache("--daemon", d.url, "fetch", name, "-q")
+        assert code == 0, err
+    before = origin.stats.bytes_by_path["img"]
+    with open(d.cache_dir / "images" / "img" / "data", "r+b") as f:
+        f.seek(3 * CHUNK + 10)
+        f.write(bytes([data[3 * CHUNK + 10] ^ 0x01]))
+    code, out, _ = await swarmcache("--daemon", d.url, "verify")
+    assert code == 1
+    assert "img: 1 of 6 chunks BAD, dropped (chunks 3)" in out
+    assert "other: 2 chunks ok" in out
+    code, out, _ = await swarmcache("--daemon", d.url, "status", "img", "--json")
+    assert json.loads(out)["state"] == "partial"
+    out_file = tmp_path / "img.out"
+    code, _, err = await swarmcache("--daemon", d.url, "fetch", "img", "-q", "-o", str(out_file))
+    assert code == 0, err
+    assert out_file.read_bytes() == data
+    assert origin.stats.bytes_by_path["img"] - before == CHUNK  # the dropped chunk alone
+    code, out, _ = await swarmcache("--daemon", d.url, "verify", "img")
+    assert (code, out.strip()) == (0, "img: 6 chunks ok")
+    status = json.loads((await swarmcache("--daemon", d.url, "status", "img", "--json"))[1])
+    assert (status["state"], status["sha256"]) == ("complete", sha256(data))

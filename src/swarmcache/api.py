@@ -238,6 +238,16 @@ async def start_fetch(request: web.Request) -> web.Response:
     return web.json_response(describe(fetcher, image_id, progress=True), status=202)
 
 
+async def verify_image(request: web.Request) -> web.Response:
+    """POST /v1/images/{id}/verify: re-hash its chunks on disk, drop the bad ones."""
+    image_id = image_id_from(request)
+    fetcher = request.app[FETCHER]
+    checked, bad = await fetcher.verify(image_id)
+    out = describe(fetcher, image_id, progress=False)
+    out["verify"] = {"chunks_checked": checked, "bad_chunks": bad}
+    return web.json_response(out)
+
+
 async def delete_image(request: web.Request) -> web.Response:
     """DELETE /v1/images/{id}: drop it from the cache (409 while being read)."""
     image_id = image_id_from(request)
@@ -467,6 +477,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/v1/images/{image_id}", delete_image)
     app.router.add_get("/v1/images/{image_id}/status", image_status)
     app.router.add_post("/v1/images/{image_id}/fetch", start_fetch)
+    app.router.add_post("/v1/images/{image_id}/verify", verify_image)
     app.router.add_put("/v1/images/{image_id}/pin", set_pin)
     app.router.add_delete("/v1/images/{image_id}/pin", set_pin)
     app.router.add_get("/v1/peers", list_peers)

@@ -121,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
         "measured transfer rate.",
     )
     peers.add_argument("--json", action="store_true", help="print the API's JSON")
+    vf = sub_parser(
+        "verify",
+        help="re-hash cached images on disk; drop chunks that fail",
+        description="Read every chunk of the image (or of every cached image) back from "
+        "disk and compare it with its digest. A chunk that fails is dropped, so it is "
+        "fetched again on the next read and never served; the image is partial until "
+        "then. Exit status 1 if any chunk failed.",
+    )
+    vf.add_argument("image_id", metavar="ID", nargs="?", help="one image (default: all)")
+    vf.add_argument("--json", action="store_true", help="print the API's JSON")
     w = sub_parser(
         "warm",
         help="pre-warm images on this host, a list of hosts, or every host",
@@ -459,6 +469,37 @@ def _table(rows: Sequence[tuple[str, ...]]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
+def cmd_verify(client: Client, args: argparse.Namespace) -> int:
+    """swarmcache verify [ID]."""
+    if args.image_id:
+        ids = [args.image_id]
+    else:
+        listed = client.json("GET", "/v1/images")["images"]
+        ids = [i["id"] for i in listed if i["bytes"]]
+    results, failed = [], False
+    for image_id in ids:
+        try:
+            data = client.json("POST", _path(image_id, "/verify"))
+        except CliError as err:
+            if args.image_id or err.status == EXIT_UNREACHABLE:
+                raise
+            print(f"{image_id}: skipped: {err}")  # being fetched, or gone meanwhile
+            continue
+        results.append(data)
+        bad = data["verify"]["bad_chunks"]
+        failed = failed or bool(bad)
+        if not args.json:
+            checked = data["verify"]["chunks_checked"]
+            if bad:
+                shown = ", ".join(map(str, bad[:20])) + (" ..." if len(bad) > 20 else "")
+                print(f"{image_id}: {len(bad)} of {checked} chunks BAD, dropped (chunks {shown})")
+            else:
+                print(f"{image_id}: {checked} chunks ok")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def _warm_ids(args: argparse.Namespace) -> list[str]:
     ids = list(args.image_ids)
     if args.from_file:
@@ -509,4 +550,5 @@ COMMANDS = {
     "unpin": cmd_pin,
     "peers": cmd_peers,
     "warm": cmd_warm,
+    "verify": cmd_verify,
 }

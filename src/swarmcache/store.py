@@ -332,6 +332,45 @@ class CachedImage:
                     bad.append(index)
         return bad
 
+    def verify(self) -> tuple[int, list[int]]:
+        """Re-hash every chunk held against its digest (a disk that rotted, a hand that
+        slipped); drop the bad ones, which makes the image partial: they are fetched
+        again by the next read. Returns (chunks checked, bad chunks). Blocking; the
+        caller keeps fetches of this image out meanwhile."""
+        m = self.manifest
+        held = [i for i in range(m.chunks) if m.complete or bitmap_get(self.bitmap, i)]
+        bad = []
+        for index in held:
+            with self.read_chunk(index) as data:
+                if chunk_digest(data) != m.digest(index):
+                    bad.append(index)
+        if bad:
+            self._drop(set(bad), [i for i in held if i not in set(bad)])
+        return len(held), bad
+
+    def _drop(self, bad: set[int], good: list[int]) -> None:
+        """Forget chunks `bad`: the image is partial with chunks `good` (logged first,
+        then the manifest saying it is incomplete: a crash between leaves the image
+        as it was, to be verified again). Blocking."""
+        m = self.manifest
+        records = b"".join(encode_log_record(i, m.digest(i) or bytes(16)) for i in good)
+        self.close()  # the log is rewritten whole: no appending fd may outlive it
+        try:
+            write_atomic(self.path / "chunks.log", records)
+            partial = dataclasses.replace(m, complete=False, image_hash=None)
+            write_atomic(self.path / "manifest", partial.encode())
+        except OSError as err:
+            raise _storage_error(f"cannot drop bad chunks of {self.image_id}", err) from err
+        # the digests stay: they say what the dropped chunks must hold when fetched again
+        with self._bits_lock:
+            bitmap = bitmap_new(m.chunks)
+            for index in good:
+                bitmap_set(bitmap, index)
+            self.bitmap[:] = bitmap
+            self.readable[:] = bitmap  # just read back and checked
+            self.blocks_ready[:] = bytes(len(self.blocks_ready))
+            m.complete, m.image_hash = False, None
+
     def ensure_blocks(self, block_size: int) -> None:
         """A complete image written before blocks existed: work out its block digests
         from the data and save them with its manifest. No-op if it has them. Blocking."""

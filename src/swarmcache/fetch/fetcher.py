@@ -431,6 +431,31 @@ class Fetcher:
         self._gone(image_id)
         self.failures.pop(image_id, None)
 
+    async def verify(self, image_id: str) -> tuple[int, list[int]]:
+        """Re-hash the image's chunks on disk and drop the bad ones (swarmcache verify):
+        (chunks checked, bad chunks). ImageBusy while it is being fetched."""
+        async with self._lock(image_id):
+            image = self.store.get(image_id)
+            if image is None:
+                raise ImageNotFound(f"image {image_id!r} is not in the cache")
+            if image_id in self.jobs:
+                raise ImageBusy(f"image {image_id!r} is being fetched; verify it after")
+            checked, bad = await asyncio.to_thread(image.verify)
+        if bad:
+            self.metrics.verification_failures.labels("chunk").inc(len(bad))
+            log.warning(
+                "verify %s: %d of %d chunks do not match their digests on disk: dropped "
+                "(fetched again on the next read): %s",
+                image_id,
+                len(bad),
+                checked,
+                bad[:20],
+            )
+            self._gone(image_id)  # peers must not count on what we held
+        else:
+            log.info("verify %s: %d chunks match their digests", image_id, checked)
+        return checked, bad
+
     async def wait(self, image_id: str, seconds: float) -> None:
         """Return once the image's running fetch has ended (its outcome recorded), or
         after `seconds`; at once if none runs."""
