@@ -186,7 +186,13 @@ def test_no_import_cycle_in_the_runtime_package_but_the_known_ones(
 # peers and origins (the network), then the store, then pure logic and the basics.
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("swarmcache.__main__", "swarmcache.cli", "swarmcache.daemon", "swarmcache.warm_view"),
-    ("swarmcache.api", "swarmcache.peer_api", "swarmcache.glance_api", "swarmcache.warm"),
+    (
+        "swarmcache.api",
+        "swarmcache.peer_api",
+        "swarmcache.glance_api",
+        "swarmcache.warm",
+        "swarmcache.httpserver",
+    ),
     ("swarmcache.fetch",),
     ("swarmcache.peers", "swarmcache.origin", "swarmcache.discovery", "swarmcache.httpfile"),
     ("swarmcache.store", "swarmcache.eviction"),

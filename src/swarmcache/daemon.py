@@ -30,6 +30,7 @@ from .discovery import Discovery, interface_addresses
 from .errors import StartupError
 from .fetch import Fetcher
 from .glance_api import build_glance_app
+from .httpserver import Runner
 from .metrics import Metrics, gauge
 from .origin import make_origin
 from .peers.swarm import Swarm
@@ -255,10 +256,10 @@ def run(config: Config) -> None:
     asyncio.run(serve(config))
 
 
-def _runner(app: web.Application, config: Config) -> web.AppRunner:
+def _runner(app: web.Application, config: Config) -> Runner:
     # handler_cancellation: a client that hangs up stops its handler, so it no longer
     # counts as a reader (which would block DELETE and eviction) or waits on a fetch.
-    return web.AppRunner(
+    return Runner(
         app,
         access_log=logging.getLogger("swarmcache.access") if config.daemon.access_log else None,
         access_log_class=AccessLog,
