@@ -198,6 +198,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("swarmcache.store", "swarmcache.eviction"),
     (
         "swarmcache.exchange",
+        "swarmcache.peerauth",
         "swarmcache.wire",
         "swarmcache.manifest",
         "swarmcache.ranges",
@@ -209,7 +210,13 @@ FLOORS: tuple[tuple[str, ...], ...] = (
 )
 # pure logic: no I/O library, no clock of its own (tested synchronously, driven by the
 # simulator)
-PURE = ("swarmcache.exchange", "swarmcache.wire", "swarmcache.manifest", "swarmcache.ranges")
+PURE = (
+    "swarmcache.exchange",
+    "swarmcache.wire",
+    "swarmcache.manifest",
+    "swarmcache.ranges",
+    "swarmcache.peerauth",
+)
 IO_LIBRARIES = ("aiohttp", "asyncio", "zeroconf", "socket", "os", "threading", "time")
 # inside the fetch: the orchestrator over the parts; landing (the disk) knows no network
 FETCH_NETWORK_FREE = ("swarmcache.fetch.landing", "swarmcache.fetch.common")
