@@ -163,14 +163,15 @@ def test_unit_matches_the_compute_config() -> None:
         assert PurePosixPath(source).is_absolute(), value
         assert not source.startswith("/run/credentials/"), value
     secret_files = {
-        key: value
-        for key, value in asdict(config.origin).items()
+        f"{section}.{key}": value
+        for section in (config.origin, config.security)
+        for key, value in asdict(section).items()
         if key.endswith("_file") and value
     }
     assert secret_files, "the compute config reads no secret file"
     credentials_dir = PurePosixPath("/run/credentials", UNIT.name)
     for key, path in secret_files.items():
-        assert PurePosixPath(path).parent == credentials_dir, f"origin.{key} = {path}"
+        assert PurePosixPath(path).parent == credentials_dir, f"{key} = {path}"
     assert {PurePosixPath(p).name for p in secret_files.values()} == names
 
 
@@ -178,6 +179,7 @@ def test_compute_config_loads() -> None:
     config = load_config(COMPUTE_CONFIG, {})
     assert config.source == str(COMPUTE_CONFIG)
     assert config.origin.kind == "glance"
+    assert config.security.cluster_secret_file  # peers authenticated on compute hosts
     assert config.glance_api.listen == "127.0.0.1:9292"
     assert str(config.cache.dir) == "/var/lib/swarmcache"
     assert config.discovery.mdns is True

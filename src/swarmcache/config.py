@@ -214,6 +214,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
     "warm": {
         "concurrency": (_positive(_parse_int), 2),
     },
+    "security": {
+        "cluster_secret_file": (_parse_str, ""),
+    },
 }
 
 _MAX_CHUNK = 256 * 1024**2
@@ -309,6 +312,13 @@ class WarmConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """[security]: who may talk to whom."""
+
+    cluster_secret_file: str = ""  # "": peer requests are not authenticated
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole, validated configuration."""
 
@@ -319,6 +329,7 @@ class Config:
     peers: PeersConfig = field(default_factory=PeersConfig)
     glance_api: GlanceApiConfig = field(default_factory=GlanceApiConfig)
     warm: WarmConfig = field(default_factory=WarmConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     source: str = "<defaults>"
 
 
@@ -400,6 +411,7 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str], source: str) ->
         peers=PeersConfig(**values["peers"]),
         glance_api=GlanceApiConfig(**values["glance_api"]),
         warm=WarmConfig(**values["warm"]),
+        security=SecurityConfig(**values["security"]),
         source=source,
     )
 

@@ -33,6 +33,7 @@ from .glance_api import build_glance_app
 from .httpserver import Runner
 from .metrics import Metrics, gauge
 from .origin import make_origin
+from .peerauth import MIN_SECRET, Verifier
 from .peers.swarm import Swarm
 from .store import Store
 
@@ -44,8 +45,13 @@ GLANCE_ADDRESS = web.AppKey("glance_address", str)
 
 def build_app(config: Config) -> web.Application:
     """The daemon as an aiohttp application (tests run it in-process)."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=1024**2)
+    app = web.Application(
+        middlewares=[error_middleware, peer_api.peer_auth_middleware], client_max_size=1024**2
+    )
     app[CONFIG] = config
+    secret = cluster_secret(config)
+    if secret is not None:
+        app[peer_api.PEER_AUTH] = Verifier(secret)
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_swarm_ctx)
@@ -67,6 +73,32 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = store
     yield
     await asyncio.to_thread(store.close)
+
+
+def cluster_secret(config: Config) -> bytes | None:
+    """The cluster secret from [security] cluster_secret_file (None: not configured).
+    StartupError if the file is unreadable or shorter than MIN_SECRET bytes."""
+    path = config.security.cluster_secret_file
+    if not path:
+        log.warning(
+            "peer authentication is OFF ([security] cluster_secret_file is empty): anyone "
+            "who reaches %s can act as a peer; set a cluster secret on every host",
+            config.daemon.listen,
+        )
+        return None
+    try:
+        with open(path, "rb") as f:
+            secret = f.read(64 * 1024).strip()
+    except OSError as err:
+        raise StartupError(
+            f"cannot read security.cluster_secret_file {path}: {err.strerror}"
+        ) from None
+    if len(secret) < MIN_SECRET:
+        raise StartupError(
+            f"security.cluster_secret_file {path} holds {len(secret)} bytes; "
+            f"at least {MIN_SECRET} are needed"
+        )
+    return secret
 
 
 def _node_id(store: Store) -> str:
@@ -96,6 +128,7 @@ def advertised(config: Config) -> tuple[str, int]:
 
 async def _swarm_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
+    verifier = app.get(peer_api.PEER_AUTH)
     node = await asyncio.to_thread(_node_id, app[STORE])
     async with Swarm(
         node,
@@ -104,6 +137,7 @@ async def _swarm_ctx(app: web.Application) -> AsyncIterator[None]:
         config.origin.concurrency,
         app[METRICS],
         config.discovery.static_peers,
+        secret=verifier.secret if verifier is not None else None,
     ) as swarm:
         swarm.store = app[STORE]
         app[SWARM] = swarm

@@ -59,6 +59,13 @@ class ImageNotFound(SwarmcacheError, LookupError):
     error = "image not found"
 
 
+class Unauthorized(SwarmcacheError):
+    """A peer request without proof of the cluster secret."""
+
+    status = 401
+    error = "unauthorized"
+
+
 class NotFound(SwarmcacheError, LookupError):
     """A thing the API names (a warm job) does not exist."""
 

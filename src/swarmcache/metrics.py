@@ -59,6 +59,11 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.peer_auth_failures = Counter(
+            "swarmcache_peer_auth_failures",
+            "Peer requests refused (401) for lacking proof of the cluster secret",
+            registry=r,
+        )
         self.fetches = Counter(
             "swarmcache_fetches", "Fetches finished, by result", ["result"], registry=r
         )

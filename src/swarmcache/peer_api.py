@@ -7,13 +7,16 @@ the port and the error middleware with the client API (see daemon.py).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import time
 
 from aiohttp import web
 
-from .api import METRICS, SENT, STORE, SWARM, image_id_from
-from .errors import BadRequest, ImageNotFound, PreconditionFailed
-from .httpfile import read_small, sendfile
+from .api import METRICS, SENT, STORE, SWARM, Handler, image_id_from
+from .errors import BadRequest, ImageNotFound, PreconditionFailed, Unauthorized
+from .httpfile import sendfile
+from .peerauth import EMPTY_SHA256, HEADER, AuthError, Verifier
 from .peers.swarm import DIGEST_HEADER, NODE_HEADER
 from .store import CachedImage
 from .wire import PROTOCOL_VERSION, Join, WireError, decode, encode
@@ -22,6 +25,27 @@ from .wire import PROTOCOL_VERSION, Join, WireError, decode, encode
 # peers (the multi-host tests use it to play a bad peer). Never set it in production.
 CORRUPT_CHUNKS_ENV = "SWARMCACHE_TEST_CORRUPT_PEER_CHUNKS"
 MAX_JOIN = 4096  # bytes of a join message
+PEER_AUTH = web.AppKey("peer_auth", Verifier)  # set when a cluster secret is configured
+
+
+@web.middleware
+async def peer_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With a cluster secret, a peer route answers only requests signed with it (401)."""
+    verifier = request.app.get(PEER_AUTH)
+    if verifier is None or not request.path.startswith("/v1/peer/"):
+        return await handler(request)
+    if request.content_length is not None and request.content_length > MAX_JOIN:
+        raise BadRequest(f"a peer request body is at most {MAX_JOIN} bytes")
+    body = await request.read() if request.can_read_body else b""
+    digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+    try:
+        verifier.check(
+            request.method, request.raw_path, digest, request.headers.get(HEADER), time.time()
+        )
+    except AuthError as err:
+        request.app[METRICS].peer_auth_failures.inc()
+        raise Unauthorized(f"peer request refused: {err}") from None
+    return await handler(request)
 
 
 async def peer_hello(request: web.Request) -> web.Response:
@@ -113,8 +137,10 @@ async def _send_block(request: web.Request, image: CachedImage, block: int) -> w
 async def peer_join(request: web.Request) -> web.Response:
     """POST /v1/peer/images/{id}/join: a host joins an image we read (see wire.Join)."""
     image_id = image_id_from(request)
-    body = await read_small(request.content, MAX_JOIN)
-    if body is None:
+    if request.content_length is not None and request.content_length > MAX_JOIN:
+        raise BadRequest("join message too large")
+    body = await request.read()  # bounded by the app's client_max_size (1 MiB) too
+    if len(body) > MAX_JOIN:
         raise BadRequest("join message too large")
     try:
         msg = decode(body)

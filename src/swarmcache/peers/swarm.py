@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import random
@@ -49,6 +50,8 @@ from ..exchange import (
 from ..httpfile import read_small
 from ..manifest import DIGEST_SIZE, Manifest, bitmap_new, bitmap_set
 from ..metrics import Metrics
+from ..peerauth import EMPTY_SHA256, sign_request
+from ..peerauth import HEADER as AUTH_HEADER
 from ..wire import (
     MAX_MESSAGE,
     PROTOCOL_VERSION,
@@ -278,8 +281,10 @@ class Swarm:
         static_peers: tuple[str, ...] = (),
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        secret: bytes | None = None,
     ) -> None:
         self.node_id = node_id
+        self.secret = secret  # the cluster secret: every peer request is signed with it
         self.advertise = advertise
         self.config = config
         self.concurrency = concurrency  # origin.concurrency: how many readers an image has
@@ -339,6 +344,13 @@ class Swarm:
         self.blocks.close()
         if self._session is not None:
             await self._session.close()
+
+    def signed(self, method: str, path: str, body: bytes = b"") -> dict[str, str]:
+        """The auth header of a peer request (none without a cluster secret)."""
+        if self.secret is None:
+            return {}
+        digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+        return {AUTH_HEADER: sign_request(self.secret, method, path, digest, time.time()).header}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -435,7 +447,9 @@ class Swarm:
         host = host.strip("[]")
         try:
             async with self.session.get(
-                f"http://{address}/v1/peer/hello", timeout=aiohttp.ClientTimeout(total=5)
+                f"http://{address}/v1/peer/hello",
+                timeout=aiohttp.ClientTimeout(total=5),
+                headers=self.signed("GET", "/v1/peer/hello"),
             ) as resp:
                 info = await resp.json()
             if not isinstance(info, dict):
@@ -496,11 +510,12 @@ class Swarm:
             return None
         host, port = self.advertise
         body = encode(Join(image_id, self.node_id, host, port, fetching))
-        url = f"http://{peer.address}/v1/peer/images/{image_id}/join"
+        path = f"/v1/peer/images/{image_id}/join"
+        url = f"http://{peer.address}{path}"
         try:
             async with (
                 asyncio.timeout(max(JOIN_TIMEOUT, self.config.timeout)),
-                self.session.post(url, data=body) as resp,
+                self.session.post(url, data=body, headers=self.signed("POST", path, body)) as resp,
             ):
                 if resp.status != 200:
                     raise PeerError(f"HTTP {resp.status}")
@@ -715,6 +730,7 @@ class Swarm:
             async with asyncio.timeout(self.config.timeout):  # a hung peer costs this
                 ws = await self.session.ws_connect(
                     url,
+                    headers=self.signed("GET", "/v1/peer/ws"),
                     heartbeat=HEARTBEAT,
                     max_msg_size=MAX_MESSAGE,
                     timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
@@ -1018,6 +1034,7 @@ class Swarm:
         path = f"/v1/peer/images/{manifest.image_id}/blocks/{block}"
         _, length = manifest.block_span(block)
         headers = {"If-Match": manifest.etag, NODE_HEADER: self.node_id}
+        headers.update(self.signed("GET", path))
         what = f"peer {node_id}: block {block}"
         async with self._block_read(node_id, what, self.config.timeout):
             resp = await self.blocks.get(peer.host, peer.port, path, headers, length)

@@ -1,0 +1,119 @@
+"""[security] cluster_secret_file: peer routes answer only requests signed with the
+cluster secret; daemons sharing it trade blocks, a daemon with another one is refused
+and fetches from the origin alone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestClient
+
+from conftest import ImageDir, Origin, make_config, metric, serve_app, sha256, start_daemon_process
+from swarmcache.daemon import build_app
+from swarmcache.errors import StartupError
+from swarmcache.peerauth import EMPTY_SHA256, HEADER, sign_request
+
+SECRET = b"correct horse battery staple, 32"
+MIB = 1024 * 1024
+
+
+def _secret_file(tmp_path: Path, secret: bytes, name: str = "secret") -> Path:
+    path = tmp_path / name
+    path.write_bytes(secret + b"\n")
+    return path
+
+
+async def test_peer_routes_answer_only_signed_requests(
+    aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_path: Path
+) -> None:
+    config = make_config(
+        tmp_path, {"security": {"cluster_secret_file": str(_secret_file(tmp_path, SECRET))}}
+    )
+    client = await serve_app(aiohttp_client, config)
+    resp = await client.get("/v1/peer/hello")
+    assert resp.status == 401
+    assert (await resp.json())["error"] == "unauthorized"
+    signed = sign_request(SECRET, "GET", "/v1/peer/hello", EMPTY_SHA256, time.time())
+    resp = await client.get("/v1/peer/hello", headers={HEADER: signed.header})
+    assert resp.status == 200
+    replay = await client.get("/v1/peer/hello", headers={HEADER: signed.header})
+    assert replay.status == 401
+    other = sign_request(b"x" * 32, "GET", "/v1/peer/hello", EMPTY_SHA256, time.time())
+    assert (await client.get("/v1/peer/hello", headers={HEADER: other.header})).status == 401
+    # a signature for one path does not open another
+    block = sign_request(SECRET, "GET", "/v1/peer/hello", EMPTY_SHA256, time.time())
+    resp = await client.get("/v1/peer/images/img/blocks/0", headers={HEADER: block.header})
+    assert resp.status == 401
+    assert (await client.get("/healthz")).status == 200  # the client API is not a peer route
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "swarmcache_peer_auth_failures_total") == 4
+
+
+@pytest.mark.parametrize(("content", "problem"), [(b"short", "at least 16"), (None, "cannot read")])
+def test_an_unusable_secret_stops_the_daemon(
+    tmp_path: Path, content: bytes | None, problem: str
+) -> None:
+    path = tmp_path / "secret"
+    if content is not None:
+        path.write_bytes(content)
+    config = make_config(tmp_path, {"security": {"cluster_secret_file": str(path)}})
+    with pytest.raises(StartupError, match=problem):
+        build_app(config)
+
+
+async def _get(s: aiohttp.ClientSession, url: str) -> bytes:
+    async with s.get(url) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.read()
+
+
+async def test_hosts_sharing_the_secret_trade_and_a_stranger_is_refused(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
+) -> None:
+    data = images.add("img", 3 * MIB + 5)
+    good = _secret_file(tmp_path, SECRET, "good")
+    bad = _secret_file(tmp_path, b"another cluster's secret, 32 by", "bad")
+    a = await start_daemon_process(
+        tmp_path, origin.url, name="a", extra=f'[security]\ncluster_secret_file = "{good}"\n'
+    )
+    daemon_processes.append(a)
+    a_addr = a.url.removeprefix("http://")
+    peers = f'[discovery]\nmdns = false\nstatic_peers = ["{a_addr}"]\n'
+    b = await start_daemon_process(
+        tmp_path,
+        origin.url,
+        name="b",
+        extra=peers + f'[security]\ncluster_secret_file = "{good}"\n',
+    )
+    c = await start_daemon_process(
+        tmp_path,
+        origin.url,
+        name="c",
+        extra=peers + f'[security]\ncluster_secret_file = "{bad}"\n',
+    )
+    daemon_processes.extend([b, c])
+    async with aiohttp.ClientSession() as s:
+        assert await _get(s, a.url + "/v1/images/img") == data
+        sent = origin.stats.bytes_by_path["img"]
+        for _ in range(100):  # b hears of a (a signed hello)
+            async with s.get(b.url + "/v1/peers") as resp:
+                if (await resp.json())["peers"]:
+                    break
+            await asyncio.sleep(0.1)
+        assert sha256(await _get(s, b.url + "/v1/images/img")) == sha256(data)
+        assert origin.stats.bytes_by_path["img"] == sent  # b: every byte from a
+        assert sha256(await _get(s, c.url + "/v1/images/img")) == sha256(data)
+        async with s.get(c.url + "/metrics") as resp:
+            c_metrics = await resp.text()
+        async with s.get(a.url + "/metrics") as resp:
+            a_metrics = await resp.text()
+    # c never got a block from a: a refused it, and its image came from the origin
+    assert metric(c_metrics, "swarmcache_fetched_bytes_total", source="peer") == 0
+    assert metric(c_metrics, "swarmcache_fetched_bytes_total", source="origin") == len(data)
+    assert metric(a_metrics, "swarmcache_peer_auth_failures_total") >= 1
