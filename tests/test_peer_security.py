@@ -117,3 +117,40 @@ async def test_hosts_sharing_the_secret_trade_and_a_stranger_is_refused(
     assert metric(c_metrics, "swarmcache_fetched_bytes_total", source="peer") == 0
     assert metric(c_metrics, "swarmcache_fetched_bytes_total", source="origin") == len(data)
     assert metric(a_metrics, "swarmcache_peer_auth_failures_total") >= 1
+
+
+async def test_a_host_that_cannot_sign_its_answers_is_never_a_source(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
+) -> None:
+    """A host answering on a peer's address without the secret (here a daemon with
+    none, holding the image, answering everything) is not taken as a peer: its
+    unsigned answers are refused, and the image comes from the origin."""
+    data = images.add("img", 2 * MIB + 3)
+    stranger = await start_daemon_process(tmp_path, origin.url, name="stranger")
+    daemon_processes.append(stranger)
+    async with aiohttp.ClientSession() as s:
+        assert await _get(s, stranger.url + "/v1/images/img") == data
+    sent = origin.stats.bytes_by_path["img"]
+    secret = _secret_file(tmp_path, SECRET)
+    addr = stranger.url.removeprefix("http://")
+    d = await start_daemon_process(
+        tmp_path,
+        origin.url,
+        name="d",
+        extra=f'[discovery]\nmdns = false\nstatic_peers = ["{addr}"]\n'
+        f'[security]\ncluster_secret_file = "{secret}"\n',
+    )
+    daemon_processes.append(d)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(50):  # the static loop asks the stranger within its first turns
+            if "refused" in (tmp_path / "d.log").read_text():
+                break
+            await asyncio.sleep(0.1)
+        async with s.get(d.url + "/v1/peers") as resp:
+            assert (await resp.json())["peers"] == []
+        assert await _get(s, d.url + "/v1/images/img") == data
+        async with s.get(d.url + "/metrics") as resp:
+            text = await resp.text()
+    assert metric(text, "swarmcache_fetched_bytes_total", source="peer") == 0
+    assert origin.stats.bytes_by_path["img"] == sent + len(data)
+    assert "static peer" in (tmp_path / "d.log").read_text()

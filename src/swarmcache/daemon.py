@@ -52,6 +52,7 @@ def build_app(config: Config) -> web.Application:
     secret = cluster_secret(config)
     if secret is not None:
         app[peer_api.PEER_AUTH] = Verifier(secret)
+        app.on_response_prepare.append(peer_api.sign_answer)
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_swarm_ctx)

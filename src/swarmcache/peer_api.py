@@ -16,7 +16,7 @@ from aiohttp import web
 from .api import METRICS, SENT, STORE, SWARM, Handler, image_id_from
 from .errors import BadRequest, ImageNotFound, PreconditionFailed, Unauthorized
 from .httpfile import sendfile
-from .peerauth import EMPTY_SHA256, HEADER, AuthError, Verifier
+from .peerauth import EMPTY_SHA256, HEADER, REPLY_HEADER, AuthError, Verifier, sign_reply
 from .peers.swarm import DIGEST_HEADER, NODE_HEADER
 from .store import CachedImage
 from .wire import PROTOCOL_VERSION, Join, WireError, decode, encode
@@ -26,6 +26,7 @@ from .wire import PROTOCOL_VERSION, Join, WireError, decode, encode
 CORRUPT_CHUNKS_ENV = "SWARMCACHE_TEST_CORRUPT_PEER_CHUNKS"
 MAX_JOIN = 4096  # bytes of a join message
 PEER_AUTH = web.AppKey("peer_auth", Verifier)  # set when a cluster secret is configured
+AUTH_NONCE = web.RequestKey("swarmcache.auth_nonce", str)  # of a request that proved it
 
 
 @web.middleware
@@ -39,13 +40,32 @@ async def peer_auth_middleware(request: web.Request, handler: Handler) -> web.St
     body = await request.read() if request.can_read_body else b""
     digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
     try:
-        verifier.check(
+        nonce = verifier.check(
             request.method, request.raw_path, digest, request.headers.get(HEADER), time.time()
         )
     except AuthError as err:
         request.app[METRICS].peer_auth_failures.inc()
         raise Unauthorized(f"peer request refused: {err}") from None
+    request[AUTH_NONCE] = nonce
     return await handler(request)
+
+
+async def sign_answer(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: sign the answer to a request that proved the secret, over
+    its nonce, status and what it carries (a block's digest header, else the body's
+    sha256), so the asker knows a cluster member answered."""
+    nonce = request.get(AUTH_NONCE)
+    verifier = request.app.get(PEER_AUTH)
+    if nonce is None or verifier is None:
+        return
+    if DIGEST_HEADER in response.headers:
+        binding = response.headers[DIGEST_HEADER]
+    elif isinstance(response, web.Response):
+        body = response.body if isinstance(response.body, bytes) else b""
+        binding = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+    else:
+        binding = ""
+    response.headers[REPLY_HEADER] = sign_reply(verifier.secret, nonce, response.status, binding)
 
 
 async def peer_hello(request: web.Request) -> web.Response:

@@ -23,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import random
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -50,7 +51,7 @@ from ..exchange import (
 from ..httpfile import read_small
 from ..manifest import DIGEST_SIZE, Manifest, bitmap_new, bitmap_set
 from ..metrics import Metrics
-from ..peerauth import EMPTY_SHA256, sign_request
+from ..peerauth import EMPTY_SHA256, REPLY_HEADER, AuthError, check_reply, sign_request
 from ..peerauth import HEADER as AUTH_HEADER
 from ..wire import (
     MAX_MESSAGE,
@@ -347,10 +348,33 @@ class Swarm:
 
     def signed(self, method: str, path: str, body: bytes = b"") -> dict[str, str]:
         """The auth header of a peer request (none without a cluster secret)."""
+        return self.sign(method, path, body)[0]
+
+    def sign(self, method: str, path: str, body: bytes = b"") -> tuple[dict[str, str], str]:
+        """(auth header of a peer request, its nonce, for checking the answer)."""
         if self.secret is None:
-            return {}
+            return {}, ""
         digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
-        return {AUTH_HEADER: sign_request(self.secret, method, path, digest, time.time()).header}
+        signed = sign_request(self.secret, method, path, digest, time.time())
+        return {AUTH_HEADER: signed.header}, signed.nonce
+
+    def check_answer(
+        self, nonce: str, status: int, binding: str, headers: Mapping[str, str]
+    ) -> None:
+        """PeerError unless the answer proves the cluster secret (no secret: no check).
+        `binding`: the block digest header of a block, else the body's sha256."""
+        if self.secret is None:
+            return
+        try:
+            check_reply(
+                self.secret,
+                nonce,
+                status,
+                binding,
+                headers.get(REPLY_HEADER.lower()) or headers.get(REPLY_HEADER),
+            )
+        except AuthError as err:
+            raise PeerError(f"answer refused: {err}") from None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -446,18 +470,24 @@ class Swarm:
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         try:
+            headers, nonce = self.sign("GET", "/v1/peer/hello")
             async with self.session.get(
                 f"http://{address}/v1/peer/hello",
                 timeout=aiohttp.ClientTimeout(total=5),
-                headers=self.signed("GET", "/v1/peer/hello"),
+                headers=headers,
             ) as resp:
-                info = await resp.json()
+                raw = await resp.read()
+                self.check_answer(nonce, resp.status, _sha256(raw), resp.headers)
+                info = json.loads(raw)
             if not isinstance(info, dict):
                 raise ValueError("hello is not a JSON object")
             node = info["node"]
             if info.get("version") != PROTOCOL_VERSION or not isinstance(node, str):
                 log.warning("static peer %s speaks protocol %r", address, info.get("version"))
                 return False
+        except PeerError as err:
+            log.warning("static peer %s refused: %s", address, err.detail)
+            return False
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError) as err:
             log.debug("static peer %s does not answer: %r", address, err)
             return False
@@ -512,16 +542,18 @@ class Swarm:
         body = encode(Join(image_id, self.node_id, host, port, fetching))
         path = f"/v1/peer/images/{image_id}/join"
         url = f"http://{peer.address}{path}"
+        headers, nonce = self.sign("POST", path, body)
         try:
             async with (
                 asyncio.timeout(max(JOIN_TIMEOUT, self.config.timeout)),
-                self.session.post(url, data=body, headers=self.signed("POST", path, body)) as resp,
+                self.session.post(url, data=body, headers=headers) as resp,
             ):
                 if resp.status != 200:
                     raise PeerError(f"HTTP {resp.status}")
                 data = await read_small(resp.content, MAX_MESSAGE)
                 if data is None:
                     raise PeerError("the answer to a join is too large")
+                self.check_answer(nonce, resp.status, _sha256(data), resp.headers)
             msg = decode(data)
             if not isinstance(msg, Peers) or msg.image_id != image_id:
                 raise WireError("the answer to a join is not Peers for that image")
@@ -1034,7 +1066,8 @@ class Swarm:
         path = f"/v1/peer/images/{manifest.image_id}/blocks/{block}"
         _, length = manifest.block_span(block)
         headers = {"If-Match": manifest.etag, NODE_HEADER: self.node_id}
-        headers.update(self.signed("GET", path))
+        auth, nonce = self.sign("GET", path)
+        headers.update(auth)
         what = f"peer {node_id}: block {block}"
         async with self._block_read(node_id, what, self.config.timeout):
             resp = await self.blocks.get(peer.host, peer.port, path, headers, length)
@@ -1048,6 +1081,8 @@ class Swarm:
             raise PeerBusy(f"peer {node_id} has no upload slot for us", min(max(wait, 0.0), 60.0))
         if resp.status != 200:
             raise PeerError(f"peer {node_id}: HTTP {resp.status} for block {block}")
+        # a host without the cluster secret never counts as a source
+        self.check_answer(nonce, 200, resp.headers.get(DIGEST_HEADER.lower(), ""), resp.headers)
         return resp.body
 
     def digest(self, image_id: str, node_id: str, block: int) -> bytes | None:
@@ -1070,3 +1105,8 @@ class Swarm:
         """The peer table for the API."""
         now = self.clock()
         return [p.describe(now) for p in sorted(self.table.peers.values(), key=lambda p: p.node_id)]
+
+
+def _sha256(data: bytes) -> str:
+    """Hex sha256 (the binding of a small answer's signature)."""
+    return hashlib.sha256(data).hexdigest() if data else EMPTY_SHA256
