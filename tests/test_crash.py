@@ -237,3 +237,66 @@ async def test_sigterm_mid_fetch_stops_cleanly_and_keeps_chunks(
         async with session.get(d2.url + "/v1/images/img") as resp:
             assert await resp.read() == data
         _check_refetch(origin, durable)
+
+
+KILLS = 20
+KILL_CHUNKS = 96
+
+
+async def test_twenty_kills_at_random_points_never_refetch_a_durable_chunk(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
+) -> None:
+    """kill -9 at KILLS random moments of one fetch (seed printed: set
+    SWARMCACHE_KILL_SEED to replay a run): every restart resumes, no chunk durable at a
+    kill is read from the origin again, what the kills cost is printed, and the image
+    ends complete and right."""
+    import os
+    import random
+
+    seed = int(os.environ.get("SWARMCACHE_KILL_SEED") or random.randrange(2**32))
+    print(f"kill seed {seed}")
+    rng = random.Random(seed)
+    size = KILL_CHUNKS * CHUNK - 123
+    data = images.add("img", size)
+    origin.faults.delay = 0.2  # each origin answer: a whole fetch takes about 5 s
+    async with aiohttp.ClientSession() as s:
+        kills = []  # (chunks durable at the kill, origin requests made before it)
+        for _ in range(KILLS):
+            d = await start_daemon_process(tmp_path, origin.url, name="k")
+            async with s.post(f"{d.url}/v1/images/img/fetch") as resp:
+                assert resp.status in (200, 202), await resp.text()
+            await asyncio.sleep(rng.uniform(0.0, 0.4))
+            await d.kill9()
+            log = d.cache_dir / "images" / "img" / "chunks.log"
+            durable = (
+                {i for i, _ in decode_log(log.read_bytes(), KILL_CHUNKS)} if log.exists() else set()
+            )
+            kills.append((durable, len(origin.stats.requests)))
+        d = await start_daemon_process(tmp_path, origin.url, name="k")
+        daemon_processes.append(d)
+        async with s.post(f"{d.url}/v1/images/img/fetch?wait=60") as resp:
+            st = await resp.json()
+        assert (st["state"], st["sha256"]) == ("complete", sha256(data)), st
+        async with s.get(f"{d.url}/v1/images/img") as resp:
+            assert await resp.read() == data
+    requests = origin.stats.requests
+    chunk_of = [
+        int(r[2].removeprefix("bytes=").split("-")[0]) // CHUNK
+        for r in requests
+        if r[1] == "img" and r[2]
+    ]
+    for durable, before in kills:
+        later = {
+            int(r[2].removeprefix("bytes=").split("-")[0]) // CHUNK
+            for r in requests[before:]
+            if r[1] == "img" and r[2]
+        }
+        assert not durable & later, f"durable chunks {sorted(durable & later)} read again"
+    extra = len(chunk_of) - len(set(chunk_of))
+    print(
+        f"{KILLS} kills (seed {seed}) of a {KILL_CHUNKS}-chunk fetch: {extra} chunks read "
+        f"twice or more ({extra * CHUNK} bytes), {origin.stats.bytes_by_path['img'] / size:.2f} "
+        "copies from the origin in all"
+    )
+    # a kill costs at most the reads in flight then (origin.concurrency, 4 here)
+    assert extra <= KILLS * 4
