@@ -360,11 +360,8 @@ async def test_bytes_that_fail_os_hash_value_are_never_a_clean_download(
         *_glance_cli(n.endpoint, "image-download", "--file", str(out), meta["id"])
     )
     assert code != 0
-    assert (
-        not out.exists()
-        or out.read_bytes() != data[: out.stat().st_size]
-        or out.stat().st_size < len(data)
-    )
+    # whatever glanceclient kept, it is not the whole image: the last chunk never came
+    assert not out.exists() or out.stat().st_size < len(data)
     st = await n.status(meta["id"])
     assert st["state"] == "failed"
     assert "does not match" in st["error"]["detail"]

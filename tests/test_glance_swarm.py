@@ -86,6 +86,19 @@ def _status(swarm: Swarm, host: Any, image_id: str) -> dict[str, Any]:
     return body
 
 
+def _assert_verified(swarm: Swarm, host: Any, meta: dict[str, Any]) -> None:
+    """The daemon of `host` holds the image complete, matching Glance's sha512."""
+    st = _status(swarm, host, meta["id"])
+    assert (st["state"], st["hash"]) == ("complete", f"sha512:{meta['os_hash_value']}"), host.name
+
+
+def _sent_once(glance: GlanceServer, meta: dict[str, Any], size: int) -> None:
+    """Glance sent the image about once (its request log); printed for -s."""
+    sent = glance.data_bytes_sent(meta["id"])
+    print(f"Glance sent {sent} bytes of {meta['id']} ({sent / size:.4f} copies)")
+    assert size <= sent <= 1.05 * size, f"Glance sent {sent / size:.3f} copies"
+
+
 def test_five_hosts_fetch_a_glance_image_at_once_and_glance_sends_it_once(
     swarm: Swarm, glance_bed: tuple[Testbed, GlanceServer, Path]
 ) -> None:
@@ -98,11 +111,8 @@ def test_five_hosts_fetch_a_glance_image_at_once_and_glance_sends_it_once(
     for h in hosts:
         out = swarm.work / h.name / meta["id"]
         assert hashlib.sha512(out.read_bytes()).hexdigest() == meta["os_hash_value"], h.name
-        st = _status(swarm, h, meta["id"])
-        assert (st["state"], st["hash"]) == ("complete", f"sha512:{meta['os_hash_value']}")
-    sent = glance.data_bytes_sent(meta["id"])
-    print(f"Glance sent {sent} bytes of {meta['id']} ({sent / size:.4f} copies)")  # -s shows it
-    assert size <= sent <= 1.05 * size, f"Glance sent {sent / size:.3f} copies"
+        _assert_verified(swarm, h, meta)
+    _sent_once(glance, meta, size)
     path.unlink()
 
 
@@ -134,11 +144,8 @@ def test_warm_three_hosts_from_one_cli_call(
     assert len(rows) == 3
     assert all("failed" in r and "not found" in r for r in rows), rows
     for h in targets:
-        st = _status(swarm, h, meta["id"])
-        assert (st["state"], st["hash"]) == ("complete", f"sha512:{meta['os_hash_value']}")
+        _assert_verified(swarm, h, meta)
     # (hosts the swarm picked as the image's readers from Glance may hold it too: the
     # cold start reads from the origin through them, whether they were asked or not)
-    sent = glance.data_bytes_sent(meta["id"])
-    print(f"Glance sent {sent} bytes of {meta['id']} ({sent / size:.4f} copies)")  # -s shows it
-    assert size <= sent <= 1.05 * size, f"Glance sent {sent / size:.3f} copies"
+    _sent_once(glance, meta, size)
     path.unlink()

@@ -16,7 +16,7 @@ from aiohttp.test_utils import TestClient
 
 from conftest import ImageDir, Origin, make_config, metric, serve_app, sha256, start_daemon_process
 from swarmcache.daemon import build_app
-from swarmcache.errors import StartupError
+from swarmcache.errors import ConfigError
 from swarmcache.peerauth import EMPTY_SHA256, HEADER, sign_request
 
 SECRET = b"correct horse battery staple, 32"
@@ -55,7 +55,10 @@ async def test_peer_routes_answer_only_signed_requests(
     assert metric(text, "swarmcache_peer_auth_failures_total") == 4
 
 
-@pytest.mark.parametrize(("content", "problem"), [(b"short", "at least 16"), (None, "cannot read")])
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(b"short", "at least 16"), (None, "cannot read"), (b"\n\n", "not a one-line")],
+)
 def test_an_unusable_secret_stops_the_daemon(
     tmp_path: Path, content: bytes | None, problem: str
 ) -> None:
@@ -63,8 +66,9 @@ def test_an_unusable_secret_stops_the_daemon(
     if content is not None:
         path.write_bytes(content)
     config = make_config(tmp_path, {"security": {"cluster_secret_file": str(path)}})
-    with pytest.raises(StartupError, match=problem):
+    with pytest.raises(ConfigError, match=problem) as info:  # exit 2: no restart helps
         build_app(config)
+    assert info.value.key == "security.cluster_secret_file"
 
 
 async def _get(s: aiohttp.ClientSession, url: str) -> bytes:

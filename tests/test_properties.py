@@ -175,17 +175,7 @@ def test_wire_decode_of_a_tampered_message_raises_only_wire_errors(
         decoded = decode(msgpack.packb(obj, use_bin_type=True))
     except WireError:
         return
-    assert type(decoded).__name__ in {
-        "Hello",
-        "Subscribe",
-        "Unsubscribe",
-        "State",
-        "Have",
-        "Slot",
-        "Status",
-        "Join",
-        "Peers",
-    }
+    assert decode(encode(decoded)) == decoded  # what was accepted is a whole message
 
 
 @given(manifests())

@@ -458,6 +458,27 @@ def _parse(source: str, section: str, key: str, value: object) -> Any:
         raise ConfigError(source, f"{section}.{key}", str(err)) from None
 
 
+MAX_SECRET_BYTES = 64 * 1024
+
+
+def read_secret(path: str | os.PathLike[str], key: str, min_bytes: int = 1) -> str:
+    """The first line of a secret file (a token, a password, the cluster secret),
+    stripped; ConfigError naming the key `key` ("section.key") if it cannot be read,
+    is not one line, or is shorter than `min_bytes`."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SECRET_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(str(path), key, f"cannot read: {err.strerror}") from None
+    lines = data.decode("utf-8", "replace").strip().splitlines()
+    if len(data) > MAX_SECRET_BYTES or not lines or not lines[0].strip():
+        raise ConfigError(str(path), key, "empty or not a one-line secret")
+    secret = lines[0].strip()
+    if len(secret.encode()) < min_bytes:
+        raise ConfigError(str(path), key, f"a secret of at least {min_bytes} bytes is needed")
+    return secret
+
+
 def config_path_from(arg: str | None, env: Mapping[str, str] | None = None) -> str | None:
     """The config file: --config, else $SWARMCACHE_CONFIG, else the system file if present."""
     env = os.environ if env is None else env

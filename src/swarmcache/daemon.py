@@ -25,7 +25,7 @@ from .api import (
     error_middleware,
     image_state,
 )
-from .config import Config
+from .config import Config, read_secret
 from .discovery import Discovery, interface_addresses
 from .errors import StartupError
 from .fetch import Fetcher
@@ -78,7 +78,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def cluster_secret(config: Config) -> bytes | None:
     """The cluster secret from [security] cluster_secret_file (None: not configured).
-    StartupError if the file is unreadable or shorter than MIN_SECRET bytes."""
+    ConfigError if the file is unreadable or shorter than MIN_SECRET bytes."""
     path = config.security.cluster_secret_file
     if not path:
         log.warning(
@@ -87,19 +87,7 @@ def cluster_secret(config: Config) -> bytes | None:
             config.daemon.listen,
         )
         return None
-    try:
-        with open(path, "rb") as f:
-            secret = f.read(64 * 1024).strip()
-    except OSError as err:
-        raise StartupError(
-            f"cannot read security.cluster_secret_file {path}: {err.strerror}"
-        ) from None
-    if len(secret) < MIN_SECRET:
-        raise StartupError(
-            f"security.cluster_secret_file {path} holds {len(secret)} bytes; "
-            f"at least {MIN_SECRET} are needed"
-        )
-    return secret
+    return read_secret(path, "security.cluster_secret_file", MIN_SECRET).encode()
 
 
 def _node_id(store: Store) -> str:

@@ -112,6 +112,14 @@ class Busy(SwarmcacheError):
     error = "busy"
 
 
+class GlanceUnreachable(SwarmcacheError):
+    """Glance did not answer the Glance-compatible endpoint (connection refused,
+    timeout, nonsense): 503, which nova retries."""
+
+    status = 503
+    error = "glance unreachable"
+
+
 class OriginError(SwarmcacheError):
     """The origin store failed to deliver (after retries)."""
 

@@ -41,6 +41,7 @@ from .api import FETCHER, METRICS, STORE, error_middleware, image_response, send
 from .config import Config
 from .errors import (
     BadRequest,
+    GlanceUnreachable,
     ImageNotFound,
     RangeNotSatisfiable,
     SwarmcacheError,
@@ -71,13 +72,6 @@ HOP_BY_HOP = frozenset(
     )
 )
 CACHE_API = "v2.14"  # the Glance API version that brought /v2/cache
-
-
-class GlanceUnreachable(SwarmcacheError):
-    """Glance did not answer (connection refused, timeout): 503, which nova retries."""
-
-    status = 503
-    error = "glance unreachable"
 
 
 class Upstream:
@@ -186,22 +180,38 @@ async def forward(request: web.Request, path_qs: str) -> web.StreamResponse:
         raise GlanceUnreachable(f"Glance at {upstream.endpoint} did not answer: {err!r}") from None
 
 
+async def _ask(
+    request: web.Request,
+    path: str,
+    extra: dict[str, str] | None = None,
+    unread: tuple[int, ...] = (),
+) -> tuple[int, bytes, web.Response]:
+    """One of our own small questions to Glance in the caller's name: (status, body,
+    Glance's answer as a response to pass back). The body of a status in `unread` is
+    not read (the connection is closed instead). GlanceUnreachable if Glance is silent."""
+    upstream = request.app[UPSTREAM]
+    headers = _asking_headers(request)
+    headers.update(extra or {})
+    try:
+        async with upstream.request("GET", path, headers, timeout=upstream.short) as up:
+            body = b""
+            if up.status in unread:
+                up.close()
+            else:
+                body = await _small_body(up)
+            return up.status, body, _passed_back(up, body)
+    except (aiohttp.ClientError, TimeoutError) as err:
+        raise GlanceUnreachable(f"Glance at {upstream.endpoint} did not answer: {err!r}") from None
+
+
 async def _image_meta(
     request: web.Request, image_id: str
 ) -> tuple[dict[str, Any] | None, web.Response | None]:
     """Glance's `GET /v2/images/{id}` with the caller's credentials: (metadata, None),
     or (None, Glance's answer to pass back) when Glance said anything but 200."""
-    upstream = request.app[UPSTREAM]
-    headers = _asking_headers(request)
-    try:
-        async with upstream.request(
-            "GET", f"/v2/images/{image_id}", headers, timeout=upstream.short
-        ) as up:
-            body = await _small_body(up)
-            if up.status != 200:
-                return None, _passed_back(up, body)
-    except (aiohttp.ClientError, TimeoutError) as err:
-        raise GlanceUnreachable(f"Glance at {upstream.endpoint} did not answer: {err!r}") from None
+    status, body, answer = await _ask(request, f"/v2/images/{image_id}")
+    if status != 200:
+        return None, answer
     try:
         meta = json.loads(body)
     except ValueError:
@@ -215,19 +225,11 @@ async def _may_download(request: web.Request, image_id: str) -> web.Response | N
     """Ask Glance whether the caller may download the image (its `download_image`
     policy, which may be stricter than seeing the image): one byte of `/file` with
     the caller's credentials. None if it may, else Glance's answer to pass back."""
-    upstream = request.app[UPSTREAM]
-    headers = _asking_headers(request)
-    headers["Range"] = "bytes=0-0"
-    try:
-        async with upstream.request(
-            "GET", f"/v2/images/{image_id}/file", headers, timeout=upstream.short
-        ) as up:
-            if up.status in (200, 206):
-                up.close()  # one byte, or (a Glance ignoring Range) the image: not read
-                return None
-            return _passed_back(up, await _small_body(up))
-    except (aiohttp.ClientError, TimeoutError) as err:
-        raise GlanceUnreachable(f"Glance at {upstream.endpoint} did not answer: {err!r}") from None
+    # a 200/206 is not read: one byte, or (a Glance ignoring Range) the whole image
+    status, _, answer = await _ask(
+        request, f"/v2/images/{image_id}/file", {"Range": "bytes=0-0"}, unread=(200, 206)
+    )
+    return None if status in (200, 206) else answer
 
 
 async def _small_body(up: aiohttp.ClientResponse) -> bytes:
@@ -315,9 +317,8 @@ async def image_file(request: web.Request) -> web.StreamResponse:
     resp, start, end = image_response(manifest.size, byte_range)
     if isinstance(meta.get("checksum"), str):
         resp.headers["Content-MD5"] = meta["checksum"]
-    for name in ("X-OpenStack-Request-ID",):
-        if name in request.headers:
-            resp.headers[name] = request.headers[name]
+    if "X-OpenStack-Request-ID" in request.headers:
+        resp.headers["X-OpenStack-Request-ID"] = request.headers["X-OpenStack-Request-ID"]
     try:
         await send_image(request, resp, fetcher, image, job, manifest, start, end)
     except SwarmcacheError as err:
@@ -375,20 +376,14 @@ async def versions(request: web.Request) -> web.Response:
     """GET / and /versions: Glance's version document, links pointing here, the cache
     API listed (this endpoint answers it whatever Glance's own configuration)."""
     upstream = request.app[UPSTREAM]
-    headers = forwarded_headers(request)
-    headers.popall("Accept-Encoding", None)
-    try:
-        async with upstream.request("GET", "/versions", headers, timeout=upstream.short) as up:
-            body = await _small_body(up)
-            status = up.status
-    except (aiohttp.ClientError, TimeoutError) as err:
-        raise GlanceUnreachable(f"Glance at {upstream.endpoint} did not answer: {err!r}") from None
+    status, body, _ = await _ask(request, "/versions")
     try:
         doc = json.loads(body)
-        listed = doc["versions"]
-        assert isinstance(listed, list)
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise GlanceUnreachable(f"Glance's /versions answered {status} without versions") from None
+    except ValueError:
+        doc = None
+    listed = doc.get("versions") if isinstance(doc, dict) else None
+    if not isinstance(listed, list):
+        raise GlanceUnreachable(f"Glance's /versions answered {status} without versions")
     here = f"{request.scheme}://{request.host}"
     for version in listed:
         for link in version.get("links", []) if isinstance(version, dict) else []:

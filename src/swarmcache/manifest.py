@@ -224,12 +224,7 @@ class Manifest:
     def same_source(self, other: Manifest) -> bool:
         """True if both describe the same origin bytes cut the same way (so chunks can
         be kept, and traded with a peer whose manifest this is)."""
-        return (
-            self.size == other.size
-            and self.chunk_size == other.chunk_size
-            and self.origin_hash == other.origin_hash
-            and self.origin_validator == other.origin_validator
-        )
+        return self.chunk_size == other.chunk_size and self.same_version(other)
 
     def same_version(self, other: Manifest) -> bool:
         """True if both describe the same bytes at the origin (however they are cut)."""

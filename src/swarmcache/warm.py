@@ -57,7 +57,6 @@ class Target:
     size: int | None = None
     rate: float = 0.0  # bytes/s of the running fetch
     reason: str | None = None
-    updated: float = field(default_factory=time.time)
 
     def describe(self) -> dict[str, Any]:
         """The JSON form."""
@@ -216,7 +215,6 @@ class Warmer:
             progress = job.progress()
             target.bytes, target.size = job.image.present_bytes, job.image.manifest.size
             target.rate = progress["rate_bytes_per_s"]
-            target.updated = time.time()
             await fetcher.wait(image, 1.0)
         cached = fetcher.store.get(image)
         if cached is not None and cached.complete:
@@ -242,7 +240,6 @@ class Warmer:
             target.bytes = done
             target.size = status.get("size")
             target.rate = float((status.get("fetch") or {}).get("rate_bytes_per_s") or 0)
-            target.updated = time.time()
             if state == "complete":
                 _cached(target, target.size)
                 return
@@ -284,12 +281,10 @@ class _RemoteError(SwarmcacheError):
 
 def _cached(target: Target, size: int | None) -> None:
     target.state, target.size, target.bytes, target.rate = "cached", size, size or 0, 0.0
-    target.updated = time.time()
 
 
 def _fail(target: Target, reason: str) -> None:
     target.state, target.reason, target.rate = "failed", reason, 0.0
-    target.updated = time.time()
 
 
 # host:port only (a name, IPv4 or [IPv6]): nothing that could turn the URL the daemon

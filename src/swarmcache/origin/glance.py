@@ -34,7 +34,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from ..config import OriginConfig
+from ..config import OriginConfig, read_secret
 from ..errors import (
     ConfigError,
     ImageNotActive,
@@ -50,20 +50,6 @@ from .http import HttpOrigin
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 MAX_METADATA_BYTES = 1024 * 1024  # an image's JSON (its properties included)
-MAX_SECRET_BYTES = 64 * 1024
-
-
-def read_secret(path: Path, key: str) -> str:
-    """The first line of a secret file (ConfigError naming the key if unusable)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_SECRET_BYTES + 1)
-    except OSError as err:
-        raise ConfigError(str(path), f"origin.{key}", f"cannot read: {err.strerror}") from None
-    text = data.decode("utf-8", "replace").strip().splitlines()
-    if len(data) > MAX_SECRET_BYTES or not text or not text[0].strip():
-        raise ConfigError(str(path), f"origin.{key}", "empty or not a one-line secret")
-    return text[0].strip()
 
 
 class GlanceAuth(ABC):
@@ -103,7 +89,7 @@ class TokenFileAuth(GlanceAuth):
             st = await asyncio.to_thread(os.stat, self.path)
             key = (st.st_mtime_ns, st.st_size, st.st_ino)
             if key != self._seen:
-                self._token = await asyncio.to_thread(read_secret, self.path, "token_file")
+                self._token = await asyncio.to_thread(read_secret, self.path, "origin.token_file")
                 self._seen = key
         except (OSError, ConfigError) as err:
             detail = err.detail if isinstance(err, ConfigError) else err.strerror
@@ -133,15 +119,15 @@ class KeystoneAuth(GlanceAuth):
                 auth_url=config.auth_url,
                 application_credential_id=config.application_credential_id,
                 application_credential_secret=read_secret(
-                    Path(config.application_credential_secret_file),
-                    "application_credential_secret_file",
+                    config.application_credential_secret_file,
+                    "origin.application_credential_secret_file",
                 ),
             )
         else:
             plugin = v3.Password(
                 auth_url=config.auth_url,
                 username=config.username,
-                password=read_secret(Path(config.password_file), "password_file"),
+                password=read_secret(config.password_file, "origin.password_file"),
                 user_domain_name=config.user_domain_name,
                 project_name=config.project_name or None,
                 project_domain_name=config.project_domain_name if config.project_name else None,

@@ -371,7 +371,7 @@ class Swarm:
                 nonce,
                 status,
                 binding,
-                headers.get(REPLY_HEADER.lower()) or headers.get(REPLY_HEADER),
+                headers.get(REPLY_HEADER.lower()),  # lower-case names or a CIMultiDict
             )
         except AuthError as err:
             raise PeerError(f"answer refused: {err}") from None
