@@ -518,3 +518,24 @@ async def test_verify_drops_a_chunk_corrupted_on_disk_and_it_is_fetched_again(
     assert (code, out.strip()) == (0, "img: 6 chunks ok")
     status = json.loads((await swarmcache("--daemon", d.url, "status", "img", "--json"))[1])
     assert (status["state"], status["sha256"]) == ("complete", sha256(data))
+
+
+async def test_keygen_writes_a_private_key_once_and_prints_its_public_half(tmp_path: Path) -> None:
+    from swarmcache.signing import decode_key, public_key
+
+    key = tmp_path / "manifest.key"
+    code, out, err = await swarmcache("keygen", str(key))
+    assert code == 0, err
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert decode_key(out.strip()) == public_key(decode_key(key.read_text()))
+    assert "key id" in err
+    before = key.read_text()
+    code, _, err = await swarmcache("keygen", str(key))
+    assert (code, key.read_text()) == (1, before)  # never overwritten
+    assert "not overwritten" in err
+    code, again, _ = await swarmcache("keygen", "--public", str(key))
+    assert (code, again) == (0, out)
+    (tmp_path / "bad.key").write_text("A" * 60 + "\n")
+    code, _, err = await swarmcache("keygen", "--public", str(tmp_path / "bad.key"))
+    assert code == 2
+    assert "32 bytes" in err

@@ -26,7 +26,7 @@ from swarmcache.exchange import Exchange, Geometry, OriginLane
 from swarmcache.fetch.common import Tally, Wakeup
 from swarmcache.fetch.landing import Landing
 from swarmcache.fetch.origin_reads import OriginReads
-from swarmcache.manifest import Checksum, Manifest, pieces_digest
+from swarmcache.manifest import Checksum, Manifest, block_digest
 from swarmcache.metrics import Metrics
 from swarmcache.origin import make_origin
 from swarmcache.store import CachedImage, Store
@@ -98,8 +98,8 @@ async def test_blocks_landing_in_any_order_seal_their_chunks_and_hash_the_image(
     random.Random(3).shuffle(order)
     for block in order:
         data = block_bytes(b, block)
-        digest = await b.landing.write(block, data, pieces_digest([data]))
-        assert digest == pieces_digest([data])
+        digest = await b.landing.write(block, data, block_digest([data]))
+        assert digest == block_digest([data])
         assert b.image.has_block(block)  # served on at once, before its chunk is sealed
     await settle(b, m.chunks)
     assert sorted(b.reports.ready) == list(range(m.chunks))
@@ -122,11 +122,11 @@ async def test_a_block_that_does_not_match_its_announced_digest_is_not_written(
     good = block_bytes(b, 1)
     bad = bytes([good[0] ^ 1]) + good[1:]
     with pytest.raises(IntegrityError, match="announced"):
-        await b.landing.write(1, bad, pieces_digest([good]))
+        await b.landing.write(1, bad, block_digest([good]))
     assert not b.image.has_block(1)
     assert bad not in b.image.data_path.read_bytes()
     # the right bytes are taken afterwards
-    await b.landing.write(1, good, pieces_digest([good]))
+    await b.landing.write(1, good, block_digest([good]))
     assert b.image.has_block(1)
 
 
@@ -260,7 +260,7 @@ async def test_origin_reads_land_each_block_of_a_run_and_read_only_their_share(
     assert sorted(block for block, _, _ in b.reports.landed) == list(range(m.blocks))
     assert all(node is None for _, _, node in b.reports.landed)
     for block, digest, _ in b.reports.landed:
-        assert digest == pieces_digest([block_bytes(b, block)])
+        assert digest == block_digest([block_bytes(b, block)])
     assert tally.by_source["origin"] == SIZE  # each byte read once
     assert b.landing.image_hash == Checksum("sha256", hashlib.sha256(b.data).hexdigest())
 
@@ -277,7 +277,7 @@ async def test_a_job_seals_a_chunk_whose_blocks_an_earlier_fetch_left_unsealed(
     m = b.image.manifest
     for block in m.blocks_of(2):  # landed, never sealed
         data = block_bytes(b, block)
-        b.image.write_block(block, [data], pieces_digest([data]))
+        b.image.write_block(block, [data], block_digest([data]))
     assert not b.image.has(2)
     root = tmp_path / "origin"
     root.mkdir()

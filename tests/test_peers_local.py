@@ -22,7 +22,7 @@ from conftest import (
     sha256,
     start_daemon_process,
 )
-from swarmcache.manifest import Checksum, Manifest, chunk_digest
+from swarmcache.manifest import Checksum, Manifest, block_digest
 from swarmcache.wire import Hello, Join, Slot, State, Subscribe, decode, encode
 
 MIB = 1024 * 1024
@@ -217,8 +217,8 @@ async def test_peer_api_serves_held_blocks_only_and_survives_garbage(
             assert resp.status == 200
             body = await resp.read()
             assert body == data[3 * block : 4 * block]
-            assert resp.headers["X-Block-Digest"] == chunk_digest(body).hex()
-            assert state.manifest.block_digest(3) == chunk_digest(body)
+            assert resp.headers["X-Block-Digest"] == block_digest([body]).hex()
+            assert state.manifest.block_digest(3) == block_digest([body])
         async with s.get(a.url + "/v1/peer/images/img/blocks/99", headers=node) as resp:
             assert resp.status == 404
         async with s.get(
@@ -261,7 +261,7 @@ async def test_a_block_is_served_before_its_chunk_is_complete(daemon: DaemonFact
     store.add(image)
     blocks = [bytes([b]) * 16 * 1024 for b in range(2)]
     for b, data in enumerate(blocks):
-        image.write_block(b, data, chunk_digest(data))
+        image.write_block(b, data, block_digest([data]))
     base = str(client.make_url(""))
     async with aiohttp.ClientSession() as s:
         ws, state = await _link(s, base, "img")
@@ -272,9 +272,9 @@ async def test_a_block_is_served_before_its_chunk_is_complete(daemon: DaemonFact
         async with s.get(base + "/v1/peer/images/img/blocks/1", headers=node) as resp:
             assert resp.status == 200
             body = await resp.read()
-            assert resp.headers["X-Block-Digest"] == chunk_digest(blocks[1]).hex()
+            assert resp.headers["X-Block-Digest"] == block_digest([blocks[1]]).hex()
         assert body == blocks[1]
-        assert state.manifest.block_digest(1) == chunk_digest(blocks[1])
+        assert state.manifest.block_digest(1) == block_digest([blocks[1]])
         async with s.get(base + "/v1/peer/images/img/blocks/2", headers=node) as resp:
             assert resp.status == 404
         assert not image.has(0)  # the chunk is not whole: clients cannot read it

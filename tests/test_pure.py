@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 
 import msgpack
@@ -12,6 +14,7 @@ from swarmcache.config import build_config, parse_duration, parse_size
 from swarmcache.errors import ConfigError, IntegrityError, InvalidImageId, RangeNotSatisfiable
 from swarmcache.eviction import Candidate, plan_eviction
 from swarmcache.manifest import (
+    DIGEST_ALGOS,
     LOG_RECORD_SIZE,
     Checksum,
     Manifest,
@@ -19,13 +22,12 @@ from swarmcache.manifest import (
     bitmap_get,
     bitmap_new,
     bitmap_set,
+    block_digest,
     chunk_count,
-    chunk_digest,
     chunk_span,
     decode_log,
     digest_blocks,
     encode_log_record,
-    pieces_digest,
     pieces_size,
     validate_image_id,
 )
@@ -166,10 +168,10 @@ def test_manifest_roundtrip_and_etag() -> None:
         origin_validator="v1",
     )
     assert m.digest(1) is None
-    m.set_digest(1, chunk_digest(b"abcd"))
+    m.set_digest(1, block_digest([b"abcd"]))
     back = Manifest.decode(m.encode())
     assert back == m
-    assert back.digest(1) == chunk_digest(b"abcd")
+    assert back.digest(1) == block_digest([b"abcd"])
     assert m.etag == back.etag
     assert m.same_source(back)
     other = Manifest(
@@ -199,32 +201,32 @@ def test_manifest_decode_rejects_garbage(blob: bytes) -> None:
 
 
 def test_manifest_decode_rejects_wrong_digest_count_and_bad_id() -> None:
-    import msgpack
-
     good = msgpack.unpackb(Manifest("img", 10, 4).encode())
     for change in (
         {"digests": b"\0" * 16},
         {"id": "../x"},
         {"v": 99},
         {"size": -1},
-        {"sha256": "zz"},
+        {"origin_hash": "sha256:zz"},
+        {"digest": "crc32"},
     ):
         with pytest.raises(IntegrityError):
             Manifest.decode(msgpack.packb({**good, **change}))
 
 
 @pytest.mark.parametrize("cuts", [[], [0], [1], [7, 8, 9], [100, 4095], [5000]])
-def test_pieces_digest_is_the_digest_of_the_joined_chunk(cuts: list[int]) -> None:
+def test_a_digest_of_pieces_is_the_digest_of_the_joined_bytes(cuts: list[int]) -> None:
     data = bytes(range(256)) * 20
     bounds = [0, *cuts, len(data)]
     pieces = [data[a:b] for a, b in itertools.pairwise(bounds)]
     assert pieces_size(pieces) == len(data)
-    assert pieces_digest(pieces) == chunk_digest(data)
-    assert pieces_digest([memoryview(p) for p in pieces]) == chunk_digest(data)
+    for algo in DIGEST_ALGOS:
+        assert block_digest(pieces, algo) == block_digest([data], algo)
+        assert block_digest([memoryview(p) for p in pieces], algo) == block_digest([data], algo)
 
 
 def test_chunk_log_stops_at_torn_or_corrupt_record() -> None:
-    records = b"".join(encode_log_record(i, chunk_digest(bytes([i]))) for i in range(3))
+    records = b"".join(encode_log_record(i, block_digest([bytes([i])])) for i in range(3))
     assert [i for i, _ in decode_log(records, 3)] == [0, 1, 2]
     assert [i for i, _ in decode_log(records[:-5], 3)] == [0, 1]
     corrupt = bytearray(records)
@@ -373,22 +375,33 @@ def test_manifest_with_blocks_round_trips_and_version_1_still_loads() -> None:
     assert (old.block_size, old.blocks, list(old.blocks_of(0))) == (0, 0, [])
 
 
-def test_sha256_manifests_stay_version_2_and_others_are_version_3() -> None:
-    """A manifest with sha256 hashes is written as before ("v": 2, hex digests), so a
-    daemon of the version before reads it from disk after a rollback and from a peer
-    during a rolling upgrade, and its ETag is the one it always had; another
-    algorithm needs version 3 ("algo:hex")."""
+def test_xxh3_manifests_with_sha256_stay_version_2_and_others_are_version_3() -> None:
+    """An xxh3 manifest (what versions before 4 wrote) with sha256 hashes is written as
+    before ("v": 2, hex digests), so a daemon of that version reads it from disk after a
+    rollback and from a peer during a rolling upgrade, and its ETag is the one it always
+    had; another algorithm needs version 3 ("algo:hex")."""
     sha = Manifest(
-        "img", size=10, chunk_size=4, origin_hash=Checksum("sha256", "a" * 64), complete=True
+        "img",
+        size=10,
+        chunk_size=4,
+        origin_hash=Checksum("sha256", "a" * 64),
+        complete=True,
+        digest_algo="xxh3",
     )
     sha.image_hash = Checksum("sha256", "a" * 64)
     obj = msgpack.unpackb(sha.encode())
     assert (obj["v"], obj["origin_sha256"], obj["sha256"]) == (2, "a" * 64, "a" * 64)
     assert "origin_hash" not in obj
     assert Manifest.decode(sha.encode()) == sha
-    # the ETag of the version before for this manifest (pinned: peers send it as If-Match)
-    assert sha.etag == '"' + xxhash.xxh3_64_hexdigest(b"img\0" + b"a" * 64) + '"'
-    sha512 = Manifest("img", size=10, chunk_size=4, origin_hash=Checksum("sha512", "b" * 128))
+    # the ETag of the versions before (pinned: peers send it as If-Match), whatever the digest
+    assert (
+        sha.etag
+        == dataclasses.replace(sha, digest_algo="blake3").etag
+        == '"' + xxhash.xxh3_64_hexdigest(b"img\0" + b"a" * 64) + '"'
+    )
+    sha512 = Manifest(
+        "img", size=10, chunk_size=4, origin_hash=Checksum("sha512", "b" * 128), digest_algo="xxh3"
+    )
     obj = msgpack.unpackb(sha512.encode())
     assert (obj["v"], obj["origin_hash"], obj["image_hash"]) == (3, "sha512:" + "b" * 128, None)
     assert Manifest.decode(sha512.encode()) == sha512
@@ -437,9 +450,38 @@ def test_manifest_refuses_bad_blocks(block_size: int, digests: bytes, problem: s
         Manifest.decode(msgpack.packb(obj, use_bin_type=True))
 
 
-def test_digest_blocks_in_one_pass_over_uneven_pieces() -> None:
+@pytest.mark.parametrize("algo", DIGEST_ALGOS)
+def test_digest_blocks_in_one_pass_over_uneven_pieces(algo: str) -> None:
     data = bytes(range(256)) * 40 + b"tail"  # 10244 bytes: 10 full blocks and a short one
     pieces = [data[:1], data[1:3000], data[3000:3000], data[3000:]]
-    chunk, blocks = digest_blocks(pieces, 1024)
-    assert chunk == chunk_digest(data)
-    assert blocks == [chunk_digest(data[i : i + 1024]) for i in range(0, len(data), 1024)]
+    chunk, blocks = digest_blocks(pieces, 1024, algo)
+    assert blocks == [block_digest([data[i : i + 1024]], algo) for i in range(0, len(data), 1024)]
+    if algo == "xxh3":  # not a hash tree: the chunk's digest is that of its bytes
+        assert chunk == block_digest([data], algo)
+    else:  # the hash of its block digests: the data is hashed once
+        assert chunk == block_digest(blocks, algo)
+    assert digest_blocks(pieces, 0, algo) == (block_digest([data], algo), [])
+
+
+def test_digests_are_the_named_algorithms_at_128_bits() -> None:
+    import blake3
+
+    data = b"swarmcache" * 1000
+    assert block_digest([data], "blake3") == blake3.blake3(data).digest()[:16]
+    assert block_digest([data], "sha256") == hashlib.sha256(data).digest()[:16]
+    assert block_digest([data], "xxh3") == xxhash.xxh3_128_digest(data)
+    assert block_digest([data]) == block_digest([data], "blake3")  # the default
+
+
+def test_blake3_manifests_are_version_4_and_name_their_digest() -> None:
+    m = Manifest("img", size=8192, chunk_size=4096, block_size=1024, digest_algo="sha256")
+    obj = msgpack.unpackb(m.encode())
+    assert (obj["v"], obj["digest"]) == (4, "sha256")
+    assert Manifest.decode(m.encode()) == m
+    old = Manifest("img", size=8192, chunk_size=4096, block_size=1024, digest_algo="xxh3")
+    assert msgpack.unpackb(old.encode())["v"] == 2  # what daemons before version 4 read
+    assert Manifest.decode(old.encode()).digest_algo == "xxh3"
+    assert not m.same_source(old)  # digests of one cannot check blocks of the other
+    obj["digest"] = "md5"
+    with pytest.raises(IntegrityError, match="digest algorithm"):
+        Manifest.decode(msgpack.packb(obj, use_bin_type=True))

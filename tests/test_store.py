@@ -11,7 +11,7 @@ import pytest
 from swarmcache import buffers
 from swarmcache.buffers import BufferPool
 from swarmcache.errors import IntegrityError, StorageError
-from swarmcache.manifest import LOG_RECORD_SIZE, Checksum, Manifest, chunk_digest
+from swarmcache.manifest import LOG_RECORD_SIZE, Checksum, Manifest, block_digest, digest_blocks
 from swarmcache.store import Store, pwrite_all
 
 CHUNK = 64 * 1024
@@ -32,7 +32,7 @@ def test_reload_keeps_logged_chunks_and_cuts_torn_tail(tmp_path: Path) -> None:
     store.open()
     image = _new(store, Manifest("img", size=4 * CHUNK, chunk_size=CHUNK))
     for i in (0, 1, 2):
-        image.write_chunk(i, _chunk(i), chunk_digest(_chunk(i)))
+        image.write_chunk(i, _chunk(i), block_digest([_chunk(i)]))
     assert [image.has(i) for i in range(4)] == [True, True, True, False]
     assert image.present_chunks == 0  # readable, not yet durable
     image.sync_chunks([0, 2])  # 1 was written but never synced: lost in the "crash"
@@ -50,12 +50,12 @@ def test_reload_keeps_logged_chunks_and_cuts_torn_tail(tmp_path: Path) -> None:
     assert [i for i in range(4) if image.has(i)] == []  # nothing readable before the check
     assert image.check_present() == []
     assert [i for i in range(4) if image.has(i)] == [0, 2]
-    assert image.manifest.digest(2) == chunk_digest(_chunk(2))
+    assert image.manifest.digest(2) == block_digest([_chunk(2)])
     assert log.stat().st_size == 2 * LOG_RECORD_SIZE
     with image.read_chunk(2) as data:
         assert data == _chunk(2)
     for i in (1, 3):
-        image.write_chunk(i, _chunk(i), chunk_digest(_chunk(i)))
+        image.write_chunk(i, _chunk(i), block_digest([_chunk(i)]))
     image.sync_chunks([1, 3])
     sha = hashlib.sha256(b"".join(_chunk(i) for i in range(4))).hexdigest()
     assert hashlib.sha256(image.data_path.read_bytes()).hexdigest() == sha
@@ -75,7 +75,7 @@ def test_check_present_forgets_chunks_changed_on_disk(tmp_path: Path) -> None:
     store.open()
     image = _new(store, Manifest("img", size=3 * CHUNK, chunk_size=CHUNK))
     for i in range(3):
-        image.write_chunk(i, _chunk(i), chunk_digest(_chunk(i)))
+        image.write_chunk(i, _chunk(i), block_digest([_chunk(i)]))
     image.sync_chunks([0, 1, 2])
     store.close()
     with open(image.data_path, "r+b") as f:
@@ -105,7 +105,7 @@ def test_full_disk_is_a_clear_error_and_keeps_what_was_written(tiny_fs: Path) ->
     written = 0
     with pytest.raises(StorageError, match="disk full"):
         for i in range(16):
-            image.write_chunk(i, _chunk(i), chunk_digest(_chunk(i)))
+            image.write_chunk(i, _chunk(i), block_digest([_chunk(i)]))
             image.sync_chunks([i])
             written += 1
     assert 0 < written < 16
@@ -155,7 +155,7 @@ def test_durability_order_data_then_log_then_manifest(
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     for i in range(2):
-        image.write_chunk(i, _chunk(i), chunk_digest(_chunk(i)))
+        image.write_chunk(i, _chunk(i), block_digest([_chunk(i)]))
     assert events == []  # written, not yet durable, not logged
     image.sync_chunks([0, 1])
     assert events[0] == ("fdatasync", "data")
@@ -178,9 +178,9 @@ def test_failed_sync_forgets_unlogged_chunks(
     store = Store(tmp_path, 1 << 30)
     store.open()
     image = _new(store, Manifest("img", size=3 * CHUNK, chunk_size=CHUNK))
-    image.write_chunk(0, _chunk(0), chunk_digest(_chunk(0)))
+    image.write_chunk(0, _chunk(0), block_digest([_chunk(0)]))
     image.sync_chunks([0])
-    image.write_chunk(1, _chunk(1), chunk_digest(_chunk(1)))
+    image.write_chunk(1, _chunk(1), block_digest([_chunk(1)]))
 
     def eio(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
@@ -199,11 +199,11 @@ def test_write_chunk_in_pieces_reads_back_whole(tmp_path: Path) -> None:
     image = _new(store, Manifest("img", size=2 * CHUNK, chunk_size=CHUNK))
     data = os.urandom(CHUNK)
     pieces = [data[:1], data[1:1000], b"", data[1000:]]
-    image.write_chunk(1, pieces, chunk_digest(data))
+    image.write_chunk(1, pieces, block_digest([data]))
     with image.read_chunk(1) as back:
         assert back == data
     with pytest.raises(Exception, match="bytes, want"):
-        image.write_chunk(0, pieces[:2], chunk_digest(data))
+        image.write_chunk(0, pieces[:2], block_digest([data]))
     store.close()
 
 
@@ -257,11 +257,11 @@ def test_blocks_land_one_by_one_and_the_chunk_is_sealed_from_disk(tmp_path: Path
     assert blocks == [4, 5, 6, 7]
     for n, b in enumerate(reversed(blocks)):  # any order
         piece = data[(b - 4) * BLOCK : (b - 3) * BLOCK]
-        last = image.write_block(b, piece, chunk_digest(piece))
+        last = image.write_block(b, piece, block_digest([piece]))
         assert last == (n == len(blocks) - 1)
         assert image.has_block(b)
     assert not image.has(1)  # blocks are in, the chunk is not sealed yet
-    assert image.seal_chunk(1) == chunk_digest(data)
+    assert image.seal_chunk(1) == digest_blocks([data], BLOCK)[0]  # the tree of its blocks
     assert image.has(1)
     image.sync_chunks([1])
     store.close()
@@ -271,7 +271,7 @@ def test_blocks_land_one_by_one_and_the_chunk_is_sealed_from_disk(tmp_path: Path
     assert not image.has_block(5)  # nothing served before the re-check
     assert image.check_present() == []
     assert image.has_block(5)
-    assert image.manifest.block_digest(5) == chunk_digest(data[BLOCK : 2 * BLOCK])
+    assert image.manifest.block_digest(5) == block_digest([data[BLOCK : 2 * BLOCK]])
 
 
 def test_sealing_refuses_a_block_that_changed_on_disk(tmp_path: Path) -> None:
@@ -282,7 +282,7 @@ def test_sealing_refuses_a_block_that_changed_on_disk(tmp_path: Path) -> None:
     data = _blocky(0)
     for b in range(4):
         piece = data[b * BLOCK : (b + 1) * BLOCK]
-        image.write_block(b, piece, chunk_digest(piece))
+        image.write_block(b, piece, block_digest([piece]))
     with open(image.data_path, "r+b") as f:  # the disk lost a byte of block 2
         f.seek(2 * BLOCK + 5)
         f.write(b"\xff")
@@ -298,20 +298,21 @@ def test_a_whole_chunk_write_records_its_block_digests(tmp_path: Path) -> None:
     image = _new(store, Manifest("img", size=CHUNK, chunk_size=CHUNK, block_size=BLOCK))
     data = _blocky(3)
     pieces = [data[:1000], data[1000:40000], data[40000:]]  # not cut at block boundaries
-    image.write_chunk(0, pieces, chunk_digest(data))
+    image.write_chunk(0, pieces, digest_blocks([data], BLOCK)[0])
     assert all(image.has_block(b) for b in range(4))
     assert [image.manifest.block_digest(b) for b in range(4)] == [
-        chunk_digest(data[b * BLOCK : (b + 1) * BLOCK]) for b in range(4)
+        block_digest([data[b * BLOCK : (b + 1) * BLOCK]]) for b in range(4)
     ]
 
 
 def test_a_complete_image_from_before_blocks_gets_them_once(tmp_path: Path) -> None:
     store = Store(tmp_path, 1 << 30)
     store.open()
-    image = _new(store, Manifest("old", size=CHUNK + 100, chunk_size=CHUNK))
+    old = Manifest("old", size=CHUNK + 100, chunk_size=CHUNK, digest_algo="xxh3")
+    image = _new(store, old)
     data = _blocky(2) + b"x" * 100
-    image.write_chunk(0, data[:CHUNK], chunk_digest(data[:CHUNK]))
-    image.write_chunk(1, data[CHUNK:], chunk_digest(data[CHUNK:]))
+    image.write_chunk(0, data[:CHUNK], block_digest([data[:CHUNK]], "xxh3"))
+    image.write_chunk(1, data[CHUNK:], block_digest([data[CHUNK:]], "xxh3"))
     image.sync_chunks([0, 1])
     image.mark_complete(Checksum("sha256", hashlib.sha256(data).hexdigest()))
     assert image.manifest.block_size == 0
@@ -321,8 +322,8 @@ def test_a_complete_image_from_before_blocks_gets_them_once(tmp_path: Path) -> N
     store.open()
     m = store.images["old"].manifest
     assert (m.block_size, m.blocks) == (BLOCK, 5)
-    assert m.block_digest(4) == chunk_digest(b"x" * 100)
-    assert m.block_digest(1) == chunk_digest(data[BLOCK : 2 * BLOCK])
+    assert m.block_digest(4) == block_digest([b"x" * 100], "xxh3")
+    assert m.block_digest(1) == block_digest([data[BLOCK : 2 * BLOCK]], "xxh3")
 
 
 def test_chunks_read_back_share_buffers_and_never_each_others(
@@ -334,7 +335,7 @@ def test_chunks_read_back_share_buffers_and_never_each_others(
     image = _new(store, Manifest("img", size=2 * CHUNK, chunk_size=CHUNK))
     chunks = [os.urandom(CHUNK), os.urandom(CHUNK)]
     for i, data in enumerate(chunks):
-        image.write_chunk(i, [data], chunk_digest(data))
+        image.write_chunk(i, [data], block_digest([data]))
     with image.read_chunk(0) as first, image.read_chunk(1) as second:
         assert first == chunks[0]  # two reads at once: two buffers
         assert second == chunks[1]

@@ -31,6 +31,7 @@ from .manifest import Checksum, Manifest, validate_image_id
 from .metrics import CONTENT_TYPE, Metrics
 from .peers.swarm import Swarm
 from .ranges import parse_range
+from .signing import key_id
 from .store import CachedImage, Store
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,8 @@ def describe(fetcher: Fetcher, image_id: str, *, progress: bool) -> dict[str, An
             hits=image.hits,
             pinned=image.pinned,
             readers=image.readers,
+            digest=m.digest_algo,
+            signed_by=key_id(m.signer) if m.trusted else None,
             **_hashes(m.image_hash, m.origin_hash),
         )
     else:  # a failure with nothing cached: the same keys, nothing known
@@ -150,6 +153,8 @@ def describe(fetcher: Fetcher, image_id: str, *, progress: bool) -> dict[str, An
             hits=0,
             pinned=False,
             readers=0,
+            digest=None,
+            signed_by=None,
             **_hashes(None, None),
         )
     if failure is not None and out["state"] == "failed":

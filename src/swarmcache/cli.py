@@ -131,6 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vf.add_argument("image_id", metavar="ID", nargs="?", help="one image (default: all)")
     vf.add_argument("--json", action="store_true", help="print the API's JSON")
+    kg = sub_parser(
+        "keygen",
+        help="make a seeder's manifest signing key (or show a key's public half)",
+        description="Write a new Ed25519 private key to FILE (mode 0600; an existing "
+        "file is never overwritten) for a seeder's security.manifest_key_file, and "
+        "print its public key for the hosts' security.trusted_manifest_keys. With "
+        "--public, print the public key of the key in FILE.",
+    )
+    kg.add_argument("key_file", metavar="FILE")
+    kg.add_argument("--public", action="store_true", help="only print FILE's public key")
     w = sub_parser(
         "warm",
         help="pre-warm images on this host, a list of hosts, or every host",
@@ -163,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point of the `swarmcache` command."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "keygen":  # needs no config and no daemon
+            sys.exit(cmd_keygen(args))
         config = load_config(config_path_from(args.config))
         if args.command == "serve":
             from .daemon import run
@@ -518,6 +530,34 @@ def _warm_ids(args: argparse.Namespace) -> list[str]:
     if not ids:
         raise CliError("no image ids (give IDs or --from-file FILE)", EXIT_USAGE)
     return ids
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """swarmcache keygen FILE [--public]."""
+    from .config import read_secret
+    from .signing import decode_key, encode_key, key_id, new_private_key, public_key
+
+    if args.public:
+        text = read_secret(args.key_file, "key", 44)  # ConfigError: exit 2, names the file
+        try:
+            private = decode_key(text)
+        except ValueError as err:
+            raise CliError(f"{args.key_file}: {err}", EXIT_USAGE) from None
+    else:
+        private = new_private_key()
+        try:
+            fd = os.open(args.key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise CliError(f"{args.key_file} exists: not overwritten") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(encode_key(private) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        print(f"wrote {args.key_file}", file=sys.stderr)
+    public = public_key(private)
+    print(encode_key(public))
+    print(f"key id {key_id(public)}", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_warm(client: Client, args: argparse.Namespace) -> int:

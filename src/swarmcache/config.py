@@ -7,6 +7,7 @@ config/swarmcache.toml and nowhere else needs to change.
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import re
@@ -151,6 +152,19 @@ def _peer_list(value: object) -> tuple[str, ...]:
     return peers
 
 
+def _key_list(value: object) -> tuple[str, ...]:
+    """Public keys: base64 of 32 raw bytes each (see signing.py)."""
+    keys = _str_list(value)
+    for key in keys:
+        try:
+            raw = base64.b64decode(key, validate=True)
+        except ValueError:
+            raise ValueError(f"not a base64 key: {key[:60]!r}") from None
+        if len(raw) != 32:
+            raise ValueError(f"a public key is 32 bytes (44 base64 characters): {key[:60]!r}")
+    return keys
+
+
 def _positive(parse: Callable[[object], Any]) -> Callable[[object], Any]:
     def check(value: object) -> Any:
         result = parse(value)
@@ -168,6 +182,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
         "advertise": (_parse_str, ""),
         "log_level": (_choice("debug", "info", "warning", "error"), "info"),
         "access_log": (_parse_bool, False),
+        "role": (_choice("host", "seeder"), "host"),
     },
     "cache": {
         "dir": (_parse_str, "/var/lib/swarmcache"),
@@ -216,6 +231,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
     },
     "security": {
         "cluster_secret_file": (_parse_str, ""),
+        "chunk_digest": (_choice("blake3", "sha256", "xxh3"), "blake3"),
+        "manifest_key_file": (_parse_str, ""),
+        "trusted_manifest_keys": (_key_list, ()),
     },
 }
 
@@ -231,6 +249,7 @@ class DaemonConfig:
     log_level: str = "info"
     access_log: bool = False
     advertise: str = ""
+    role: str = "host"  # "seeder": fetches ahead of demand and signs manifests
 
     @property
     def host(self) -> str:
@@ -316,6 +335,9 @@ class SecurityConfig:
     """[security]: who may talk to whom."""
 
     cluster_secret_file: str = ""  # "": peer requests are not authenticated
+    chunk_digest: str = "blake3"  # of chunks and blocks in new manifests (manifest.DIGEST_ALGOS)
+    manifest_key_file: str = ""  # a seeder's Ed25519 key: it signs manifests
+    trusted_manifest_keys: tuple[str, ...] = ()  # base64 public keys whose signatures we trust
 
 
 @dataclass(frozen=True)
@@ -401,6 +423,18 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str], source: str) ->
         )
     if origin["retries"] < 0:
         raise ConfigError(source, "origin.retries", "must not be negative")
+    security = values["security"]
+    seeder = values["daemon"]["role"] == "seeder"
+    if seeder and not security["manifest_key_file"]:
+        raise ConfigError(source, "security.manifest_key_file", "a seeder needs a key to sign with")
+    if security["manifest_key_file"] and not seeder:
+        raise ConfigError(
+            source, "security.manifest_key_file", 'only a daemon.role = "seeder" signs'
+        )
+    if (seeder or security["trusted_manifest_keys"]) and security["chunk_digest"] == "xxh3":
+        raise ConfigError(
+            source, "security.chunk_digest", "signed manifests need blake3 or sha256 digests"
+        )
     return Config(
         daemon=DaemonConfig(**values["daemon"]),
         cache=CacheConfig(

@@ -27,7 +27,7 @@ from .api import (
 )
 from .config import Config, read_secret
 from .discovery import Discovery, interface_addresses
-from .errors import StartupError
+from .errors import ConfigError, StartupError
 from .fetch import Fetcher
 from .glance_api import build_glance_app
 from .httpserver import Runner
@@ -35,12 +35,15 @@ from .metrics import Metrics, gauge
 from .origin import make_origin
 from .peerauth import MIN_SECRET, Verifier
 from .peers.swarm import Swarm
+from .signing import Signer, Trust, decode_key
 from .store import Store
 
 log = logging.getLogger(__name__)
 CONFIG = web.AppKey("config", Config)
 # host:port the Glance-compatible endpoint listens on (its port, when listen asked for 0)
 GLANCE_ADDRESS = web.AppKey("glance_address", str)
+TRUST: web.AppKey[Trust | None] = web.AppKey("trust")  # manifest keys we trust
+SIGNER: web.AppKey[Signer | None] = web.AppKey("signer")  # a seeder's own key
 
 
 def build_app(config: Config) -> web.Application:
@@ -53,6 +56,7 @@ def build_app(config: Config) -> web.Application:
     if secret is not None:
         app[peer_api.PEER_AUTH] = Verifier(secret)
         app.on_response_prepare.append(peer_api.sign_answer)
+    app[TRUST], app[SIGNER] = manifest_keys(config)
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_swarm_ctx)
@@ -69,7 +73,7 @@ def build_app(config: Config) -> web.Application:
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     cfg = app[CONFIG].cache
-    store = Store(cfg.dir, cfg.max_size)
+    store = Store(cfg.dir, cfg.max_size, app[TRUST])
     await asyncio.to_thread(store.open)
     app[STORE] = store
     yield
@@ -88,6 +92,33 @@ def cluster_secret(config: Config) -> bytes | None:
         )
         return None
     return read_secret(path, "security.cluster_secret_file", MIN_SECRET).encode()
+
+
+def manifest_keys(config: Config) -> tuple[Trust | None, Signer | None]:
+    """The manifest keys this daemon trusts (a seeder trusts its own too) and, on a
+    seeder, the key it signs with. ConfigError if the key file is unusable."""
+    sec = config.security
+    signer = None
+    if sec.manifest_key_file:
+        text = read_secret(sec.manifest_key_file, "security.manifest_key_file", 44)
+        try:
+            signer = Signer(decode_key(text))
+        except ValueError as err:
+            raise ConfigError(
+                sec.manifest_key_file, "security.manifest_key_file", str(err)
+            ) from None
+        log.info("seeder: signing manifests with key %s", signer.key_id)
+    keys = [decode_key(k) for k in sec.trusted_manifest_keys]
+    if signer is not None:
+        keys.append(signer.public)
+    if not keys:
+        log.warning(
+            "no trusted manifest keys ([security] trusted_manifest_keys is empty): blocks "
+            "from peers are checked against the digests those peers announce, and only "
+            "the whole image against the origin's checksum"
+        )
+        return None, None
+    return Trust(keys), signer
 
 
 def _node_id(store: Store) -> str:
@@ -127,6 +158,7 @@ async def _swarm_ctx(app: web.Application) -> AsyncIterator[None]:
         app[METRICS],
         config.discovery.static_peers,
         secret=verifier.secret if verifier is not None else None,
+        trust=app[TRUST],
     ) as swarm:
         swarm.store = app[STORE]
         app[SWARM] = swarm
@@ -188,6 +220,8 @@ async def _fetcher_ctx(app: web.Application) -> AsyncIterator[None]:
             config.cache.chunk_size,
             app[SWARM],
             config.peers.block_size,
+            config.security.chunk_digest,
+            app[SIGNER],
         )
         app[FETCHER] = fetcher
         app[SWARM].ride_along = fetcher.ride_along

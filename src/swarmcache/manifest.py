@@ -2,8 +2,8 @@
 
 A manifest describes one image: its size, how it is cut into chunks (the unit of
 verification and durability) and chunks into blocks (the unit of transfer between
-hosts), the xxh3-128 digest of every chunk and of every block (known once fetched
-and checked), the checksum the origin publishes for the whole image (sha256 from a
+hosts), the digest of every chunk and of every block (known once fetched and
+checked; see `DIGEST_ALGOS`), the checksum the origin publishes for the whole image (sha256 from a
 sidecar, Glance's os_hash_value or md5 checksum) and the same hash of what was
 fetched, each written "algo:hex" (see `Checksum`). It travels as msgpack, always
 decoded with size limits, because it comes from peers.
@@ -24,16 +24,18 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import blake3
 import msgpack
 import xxhash
 
 from .errors import IntegrityError, InvalidImageId
 
 IMAGE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-DIGEST_SIZE = 16  # xxh3-128
+DIGEST_SIZE = 16  # every chunk and block digest, whatever its algorithm: 128 bits
 # 2: block_size and block digests; 3: "algo:hex" whole-image hashes instead of sha256
-# hex (versions 1 and 2 are still read: caches survive an upgrade)
-MANIFEST_VERSION = 3
+# hex; 4: the digest algorithm named (versions 1-3 are xxh3 and still read: caches
+# survive an upgrade)
+MANIFEST_VERSION = 4
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # 4M chunks: a 16 TiB image at 4 MiB chunks
 _NO_DIGEST = bytes(DIGEST_SIZE)
 
@@ -93,28 +95,63 @@ Buffer = bytes | bytearray | memoryview
 Pieces = Sequence[Buffer]
 
 
-def chunk_digest(data: Buffer) -> bytes:
-    """xxh3-128 digest of one chunk."""
-    return xxhash.xxh3_128_digest(data)
+# Chunk and block digests. "blake3" (the default) and "sha256" are cryptographic: no
+# one can make other bytes with a given digest (a second preimage costs 2^128 work at
+# 128 bits), so digests from a trusted source (a signed manifest, or this host's own
+# reads from the origin) pin the bytes whoever serves them. A chunk's digest is then
+# the hash of its blocks' digests (a two-level tree: the data is hashed once). "xxh3"
+# (xxh3-128, what manifests before version 4 hold) only catches accidents: disk rot,
+# a torn write, a bug; anyone can make bytes that match it.
+DIGEST_ALGOS = ("blake3", "sha256", "xxh3")
+DEFAULT_DIGEST = "blake3"
 
 
-def pieces_digest(pieces: Iterable[Buffer]) -> bytes:
-    """xxh3-128 digest of a chunk held in pieces: chunk_digest of their concatenation."""
-    h = xxhash.xxh3_128()
+class _Hasher:
+    """One incremental 128-bit digest of DIGEST_ALGOS (the shape hashlib's objects have)."""
+
+    def __init__(self, algo: str) -> None:
+        if algo == "blake3":
+            self._h: Any = blake3.blake3()
+        elif algo == "sha256":
+            self._h = hashlib.sha256()
+        elif algo == "xxh3":
+            self._h = xxhash.xxh3_128()
+        else:
+            raise ValueError(f"unknown digest algorithm {algo!r}")
+
+    def update(self, data: Buffer) -> None:
+        self._h.update(data)
+
+    def digest(self) -> bytes:
+        return bytes(self._h.digest()[:DIGEST_SIZE])
+
+
+def block_digest(pieces: Iterable[Buffer], algo: str = DEFAULT_DIGEST) -> bytes:
+    """Digest of one block (or of a whole chunk in a manifest without blocks) held in
+    pieces: the digest of their concatenation."""
+    h = _Hasher(algo)
     for piece in pieces:
         h.update(piece)
     return h.digest()
 
 
-def digest_blocks(pieces: Iterable[Buffer], block_size: int) -> tuple[bytes, list[bytes]]:
-    """(chunk digest, digest of each block) of a chunk held in pieces, in one pass."""
-    chunk = xxhash.xxh3_128()
+def digest_blocks(
+    pieces: Iterable[Buffer], block_size: int, algo: str = DEFAULT_DIGEST
+) -> tuple[bytes, list[bytes]]:
+    """(chunk digest, digest of each block) of a chunk held in pieces, in one pass over
+    the data. With block_size 0 (a manifest from before blocks) there are no blocks
+    and the chunk digest is that of its bytes."""
+    if not block_size:
+        return block_digest(pieces, algo), []
+    tree = algo != "xxh3"
+    chunk = None if tree else _Hasher(algo)
     blocks: list[bytes] = []
-    block = xxhash.xxh3_128()
+    block = _Hasher(algo)
     room = block_size
     for piece in pieces:
         view = memoryview(piece)
-        chunk.update(view)
+        if chunk is not None:
+            chunk.update(view)
         while view:
             part = view[:room]
             block.update(part)
@@ -122,9 +159,11 @@ def digest_blocks(pieces: Iterable[Buffer], block_size: int) -> tuple[bytes, lis
             view = view[len(part) :]
             if not room:
                 blocks.append(block.digest())
-                block, room = xxhash.xxh3_128(), block_size
+                block, room = _Hasher(algo), block_size
     if room != block_size:
         blocks.append(block.digest())
+    if chunk is None:
+        return block_digest(blocks, algo), blocks
     return chunk.digest(), blocks
 
 
@@ -160,12 +199,28 @@ class Manifest:
     digests: bytearray = field(default_factory=bytearray)
     block_size: int = 0  # 0: not cut into blocks yet (a version 1 manifest)
     block_digests: bytearray = field(default_factory=bytearray)
+    digest_algo: str = DEFAULT_DIGEST  # of chunks and blocks: DIGEST_ALGOS
+    # a seeder's Ed25519 signature over every digest (see signing.py); `trusted` is
+    # set only by signing.Trust.check in this process, never read from bytes
+    signer: bytes = b""
+    signature: bytes = b""
+    trusted: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.digest_algo not in DIGEST_ALGOS:
+            raise ValueError(f"unknown digest algorithm {self.digest_algo!r}")
         if not self.digests:
             self.digests = bytearray(DIGEST_SIZE * self.chunks)
         if self.block_size and not self.block_digests:
             self.block_digests = bytearray(DIGEST_SIZE * self.blocks)
+
+    def hash_block(self, pieces: Iterable[Buffer]) -> bytes:
+        """The digest of one block of this image, held in pieces."""
+        return block_digest(pieces, self.digest_algo)
+
+    def hash_chunk(self, pieces: Iterable[Buffer]) -> tuple[bytes, list[bytes]]:
+        """(digest, block digests) of one chunk of this image, held in pieces."""
+        return digest_blocks(pieces, self.block_size, self.digest_algo)
 
     @property
     def blocks(self) -> int:
@@ -224,7 +279,11 @@ class Manifest:
     def same_source(self, other: Manifest) -> bool:
         """True if both describe the same origin bytes cut the same way (so chunks can
         be kept, and traded with a peer whose manifest this is)."""
-        return self.chunk_size == other.chunk_size and self.same_version(other)
+        return (
+            self.chunk_size == other.chunk_size
+            and self.digest_algo == other.digest_algo
+            and self.same_version(other)
+        )
 
     def same_version(self, other: Manifest) -> bool:
         """True if both describe the same bytes at the origin (however they are cut)."""
@@ -237,7 +296,9 @@ class Manifest:
     def encode(self) -> bytes:
         """msgpack form, for disk and for peers. Version 2 (sha256 hex) while both hashes
         are sha256 or unknown, so daemons of the version before read it during a rolling
-        upgrade (or after a rollback); version 3 ("algo:hex") for any other algorithm."""
+        upgrade (or after a rollback); version 3 ("algo:hex") for any other algorithm;
+        version 4 (the digest algorithm named) for digests other than xxh3, which a
+        daemon before version 4 must not take for xxh3."""
         fields: dict[str, Any] = {
             "id": self.image_id,
             "size": self.size,
@@ -249,7 +310,16 @@ class Manifest:
             "block_digests": bytes(self.block_digests),
         }
         hashes = (self.origin_hash, self.image_hash)
-        if all(h is None or h.algo == "sha256" for h in hashes):
+        if self.digest_algo != "xxh3":
+            fields.update(
+                v=MANIFEST_VERSION,
+                digest=self.digest_algo,
+                origin_hash=_str_or_none(self.origin_hash),
+                image_hash=_str_or_none(self.image_hash),
+            )
+            if self.signature:
+                fields.update(signer=bytes(self.signer), sig=bytes(self.signature))
+        elif all(h is None or h.algo == "sha256" for h in hashes):
             fields.update(
                 v=2,
                 origin_sha256=_hex_or_none(self.origin_hash),
@@ -257,7 +327,7 @@ class Manifest:
             )
         else:
             fields.update(
-                v=MANIFEST_VERSION,
+                v=3,
                 origin_hash=_str_or_none(self.origin_hash),
                 image_hash=_str_or_none(self.image_hash),
             )
@@ -286,7 +356,7 @@ class Manifest:
 
     @classmethod
     def _from_obj(cls, obj: Any) -> Manifest:
-        if not isinstance(obj, dict) or obj.get("v") not in (1, 2, MANIFEST_VERSION):
+        if not isinstance(obj, dict) or obj.get("v") not in (1, 2, 3, MANIFEST_VERSION):
             raise ValueError("unsupported manifest version")
         size, chunk_size = obj["size"], obj["chunk_size"]
         if (
@@ -317,6 +387,17 @@ class Manifest:
         else:
             origin_hash = _checksum_or_none(obj["origin_hash"])
             image_hash = _checksum_or_none(obj["image_hash"])
+        digest_algo = obj["digest"] if obj["v"] >= 4 else "xxh3"
+        if digest_algo not in DIGEST_ALGOS:
+            raise ValueError(f"unknown digest algorithm {str(digest_algo)[:40]!r}")
+        signer, signature = obj.get("signer", b""), obj.get("sig", b"")
+        if not (signer == signature == b"") and not (
+            isinstance(signer, bytes)
+            and len(signer) == 32
+            and isinstance(signature, bytes)
+            and len(signature) == 64
+        ):
+            raise ValueError("bad signer or signature")
         return cls(
             image_id=validate_image_id(obj["id"]),
             size=size,
@@ -328,12 +409,24 @@ class Manifest:
             digests=bytearray(digests),
             block_size=block_size,
             block_digests=bytearray(block_digests),
+            digest_algo=digest_algo,
+            signer=signer,
+            signature=signature,
         )
 
     def restarted(self) -> Manifest:
-        """A copy with no chunk known, for a fresh fetch of the same image."""
+        """A copy for a fresh fetch of the same image: no chunk known, unless the
+        digests are signed by a key we trust (then they say what every chunk must be)."""
+        if self.trusted:
+            return replace(self, image_hash=None, complete=False)
         return replace(
-            self, image_hash=None, complete=False, digests=bytearray(), block_digests=bytearray()
+            self,
+            image_hash=None,
+            complete=False,
+            digests=bytearray(),
+            block_digests=bytearray(),
+            signer=b"",
+            signature=b"",
         )
 
 

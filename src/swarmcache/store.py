@@ -54,13 +54,12 @@ from .manifest import (
     bitmap_get,
     bitmap_new,
     bitmap_set,
-    chunk_digest,
     decode_log,
-    digest_blocks,
     encode_log_record,
     pieces_size,
     validate_image_id,
 )
+from .signing import Signer, Trust
 
 log = logging.getLogger(__name__)
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
@@ -196,7 +195,7 @@ class CachedImage:
             raise IntegrityError(f"chunk {index} of {self.image_id}: {size} bytes, want {length}")
         blocks: list[bytes] = []
         if self.manifest.block_size:
-            _, blocks = digest_blocks(pieces, self.manifest.block_size)
+            _, blocks = self.manifest.hash_chunk(pieces)
         try:
             pwrite_all(self._data_fd(), pieces, offset)
         except OSError as err:
@@ -234,7 +233,7 @@ class CachedImage:
         make the chunk readable with its digest, which it returns. Blocking."""
         m = self.manifest
         with self.read_chunk(index) as data:
-            digest, blocks = digest_blocks([data], m.block_size)
+            digest, blocks = m.hash_chunk([data])
         bad = [b for b, d in zip(m.blocks_of(index), blocks, strict=True) if d != m.block_digest(b)]
         with self._bits_lock:
             if bad:
@@ -317,10 +316,7 @@ class CachedImage:
                 continue
             blocks: list[bytes] = []
             with self.read_chunk(index) as data:
-                if self.manifest.block_size:
-                    digest, blocks = digest_blocks([data], self.manifest.block_size)
-                else:
-                    digest = chunk_digest(data)
+                digest, blocks = self.manifest.hash_chunk([data])
             ok = digest == self.manifest.digest(index)
             with self._bits_lock:
                 if ok:
@@ -342,7 +338,7 @@ class CachedImage:
         bad = []
         for index in held:
             with self.read_chunk(index) as data:
-                if chunk_digest(data) != m.digest(index):
+                if m.hash_chunk([data])[0] != m.digest(index):
                     bad.append(index)
         if bad:
             self._drop(set(bad), [i for i in held if i not in set(bad)])
@@ -380,7 +376,7 @@ class CachedImage:
         cut = dataclasses.replace(m, block_size=block_size, block_digests=bytearray())
         for index in range(m.chunks):
             with self.read_chunk(index) as data:
-                _, blocks = digest_blocks([data], block_size)
+                _, blocks = cut.hash_chunk([data])
             for b, d in zip(cut.blocks_of(index), blocks, strict=True):
                 cut.set_block_digest(b, d)
         write_atomic(self.path / "manifest", cut.encode())
@@ -389,16 +385,22 @@ class CachedImage:
             m.block_size = block_size
             self.blocks_ready = bitmap_new(m.blocks)
 
-    def mark_complete(self, image_hash: Checksum) -> None:
-        """Make every byte durable, persist the verified manifest, drop the log. Blocking."""
+    def mark_complete(self, image_hash: Checksum, signer: Signer | None = None) -> None:
+        """Make every byte durable, persist the verified manifest (signed by `signer`,
+        a seeder's key, if given), drop the log. Blocking."""
         try:
             os.fdatasync(self._data_fd())
         except OSError as err:
             raise _storage_error(f"cannot make {self.image_id} durable", err) from err
         done = dataclasses.replace(self.manifest, image_hash=image_hash, complete=True)
+        if signer is not None:
+            signer.sign(done)
         write_atomic(self.path / "manifest", done.encode())
-        self.manifest.image_hash = image_hash
-        self.manifest.complete = True
+        m = self.manifest
+        with self._bits_lock:
+            m.signer, m.signature, m.trusted = done.signer, done.signature, done.trusted
+            m.image_hash = image_hash
+            m.complete = True
         self.close()
         with contextlib.suppress(FileNotFoundError):
             (self.path / "chunks.log").unlink()
@@ -445,9 +447,10 @@ class CachedImage:
 class Store:
     """All cached images under one directory."""
 
-    def __init__(self, root: Path, max_size: int) -> None:
+    def __init__(self, root: Path, max_size: int, trust: Trust | None = None) -> None:
         self.root = Path(root)
         self.max_size = max_size
+        self.trust = trust  # manifests signed by these keys are trusted again at load
         self.images: dict[str, CachedImage] = {}
         self._lock_fd: int | None = None
 
@@ -495,6 +498,8 @@ class Store:
         manifest = Manifest.decode((path / "manifest").read_bytes())
         if manifest.image_id != path.name:
             raise IntegrityError("manifest names another image")
+        if self.trust is not None:
+            self.trust.check(manifest)  # a bad signature: IntegrityError, the entry goes
         if not (path / "data").exists():
             raise IntegrityError("data file missing")
         for leftover in path.glob(".*.tmp"):  # an atomic write cut short by a crash

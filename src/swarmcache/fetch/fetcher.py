@@ -11,7 +11,6 @@ and the cache is kept under max_size (eviction) as fetches start and end.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 import weakref
@@ -30,10 +29,11 @@ from ..errors import (
     StorageError,
     SwarmcacheError,
 )
-from ..manifest import Manifest
+from ..manifest import DEFAULT_DIGEST, Manifest
 from ..metrics import Metrics
 from ..origin import Origin, OriginImage
 from ..peers.swarm import Swarm
+from ..signing import Signer
 from ..store import Store
 from .job import FetchJob
 
@@ -65,8 +65,12 @@ class Fetcher:
         chunk_size: int,
         swarm: Swarm | None = None,
         block_size: int = 256 * 1024,
+        digest_algo: str = DEFAULT_DIGEST,
+        signer: Signer | None = None,
     ) -> None:
         self.swarm = swarm
+        self.digest_algo = digest_algo
+        self.signer = signer  # a seeder signs what it fetched and checked
         self.store = store
         self.origin = origin
         self.block_size = block_size
@@ -111,16 +115,18 @@ class Fetcher:
         if self.swarm is not None:
             found, hosts = await self.swarm.join(image_id)
             self._joined[image_id] = (time.monotonic(), hosts)
-            if found is not None and found.block_size == self.block_size:
+            if (
+                found is not None
+                and found.block_size == self.block_size
+                and found.digest_algo == self.digest_algo
+            ):
                 log.info(
                     "%s: manifest from peers (%d bytes, origin checksum %s); not asking the origin",
                     image_id,
                     found.size,
                     found.origin_hash,
                 )
-                return dataclasses.replace(
-                    found.restarted(), block_size=found.block_size, block_digests=bytearray()
-                )
+                return found.restarted()  # a trusted one keeps its signed digests
         return await self._origin_manifest(image_id)
 
     async def _origin_manifest(self, image_id: str) -> Manifest:
@@ -154,6 +160,7 @@ class Fetcher:
             origin_hash=stat.checksum,
             origin_validator=stat.validator,
             block_size=self.block_size,
+            digest_algo=self.digest_algo,
         )
 
     async def start_version(self, manifest: Manifest) -> FetchJob | None:
@@ -297,7 +304,14 @@ class Fetcher:
         if self.swarm is not None and hosts is None:
             _, hosts = await self.swarm.join(image_id)
         job = FetchJob(
-            image, self.origin, self.metrics, self.concurrency, self.executor, self.swarm, hosts
+            image,
+            self.origin,
+            self.metrics,
+            self.concurrency,
+            self.executor,
+            self.swarm,
+            hosts,
+            self.signer,
         )
         self.jobs[image_id] = job
         self.failures.pop(image_id, None)

@@ -24,6 +24,7 @@ from ..manifest import Manifest
 from ..metrics import Metrics
 from ..origin import Origin
 from ..peers.swarm import Swarm
+from ..signing import Signer
 from ..store import CachedImage
 from .common import Tally, Wakeup
 from .landing import Landing
@@ -54,8 +55,10 @@ class FetchJob:
         executor: ThreadPoolExecutor,
         swarm: Swarm | None = None,
         hosts: set[str] | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.image = image
+        self.signer = signer  # a seeder's key: the manifest is signed once the image checked
         self.metrics = metrics
         self.concurrency = concurrency
         self.swarm = swarm
@@ -240,7 +243,10 @@ class FetchJob:
             self._verify()
             self.landing.finish()
             await flusher
-            await self.landing.thread(self.image.mark_complete, self.landing.image_hash)
+            signer = self.signer if self.image.manifest.digest_algo != "xxh3" else None
+            if self.signer is not None and signer is None:
+                log.warning("%s: xxh3 digests are not signed (not cryptographic)", self.image_id)
+            await self.landing.thread(self.image.mark_complete, self.landing.image_hash, signer)
         except SwarmcacheError as err:
             self._fail(err)
         except asyncio.CancelledError:

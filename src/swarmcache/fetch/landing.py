@@ -10,7 +10,7 @@ second pass over the file. Blocking calls run in the fetcher's thread pool and a
 tracked: `close` waits for every one of them, so no thread writes to an image after its fetch ended.
 
 Blocks are written on the event loop itself, not in a thread, while the disk keeps up:
-a 256 KiB write into the page cache and its xxh3 take tens of microseconds, and the
+a 256 KiB write into the page cache and its digest take tens of microseconds, and the
 trip to a thread and back (queue, wake-up, GIL hand-over, the loop's self-pipe) cost
 more than that. Measured with two daemons on loopback (512 MiB, one peer to the
 other): receiver CPU 3.53 -> 2.97 core-s per GiB, wall 1.94 -> 1.62 s. A write can
@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from ..errors import IntegrityError, SwarmcacheError
-from ..manifest import DEFAULT_HASH, Buffer, Checksum, Pieces, pieces_digest
+from ..manifest import DEFAULT_HASH, Buffer, Checksum, Pieces
 from ..metrics import Metrics
 from ..store import CachedImage
 
@@ -93,11 +93,15 @@ class Landing:
         """Write one block in a thread and return its digest; when it was the last
         block of its chunk, the chunk is sealed next. With `expected` (a peer's
         announced digest), a block that does not match it is not written: the
-        IntegrityError names both digests."""
+        IntegrityError names both digests. A trusted (signed) manifest's digest is
+        expected of every block, from a peer or from the origin."""
+        m = self.image.manifest
+        if m.trusted:
+            expected = m.block_digest(block)
 
         def check_and_write() -> tuple[bytes, bool]:
             pieces = [data] if isinstance(data, Buffer) else data
-            digest = pieces_digest(pieces)
+            digest = self.image.manifest.hash_block(pieces)
             if expected is not None and digest != expected:
                 return digest, False
             return digest, self.image.write_block(block, pieces, digest)
@@ -121,10 +125,9 @@ class Landing:
         if expected is not None and digest != expected:
             raise IntegrityError(
                 f"block {block} of {self.image.image_id} has digest {digest.hex()}, "
-                f"announced {expected.hex()}"
+                f"{'signed' if m.trusted else 'announced'} {expected.hex()}"
             )
         if last:
-            m = self.image.manifest
             self.seal_soon(block * m.block_size // m.chunk_size)
         return digest
 

@@ -37,7 +37,7 @@ import aiohttp
 from aiohttp import web
 
 from ..config import PeersConfig
-from ..errors import PeerError, PeerGone, SwarmcacheError
+from ..errors import IntegrityError, PeerError, PeerGone, SwarmcacheError
 from ..exchange import (
     LAZY_HAVE,
     ROTATE,
@@ -53,6 +53,7 @@ from ..manifest import DIGEST_SIZE, Manifest, bitmap_new, bitmap_set
 from ..metrics import Metrics
 from ..peerauth import EMPTY_SHA256, REPLY_HEADER, AuthError, check_reply, sign_request
 from ..peerauth import HEADER as AUTH_HEADER
+from ..signing import Trust
 from ..wire import (
     MAX_MESSAGE,
     PROTOCOL_VERSION,
@@ -131,7 +132,10 @@ class Trade:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def digest(self, node: str, block: int) -> bytes | None:
-        """The digest `node` announced for `block`."""
+        """The digest a block from `node` must have: the signed one when our manifest
+        is trusted (whatever the peer announced), else the one `node` announced."""
+        if self.manifest.trusted:
+            return self.manifest.block_digest(block)
         digests = self.digests.get(node)
         if digests is None:
             return None
@@ -283,9 +287,11 @@ class Swarm:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         secret: bytes | None = None,
+        trust: Trust | None = None,
     ) -> None:
         self.node_id = node_id
         self.secret = secret  # the cluster secret: every peer request is signed with it
+        self.trust = trust  # the manifest keys we trust (signed manifests)
         self.advertise = advertise
         self.config = config
         self.concurrency = concurrency  # origin.concurrency: how many readers an image has
@@ -519,11 +525,16 @@ class Swarm:
         answers = await asyncio.gather(*(self._join_at(n, image_id, fetching) for n in asks))
         manifest: Manifest | None = None
         hosts: set[str] = set()
-        for answer in answers:
+        for reader, answer in zip(asks, answers, strict=True):
             if answer is None:
                 continue
-            if answer.manifest is not None and manifest is None:
-                manifest = answer.manifest
+            found = answer.manifest
+            if (
+                found is not None
+                and self.checked(reader, found)
+                and (manifest is None or (found.trusted and not manifest.trusted))
+            ):
+                manifest = found  # the first, or a signed one we trust
             for node, host, port in answer.peers:
                 if node != self.node_id:
                     self.seen(node, host, port, "inbound")
@@ -905,6 +916,9 @@ class Swarm:
 
     def _state(self, trade: Trade, node: str, msg: State) -> None:
         ours = trade.manifest
+        if msg.manifest is not None and not self.checked(node, msg.manifest):
+            self._unlink(trade, node)
+            return
         if msg.manifest is None:
             log.debug("peer %s has nothing of %s", node, trade.image_id)
             self._unlink(trade, node)
@@ -981,6 +995,21 @@ class Swarm:
             trade.exchange.sent(node, self.clock())
 
     # -- peers that go away -------------------------------------------------------------------
+
+    def checked(self, node_id: str, manifest: Manifest) -> bool:
+        """Check the signature of a manifest a peer sent (marking it trusted if it is
+        good and by a key we trust); False if it is bad: the peer is quarantined."""
+        if self.trust is None:
+            manifest.trusted = False
+            return True
+        try:
+            self.trust.check(manifest)
+        except IntegrityError as err:
+            log.warning("peer %s sent a forged manifest: %s", node_id, err.detail)
+            self.metrics.verification_failures.labels("manifest").inc()
+            self.quarantine(node_id)
+            return False
+        return True
 
     def quarantine(self, node_id: str) -> None:
         """The peer sent bad bytes: use it for nothing until peers.quarantine has passed."""
