@@ -98,6 +98,22 @@ def test_readers_are_the_same_everywhere_and_a_join_moves_only_later_places() ->
     assert readers("img", ["solo"], 4) == ["solo"]
 
 
+def test_seeders_are_the_readers_while_one_is_a_member() -> None:
+    nodes = [f"n{i}" for i in range(50)]
+    assert readers("img", nodes, 4, seeders={"n7"}) == ["n7"]
+    two = readers("img", nodes, 4, seeders={"n7", "n9", "gone"})
+    assert sorted(two) == ["n7", "n9"]  # only seeders that are members
+    assert readers("img", nodes, 4, seeders={"gone"}) == readers("img", nodes, 4)
+    lane = _lane(_exchange(), "n3", [n for n in nodes if n != "n3"])
+    assert lane.is_reader() == ("n3" in readers("img", nodes, 4))
+    assert lane.set_members(nodes, {"n7"})  # a seeder appeared: it reads, for everyone
+    assert (lane.readers, lane.is_reader()) == (["n7"], False)
+    assert lane.replace("n7")  # and when it goes the hosts read again
+    assert lane.readers == readers("img", [n for n in nodes if n != "n7"], 4)
+    seeder = _lane(_exchange(), "n7", nodes, 4, seeders={"n7"})
+    assert (seeder.readers, seeder.streams) == (["n7"], 4)  # every origin stream its own
+
+
 # -- requests --------------------------------------------------------------------------------
 
 
@@ -355,8 +371,17 @@ def test_a_neighbour_that_got_everything_frees_its_slot() -> None:
 # -- the origin lane ----------------------------------------------------------------------------
 
 
-def _lane(ex: Exchange, me: str, members: list[str], concurrency: int = 4, stall: float = 30.0):
-    return OriginLane(ex, me, "img", members, concurrency, stall, now=0.0, gather=0.0)
+def _lane(
+    ex: Exchange,
+    me: str,
+    members: list[str],
+    concurrency: int = 4,
+    stall: float = 30.0,
+    seeders: set[str] | None = None,
+):
+    return OriginLane(
+        ex, me, "img", members, concurrency, stall, now=0.0, gather=0.0, seeders=seeders or ()
+    )
 
 
 def test_a_lone_host_reads_everything_in_order_with_every_stream() -> None:

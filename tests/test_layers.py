@@ -191,6 +191,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
         "swarmcache.peer_api",
         "swarmcache.glance_api",
         "swarmcache.warm",
+        "swarmcache.seeding",
         "swarmcache.httpserver",
     ),
     ("swarmcache.fetch",),
@@ -199,6 +200,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     (
         "swarmcache.exchange",
         "swarmcache.peerauth",
+        "swarmcache.signing",
         "swarmcache.wire",
         "swarmcache.manifest",
         "swarmcache.ranges",
@@ -216,6 +218,7 @@ PURE = (
     "swarmcache.manifest",
     "swarmcache.ranges",
     "swarmcache.peerauth",
+    "swarmcache.signing",
 )
 IO_LIBRARIES = ("aiohttp", "asyncio", "zeroconf", "socket", "os", "threading", "time")
 # inside the fetch: the orchestrator over the parts; landing (the disk) knows no network

@@ -45,6 +45,7 @@ def _manifest() -> Manifest:
     "msg",
     [
         Hello("n1", "10.0.0.1", 7480),
+        Hello("n1", "10.0.0.1", 7480, seeder=True),
         Subscribe("img", True),
         Unsubscribe("img"),
         State("img", _manifest(), b"\x80\x00", True),

@@ -131,6 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vf.add_argument("image_id", metavar="ID", nargs="?", help="one image (default: all)")
     vf.add_argument("--json", action="store_true", help="print the API's JSON")
+    sd = sub_parser(
+        "seed",
+        help="on a seeder: feed images into the swarm ahead of demand, signed",
+        description='On the daemon.role = "seeder" host: fetch each image from the '
+        "origin (or, with --file, take a local copy of one, kept only if it matches the "
+        "size and checksum the origin publishes for --image-id), and sign its manifest. "
+        "Waits until each is complete and signed; exit status 1 if any failed.",
+    )
+    sd.add_argument("image_ids", metavar="ID", nargs="*", help="image ids")
+    sd.add_argument("--file", metavar="PATH", help="a local copy of the image to send")
+    sd.add_argument("--image-id", metavar="ID", help="the image --file is a copy of")
     kg = sub_parser(
         "keygen",
         help="make a seeder's manifest signing key (or show a key's public half)",
@@ -532,6 +543,69 @@ def _warm_ids(args: argparse.Namespace) -> list[str]:
     return ids
 
 
+def cmd_seed(client: Client, args: argparse.Namespace) -> int:
+    """swarmcache seed ID... | --file PATH --image-id ID."""
+    if args.file or args.image_id:
+        if not (args.file and args.image_id) or args.image_ids:
+            raise CliError("--file PATH and --image-id ID go together, without other ids", 2)
+        return _seed_file(client, args.file, args.image_id)
+    if not args.image_ids:
+        raise CliError("name the images to seed (or --file PATH --image-id ID)", EXIT_USAGE)
+    failed = 0
+    for image_id in args.image_ids:
+        try:
+            while True:
+                with client.open("POST", _path(image_id, "/seed?wait=30")) as resp:
+                    info = json.load(resp)
+                    if resp.status == 200:
+                        break
+                fetch = info.get("fetch") or {}
+                print(
+                    f"{image_id}: fetching, {format_size(fetch.get('bytes_done', 0))}",
+                    file=sys.stderr,
+                )
+        except CliError as err:
+            if err.status == EXIT_UNREACHABLE:
+                raise
+            print(f"{image_id}: FAILED: {err}")
+            failed += 1
+            continue
+        print(_seeded(info))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _seed_file(client: Client, path: str, image_id: str) -> int:
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below, after the upload
+    except OSError as err:
+        raise CliError(f"cannot read {path}: {err.strerror}", EXIT_USAGE) from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        req = urllib.request.Request(
+            client.base + _path(image_id, "/seed"),
+            data=f,
+            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+            method="PUT",
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=600) as resp:
+                info = json.load(resp)
+        except urllib.error.HTTPError as err:
+            raise CliError(_error_text(err)) from None
+        except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
+            reason = getattr(err, "reason", err)
+            raise CliError(f"cannot send {path} to {client.base}: {reason}") from None
+    print(_seeded(info))
+    return EXIT_OK
+
+
+def _seeded(info: dict[str, Any]) -> str:
+    return (
+        f"{info['id']}: seeded, {format_size(info['size'])}, {info['hash']}, "
+        f"signed by key {info['signed_by']}"
+    )
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     """swarmcache keygen FILE [--public]."""
     from .config import read_secret
@@ -590,5 +664,6 @@ COMMANDS = {
     "unpin": cmd_pin,
     "peers": cmd_peers,
     "warm": cmd_warm,
+    "seed": cmd_seed,
     "verify": cmd_verify,
 }

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Iterable
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from . import peer_api, warm
+from . import peer_api, seeding, warm
 from .api import (
     FETCHER,
     METRICS,
@@ -68,6 +68,7 @@ def build_app(config: Config) -> web.Application:
     add_routes(app)
     peer_api.add_routes(app)
     warm.add_routes(app)
+    seeding.add_routes(app)
     return app
 
 
@@ -159,6 +160,7 @@ async def _swarm_ctx(app: web.Application) -> AsyncIterator[None]:
         config.discovery.static_peers,
         secret=verifier.secret if verifier is not None else None,
         trust=app[TRUST],
+        seeder=config.daemon.role == "seeder",
     ) as swarm:
         swarm.store = app[STORE]
         app[SWARM] = swarm
@@ -184,10 +186,13 @@ async def _discovery_ctx(app: web.Application) -> AsyncIterator[None]:
         swarm.node_id,
         port,
         addresses,
-        lambda node, h, p, gen, inventory: swarm.seen(node, h, p, "mdns", gen, inventory),
+        lambda node, h, p, gen, inventory, seeder: swarm.seen(
+            node, h, p, "mdns", gen, inventory, seeder
+        ),
         swarm.gone,
         lambda: swarm.generation,
         swarm.inventory,
+        config.daemon.role,
     ):
         yield
 

@@ -65,11 +65,13 @@ class Discovery:
         node_id: str,
         port: int,
         addresses: list[str],
-        found: Callable[[str, str, int, int, tuple[int, int]], None],
+        found: Callable[[str, str, int, int, tuple[int, int], bool], None],
         lost: Callable[[str], None],
         generation: Callable[[], int] = lambda: 0,
         inventory: Callable[[], tuple[int, int]] = lambda: (0, 0),
+        role: str = "host",
     ) -> None:
+        self.role = role
         self.node_id = node_id
         self.port = port
         self.addresses = addresses
@@ -123,6 +125,7 @@ class Discovery:
                 "gen": str(self._gen),
                 "images": str(images),
                 "chunks": str(chunks),
+                "role": self.role,
             },
             server=f"swarmcache-{self.node_id}.local.",
             addresses=[socket.inet_aton(a) for a in self.addresses],
@@ -191,4 +194,4 @@ class Discovery:
         except ValueError:
             gen, inventory = 0, (0, 0)
         self._names[name] = node
-        self.found(node, addresses[0], info.port, gen, inventory)
+        self.found(node, addresses[0], info.port, gen, inventory, props.get("role") == "seeder")

@@ -98,6 +98,20 @@ class PreconditionFailed(SwarmcacheError):
     error = "precondition failed"
 
 
+class CannotSign(SwarmcacheError):
+    """A held image whose manifest cannot be signed as it is."""
+
+    status = 409
+    error = "cannot sign"
+
+
+class NotASeeder(SwarmcacheError):
+    """A seed request to a daemon that does not sign manifests."""
+
+    status = 409
+    error = "not a seeder"
+
+
 class ShuttingDown(SwarmcacheError):
     """The daemon is stopping and starts no new fetch."""
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import random
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 import xxhash
@@ -128,9 +128,15 @@ def _top(key: str, nodes: Iterable[str]) -> str:
     return max(nodes, key=lambda n: (xxhash.xxh64_intdigest(f"{key}\0{n}".encode()), n))
 
 
-def readers(image_key: str, members: Iterable[str], concurrency: int) -> list[str]:
-    """The hosts that read an image from the origin: the first `concurrency` in rank."""
-    return rank(image_key, members)[: max(1, concurrency)]
+def readers(
+    image_key: str, members: Iterable[str], concurrency: int, seeders: Collection[str] = ()
+) -> list[str]:
+    """The hosts that read an image from the origin: the first `concurrency` in rank,
+    of the seeders among the members if there are any (a seeder sits beside the origin
+    and signs what it read: the others then read nothing from the origin)."""
+    members = list(members)
+    pool = [m for m in members if m in seeders] or members
+    return rank(image_key, pool)[: max(1, concurrency)]
 
 
 @dataclass
@@ -765,6 +771,7 @@ class OriginLane:
         stall: float,
         now: float,
         gather: float = GATHER,
+        seeders: Collection[str] = (),
     ) -> None:
         self.exchange = exchange
         self.self_id = self_id
@@ -774,7 +781,8 @@ class OriginLane:
         self.concurrency = max(1, concurrency)
         self.stall = stall
         self.members = {*members, self_id}
-        self.readers = readers(image_key, self.members, self.concurrency)
+        self.seeders = frozenset(seeders)
+        self.readers = readers(image_key, self.members, self.concurrency, self.seeders)
         self._share = self._my_share()
         self.progress_at = now  # when a block last arrived from anywhere
         self.stalled = False  # the swarm once brought nothing for `stall` seconds
@@ -795,14 +803,15 @@ class OriginLane:
     def replace(self, gone: str) -> bool:
         """A member is gone (left, down): if it was a reader, the next in rank takes its
         place (every host that sees it go picks the same one). True if the readers changed."""
-        return self.set_members(self.members - {gone})
+        return self.set_members(self.members - {gone}, self.seeders)
 
-    def set_members(self, members: Iterable[str]) -> bool:
+    def set_members(self, members: Iterable[str], seeders: Collection[str] = ()) -> bool:
         """The member table changed (a host discovered or gone): the readers follow it,
         so hosts whose tables differed for a moment agree again once they do (a chunk
         that was nobody's in the meantime becomes its reader's). True if they changed."""
         self.members = {*members, self.self_id}
-        new = readers(self.image_key, self.members, self.concurrency)
+        self.seeders = frozenset(seeders)
+        new = readers(self.image_key, self.members, self.concurrency, self.seeders)
         if new == self.readers:
             return False
         gone = [r for r in self.readers if r not in self.members]

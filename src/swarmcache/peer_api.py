@@ -78,6 +78,7 @@ async def peer_hello(request: web.Request) -> web.Response:
             "version": PROTOCOL_VERSION,
             "port": swarm.advertise[1],
             "generation": swarm.generation,
+            "role": "seeder" if swarm.seeder else "host",
             "images": images,
             "chunks": chunks,
         }

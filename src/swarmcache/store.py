@@ -572,6 +572,13 @@ class Store:
         image.close()
         return self._to_trash(image.path)
 
+    def discard(self, image: CachedImage) -> Path:
+        """Set aside an entry made by make_entry and never added (an ingest that
+        failed); the caller deletes the returned path with purge()."""
+        image.removed = True
+        image.close()
+        return self._to_trash(image.path)
+
     def _to_trash(self, path: Path) -> Path:
         target = self.root / "tmp" / uuid.uuid4().hex
         try:

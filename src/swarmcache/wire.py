@@ -46,6 +46,7 @@ class Hello:
     node: str
     host: str
     port: int
+    seeder: bool = False  # daemon.role = "seeder"
 
 
 @dataclass(frozen=True)
@@ -128,6 +129,8 @@ def encode(msg: Message) -> bytes:
     match msg:
         case Hello():
             body = {"t": "hello", "node": msg.node, "host": msg.host, "port": msg.port}
+            if msg.seeder:  # only then: a daemon of the version before reads it as before
+                body["seeder"] = True
         case Subscribe():
             body = {"t": "sub", "image": msg.image_id, "fetching": msg.fetching}
         case Unsubscribe():
@@ -199,7 +202,7 @@ def decode(data: bytes) -> Message:
 def _parse(obj: dict[str, Any]) -> Message:
     kind = obj["t"]
     if kind == "hello":
-        return Hello(*_where(obj["node"], obj["host"], obj["port"]))
+        return Hello(*_where(obj["node"], obj["host"], obj["port"]), obj.get("seeder") is True)
     image_id = validate_image_id(obj["image"])
     if kind == "sub":
         return Subscribe(image_id, _bool(obj["fetching"]))

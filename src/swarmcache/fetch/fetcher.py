@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +29,12 @@ from ..errors import (
     StorageError,
     SwarmcacheError,
 )
-from ..manifest import DEFAULT_DIGEST, Manifest
+from ..manifest import DEFAULT_DIGEST, Checksum, Manifest
 from ..metrics import Metrics
 from ..origin import Origin, OriginImage
 from ..peers.swarm import Swarm
 from ..signing import Signer
-from ..store import Store
+from ..store import CachedImage, Store
 from .job import FetchJob
 
 log = logging.getLogger(__name__)
@@ -444,6 +444,42 @@ class Fetcher:
         self._purge(self.store.remove(image_id, force=force))
         self._gone(image_id)
         self.failures.pop(image_id, None)
+
+    async def ingest(
+        self, manifest: Manifest, fill: Callable[[CachedImage], Awaitable[Checksum]]
+    ) -> None:
+        """Put an image into the cache from elsewhere than the origin (a seeder's local
+        copy): `fill` writes every chunk durably and returns the hash of what it wrote,
+        which must be the origin's checksum in `manifest`; the image is then complete
+        (and signed, on a seeder). Under the image's lock: a read of it meanwhile waits
+        and then finds it complete. A copy held before is replaced (ImageBusy while it
+        is read or fetched)."""
+        image_id = manifest.image_id
+        async with self._lock(image_id):
+            if image_id in self.jobs:
+                raise ImageBusy(f"image {image_id!r} is being fetched")
+            if self.store.get(image_id) is not None:
+                await self._remove_locked(image_id, force=False)
+            self.check_fits(manifest)
+            self._evict(manifest.size, keep=image_id)
+            self._reserved[image_id] = manifest.size
+            try:
+                image = await asyncio.to_thread(self.store.make_entry, manifest)
+            finally:
+                del self._reserved[image_id]
+            try:
+                got = await fill(image)
+                if got != manifest.origin_hash:
+                    self.metrics.verification_failures.labels("image").inc()
+                    raise IntegrityError(
+                        f"the bytes' {got} is not the origin's {manifest.origin_hash} "
+                        f"for {image_id}: not kept"
+                    )
+                await asyncio.to_thread(image.mark_complete, got, self.signer)
+            except BaseException:
+                self._purge(self.store.discard(image))
+                raise
+            self.store.add(image)
 
     async def verify(self, image_id: str) -> tuple[int, list[int]]:
         """Re-hash the image's chunks on disk and drop the bad ones (swarmcache verify):

@@ -80,6 +80,7 @@ class FetchJob:
             STALL,
             now,
             gather=GATHER if swarm is not None else 0.0,
+            seeders=swarm.seeders_now() if swarm is not None else (),
         )
         self.started = now
         self.wakeup = Wakeup()

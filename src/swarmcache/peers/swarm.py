@@ -288,10 +288,12 @@ class Swarm:
         rng: random.Random | None = None,
         secret: bytes | None = None,
         trust: Trust | None = None,
+        seeder: bool = False,
     ) -> None:
         self.node_id = node_id
         self.secret = secret  # the cluster secret: every peer request is signed with it
         self.trust = trust  # the manifest keys we trust (signed manifests)
+        self.seeder = seeder  # our role: a seeder reads every image it is asked for whole
         self.advertise = advertise
         self.config = config
         self.concurrency = concurrency  # origin.concurrency: how many readers an image has
@@ -405,7 +407,7 @@ class Swarm:
 
     def hello(self) -> Hello:
         """Our Hello."""
-        return Hello(self.node_id, self.advertise[0], self.advertise[1])
+        return Hello(self.node_id, self.advertise[0], self.advertise[1], self.seeder)
 
     # -- discovery feeds -------------------------------------------------------------
 
@@ -417,15 +419,27 @@ class Swarm:
         source: str,
         generation: int | None = None,
         inventory: tuple[int, int] | None = None,
+        seeder: bool | None = None,
     ) -> None:
-        """A peer was discovered or refreshed."""
-        known = node_id in self.table.peers and not self.table.peers[node_id].gone
-        peer = self.table.seen(node_id, host, port, source, self.clock(), generation, inventory)
-        if peer is not None and not known:
-            log.info("peer %s at %s:%d (%s)", node_id, host, port, source)
-            members = self.members_now()
+        """A peer was discovered or refreshed (`seeder`: its role, when the source says)."""
+        before = self.table.peers.get(node_id)
+        known = before is not None and not before.gone
+        was_seeder = before is not None and before.seeder
+        peer = self.table.seen(
+            node_id, host, port, source, self.clock(), generation, inventory, seeder
+        )
+        if peer is not None and (not known or peer.seeder != was_seeder):
+            log.info(
+                "peer %s at %s:%d (%s)%s",
+                node_id,
+                host,
+                port,
+                source,
+                ", a seeder" if peer.seeder else "",
+            )
+            members, seeders = self.members_now(), self.seeders_now()
             for trade in self.trades.values():  # the readers follow the member table
-                if trade.job is not None and trade.job.lane.set_members(members):
+                if trade.job is not None and trade.job.lane.set_members(members, seeders):
                     log.info(
                         "%s: readers now %s", trade.image_id, ", ".join(trade.job.lane.readers)
                     )
@@ -501,7 +515,15 @@ class Swarm:
         inventory = (
             (images, chunks) if isinstance(images, int) and isinstance(chunks, int) else None
         )
-        self.seen(node, host, int(port), "static", gen if isinstance(gen, int) else None, inventory)
+        self.seen(
+            node,
+            host,
+            int(port),
+            "static",
+            gen if isinstance(gen, int) else None,
+            inventory,
+            info.get("role") == "seeder",
+        )
         return True
 
     # -- joins: finding the others ----------------------------------------------------
@@ -510,13 +532,19 @@ class Swarm:
         """The cluster as this host sees it: usable peers and itself."""
         return [p.node_id for p in self.table.usable(self.clock())] + [self.node_id]
 
+    def seeders_now(self) -> frozenset[str]:
+        """The seeders among members_now (they read the origin for everyone)."""
+        now = self.clock()
+        found = {p.node_id for p in self.table.usable(now) if p.seeder}
+        return frozenset(found | ({self.node_id} if self.seeder else set()))
+
     def have_batch(self) -> float:
         """How long a Have waits for more (see exchange.shortest_have_batch)."""
         return shortest_have_batch(t.exchange for t in self.trades.values() if t.job is not None)
 
     def readers_of(self, image_id: str) -> list[str]:
         """The hosts that read `image_id` from the origin (and answer Joins for it)."""
-        return readers(image_id, self.members_now(), self.concurrency)
+        return readers(image_id, self.members_now(), self.concurrency, self.seeders_now())
 
     async def join(self, image_id: str, fetching: bool = True) -> tuple[Manifest | None, set[str]]:
         """Join the image at its readers: (a manifest one of them has, the hosts they
@@ -835,7 +863,13 @@ class Swarm:
             self.metrics.peer_errors.inc()
             await ws.close()
             return ws
-        self.seen(hello.node, hello.host or (request.remote or ""), hello.port, "inbound")
+        self.seen(
+            hello.node,
+            hello.host or (request.remote or ""),
+            hello.port,
+            "inbound",
+            seeder=hello.seeder,
+        )
         peer = self.table.get(hello.node)
         if peer is not None and peer.state(self.clock()) == "quarantined":
             # it sent us bad bytes: no link (it learns at once, and stops waiting on us)

@@ -44,6 +44,7 @@ class Peer:
     inflight: int = 0
     bytes_received: int = 0
     gone: bool = False  # said goodbye (mDNS) or vanished; kept for the table until forgotten
+    seeder: bool = False  # daemon.role = "seeder": it reads the origin for everyone
 
     @property
     def address(self) -> str:
@@ -71,6 +72,7 @@ class Peer:
             "node_id": self.node_id,
             "address": self.address,
             "source": self.source,
+            "role": "seeder" if self.seeder else "host",
             "state": self.state(now),
             "last_seen_s": round(max(0.0, now - self.last_seen), 1),
             "generation": self.generation,
@@ -100,6 +102,7 @@ class PeerTable:
         now: float,
         generation: int | None = None,
         inventory: tuple[int, int] | None = None,
+        seeder: bool | None = None,
     ) -> Peer | None:
         """Add or refresh a peer (None for ourselves); returns the entry."""
         if node_id == self.self_id:
@@ -118,6 +121,8 @@ class PeerTable:
             peer.generation = generation
         if inventory is not None:
             peer.images, peer.chunks = inventory
+        if seeder is not None:
+            peer.seeder = seeder
         return peer
 
     def gone(self, node_id: str) -> None:

@@ -1,0 +1,139 @@
+"""The seeder: feeds images into the swarm ahead of demand, signs their manifests; hosts
+that trust its key take every block against the signature, and read nothing from the
+origin while it is up. Real daemon processes on loopback, a real origin, the real CLI."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from conftest import ImageDir, Origin, metric, sha256, start_daemon_process
+from swarmcache.signing import decode_key, encode_key, key_id, new_private_key, public_key
+from test_cli import swarmcache
+
+MIB = 1024 * 1024
+
+
+def _keys(tmp_path: Path) -> tuple[Path, str]:
+    private = new_private_key()
+    path = tmp_path / "manifest.key"
+    path.write_text(encode_key(private) + "\n")
+    path.chmod(0o600)
+    return path, encode_key(public_key(private))
+
+
+async def _json(s: aiohttp.ClientSession, url: str) -> Any:
+    async with s.get(url) as resp:
+        return await resp.json()
+
+
+async def _seeder_and_host(
+    tmp_path: Path, origin: Origin, daemon_processes: list[Any]
+) -> tuple[Any, Any, str]:
+    key_file, public = _keys(tmp_path)
+    seeder = await start_daemon_process(
+        tmp_path,
+        origin.url,
+        name="seeder",
+        daemon_extra='role = "seeder"\n',
+        extra=f'[security]\nmanifest_key_file = "{key_file}"\n',
+    )
+    daemon_processes.append(seeder)
+    addr = seeder.url.removeprefix("http://")
+    host = await start_daemon_process(
+        tmp_path,
+        origin.url,
+        name="host",
+        extra=f'[discovery]\nmdns = false\nstatic_peers = ["{addr}"]\n'
+        f'[security]\ntrusted_manifest_keys = ["{public}"]\n',
+    )
+    daemon_processes.append(host)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(100):  # the host says hello to its static peer and learns its role
+            peers = (await _json(s, host.url + "/v1/peers"))["peers"]
+            if peers and peers[0]["role"] == "seeder":
+                break
+            await asyncio.sleep(0.1)
+        assert [p["role"] for p in peers] == ["seeder"]
+    return seeder, host, key_id(decode_key(public))
+
+
+async def test_a_seeded_image_reaches_hosts_signed_and_the_origin_sends_it_once(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
+) -> None:
+    data = images.add("img", 3 * MIB + 17)
+    later = images.add("later", 2 * MIB + 5)
+    seeder, host, kid = await _seeder_and_host(tmp_path, origin, daemon_processes)
+    code, out, err = await swarmcache("--daemon", seeder.url, "seed", "img")
+    assert code == 0, err
+    assert out.strip() == f"img: seeded, 3.0 MiB, sha256:{sha256(data)}, signed by key {kid}"
+    assert origin.stats.bytes_by_path["img"] == len(data)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(host.url + "/v1/images/img") as resp:
+            assert resp.status == 200
+            assert sha256(await resp.read()) == sha256(data)
+        status = await _json(s, host.url + "/v1/images/img/status")
+        assert (status["signed_by"], status["digest"]) == (kid, "blake3")
+        # an image nobody seeded: the hosts' reader is the seeder, which reads it once
+        # (and signs it once it matched); the host reads nothing from the origin
+        async with s.get(host.url + "/v1/images/later") as resp:
+            assert sha256(await resp.read()) == sha256(later)
+        host_metrics = await (await s.get(host.url + "/metrics")).text()
+        seeded = await _json(s, seeder.url + "/v1/images/later/status")
+    assert origin.stats.bytes_by_path["img"] == len(data)  # still once: to the seeder
+    assert origin.stats.bytes_by_path["later"] == len(later)
+    assert metric(host_metrics, "swarmcache_fetched_bytes_total", source="origin") == 0
+    assert metric(host_metrics, "swarmcache_fetched_bytes_total", source="peer") == len(data) + len(
+        later
+    )
+    assert seeded["signed_by"] == kid
+    # the seeder's log says what it signed with; seeding again is a no-op
+    assert f"signing manifests with key {kid}" in (tmp_path / "seeder.log").read_text()
+    code, out, _ = await swarmcache("--daemon", seeder.url, "seed", "img", "missing")
+    assert code == 1
+    assert out.splitlines()[0].startswith("img: seeded")
+    assert "missing: FAILED: image not found" in out
+
+
+async def test_seeding_from_a_file_keeps_only_the_origins_bytes(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
+) -> None:
+    data = images.add("img", 2 * MIB + 100)
+    seeder, host, kid = await _seeder_and_host(tmp_path, origin, daemon_processes)
+    wrong = tmp_path / "wrong.img"
+    wrong.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    code, _, err = await swarmcache(
+        "--daemon", seeder.url, "seed", "--file", str(wrong), "--image-id", "img"
+    )
+    assert code == 1
+    assert "is not the origin's" in err
+    short = tmp_path / "short.img"
+    short.write_bytes(data[:-1])
+    code, _, err = await swarmcache(
+        "--daemon", seeder.url, "seed", "--file", str(short), "--image-id", "img"
+    )
+    assert code == 1
+    assert "bytes; the origin's img is" in err
+    async with aiohttp.ClientSession() as s:
+        assert (await _json(s, seeder.url + "/v1/images"))["images"] == []  # nothing kept
+    good = tmp_path / "good.img"
+    good.write_bytes(data)
+    code, out, err = await swarmcache(
+        "--daemon", seeder.url, "seed", "--file", str(good), "--image-id", "img"
+    )
+    assert code == 0, err
+    assert out.strip().endswith(f"signed by key {kid}")
+    assert origin.stats.bytes_by_path["img"] == 0  # the bytes came from the file
+    code, _, err = await swarmcache(
+        "--daemon", host.url, "seed", "--file", str(good), "--image-id", "img"
+    )
+    assert code == 1
+    assert "not a seeder" in err
+    async with aiohttp.ClientSession() as s:
+        async with s.get(host.url + "/v1/images/img") as resp:
+            assert sha256(await resp.read()) == sha256(data)
+        assert (await _json(s, host.url + "/v1/images/img/status"))["signed_by"] == kid
+    assert origin.stats.bytes_by_path["img"] == 0  # nor the host's
