@@ -187,6 +187,7 @@ def test_no_import_cycle_in_the_runtime_package_but_the_known_ones(
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("swarmcache.__main__", "swarmcache.cli", "swarmcache.daemon", "swarmcache.warm_view"),
     (
+        "swarmcache.access",
         "swarmcache.api",
         "swarmcache.peer_api",
         "swarmcache.glance_api",

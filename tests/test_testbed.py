@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import need_testbed
 from swarmtools.testbed import (
     Host,
     Testbed,
@@ -24,7 +25,6 @@ from swarmtools.testbed import (
     origin_url,
     start_daemon,
     start_origin,
-    testbed_unavailable,
     wait_http,
     write_toml,
 )
@@ -33,12 +33,7 @@ from swarmtools.testbed import (
 @pytest.fixture(scope="session")
 def testbed_ok() -> None:
     """Skip (fail under CI) a test that needs a network test bed this machine cannot build."""
-    reason = testbed_unavailable()
-    if reason is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"CI needs the network test bed: {reason}")
-    pytest.skip(reason)
+    need_testbed()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import IO, Any, NoReturn
 
 from . import __version__
-from .config import config_path_from, format_size, load_config
+from .config import Config, config_path_from, format_size, load_config, read_secret
 from .errors import ConfigError, SwarmcacheError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
             run(config)
             sys.exit(EXIT_OK)
-        client = Client(_daemon_url(args.daemon, config.daemon.listen))
+        client = Client(_daemon_url(args.daemon, config.daemon.listen), _api_token(config))
         # SIGTERM like Ctrl-C: a download in progress removes its FILE.part
         signal.signal(signal.SIGTERM, _interrupt)
         sys.exit(COMMANDS[args.command](client, args))
@@ -240,17 +240,32 @@ def _daemon_url(arg: str | None, listen: str) -> str:
     return url
 
 
+def _api_token(config: Config) -> str:
+    """The config's API token, when its file is set and readable here: sent to the
+    daemon, which needs it from callers on other hosts (--daemon)."""
+    path = config.security.api_token_file
+    if not path:
+        return ""
+    try:
+        return read_secret(path, "security.api_token_file")
+    except ConfigError:
+        return ""  # not readable by this user: talk to the local daemon without it
+
+
 class Client:
     """A small blocking client for the daemon's API."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, token: str = "") -> None:
         self.base = base.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
 
     def open(self, method: str, path: str, body: Any = None) -> Any:
         """Send a request (`body` as JSON); raise CliError with the daemon's message on
         an error status."""
         data = None if body is None else json.dumps(body).encode()
-        headers = {} if body is None else {"Content-Type": "application/json"}
+        headers = dict(self.headers)
+        if body is not None:
+            headers["Content-Type"] = "application/json"
         req = urllib.request.Request(self.base + path, data=data, headers=headers, method=method)
         try:
             return urllib.request.urlopen(req, timeout=60)
@@ -584,7 +599,11 @@ def _seed_file(client: Client, path: str, image_id: str) -> int:
         req = urllib.request.Request(
             client.base + _path(image_id, "/seed"),
             data=f,
-            headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+            headers={
+                **client.headers,
+                "Content-Length": str(size),
+                "Content-Type": "application/octet-stream",
+            },
             method="PUT",
         )
         try:

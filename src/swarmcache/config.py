@@ -233,6 +233,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
         "cluster_secret_file": (_parse_str, ""),
         "chunk_digest": (_choice("blake3", "sha256", "xxh3"), "blake3"),
         "manifest_key_file": (_parse_str, ""),
+        "api_token_file": (_parse_str, ""),
         "trusted_manifest_keys": (_key_list, ()),
     },
 }
@@ -337,6 +338,7 @@ class SecurityConfig:
     cluster_secret_file: str = ""  # "": peer requests are not authenticated
     chunk_digest: str = "blake3"  # of chunks and blocks in new manifests (manifest.DIGEST_ALGOS)
     manifest_key_file: str = ""  # a seeder's Ed25519 key: it signs manifests
+    api_token_file: str = ""  # the client API's token for callers not on this host
     trusted_manifest_keys: tuple[str, ...] = ()  # base64 public keys whose signatures we trust
 
 

@@ -15,6 +15,7 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from . import peer_api, seeding, warm
+from .access import API_TOKEN, api_access_middleware
 from .api import (
     FETCHER,
     METRICS,
@@ -49,7 +50,8 @@ SIGNER: web.AppKey[Signer | None] = web.AppKey("signer")  # a seeder's own key
 def build_app(config: Config) -> web.Application:
     """The daemon as an aiohttp application (tests run it in-process)."""
     app = web.Application(
-        middlewares=[error_middleware, peer_api.peer_auth_middleware], client_max_size=1024**2
+        middlewares=[error_middleware, api_access_middleware, peer_api.peer_auth_middleware],
+        client_max_size=1024**2,
     )
     app[CONFIG] = config
     secret = cluster_secret(config)
@@ -57,6 +59,9 @@ def build_app(config: Config) -> web.Application:
         app[peer_api.PEER_AUTH] = Verifier(secret)
         app.on_response_prepare.append(peer_api.sign_answer)
     app[TRUST], app[SIGNER] = manifest_keys(config)
+    if config.security.api_token_file:
+        key = "security.api_token_file"
+        app[API_TOKEN] = read_secret(config.security.api_token_file, key, MIN_SECRET)
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_swarm_ctx)
@@ -242,7 +247,9 @@ async def _fetcher_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _warmer_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with warm.Warmer(app[FETCHER], app[SWARM], app[CONFIG].warm.concurrency) as warmer:
+    async with warm.Warmer(
+        app[FETCHER], app[SWARM], app[CONFIG].warm.concurrency, app.get(API_TOKEN, "")
+    ) as warmer:
         app[warm.WARMER] = warmer
         yield
 

@@ -60,10 +60,17 @@ class ImageNotFound(SwarmcacheError, LookupError):
 
 
 class Unauthorized(SwarmcacheError):
-    """A peer request without proof of the cluster secret."""
+    """A request without proof of the cluster secret or the API token."""
 
     status = 401
     error = "unauthorized"
+
+
+class Forbidden(SwarmcacheError):
+    """A request from elsewhere to an API that answers this host only."""
+
+    status = 403
+    error = "forbidden"
 
 
 class NotFound(SwarmcacheError, LookupError):

@@ -37,6 +37,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .access import API_TOKEN, check_access
 from .api import FETCHER, METRICS, STORE, error_middleware, image_response, send_image
 from .config import Config
 from .errors import (
@@ -49,6 +50,7 @@ from .errors import (
 from .fetch import Fetcher, FetchJob
 from .manifest import Manifest, validate_image_id
 from .origin.glance import glance_endpoint, glance_image
+from .peer_api import PEER_AUTH
 from .ranges import parse_range
 from .store import CachedImage
 
@@ -418,6 +420,7 @@ def _cache_entry(image: CachedImage) -> dict[str, Any]:
 
 async def cache_list(request: web.Request) -> web.Response:
     """GET /v2/cache: complete images, and images being fetched, in Glance's shape."""
+    await check_access(request)  # this host's cache: its callers or the token
     fetcher = request.app[FETCHER]
     cached, queued = [], []
     for image_id, image in sorted(fetcher.store.images.items()):
@@ -431,6 +434,7 @@ async def cache_list(request: web.Request) -> web.Response:
 async def cache_queue(request: web.Request) -> web.Response:
     """PUT /v2/cache/{id}: fetch the image into this host's cache (202), if the
     caller may read it in Glance."""
+    await check_access(request)  # this host's cache: its callers or the token
     image_id = validate_image_id(request.match_info["image_id"])
     meta, refusal = await _image_meta(request, image_id)
     if refusal is not None:
@@ -448,6 +452,7 @@ async def cache_queue(request: web.Request) -> web.Response:
 
 async def cache_delete(request: web.Request) -> web.Response:
     """DELETE /v2/cache/{id}: drop it from this host's cache (or stop its fetch)."""
+    await check_access(request)  # this host's cache: its callers or the token
     image_id = validate_image_id(request.match_info["image_id"])
     await request.app[FETCHER].remove(image_id)
     log.info("image %s removed through the Glance endpoint's cache API", image_id)
@@ -457,6 +462,7 @@ async def cache_delete(request: web.Request) -> web.Response:
 async def cache_clear(request: web.Request) -> web.Response:
     """DELETE /v2/cache: drop cached images, queued ones or both
     (x-image-cache-clear-target: cache | queue | both, the default)."""
+    await check_access(request)  # this host's cache: its callers or the token
     target = request.headers.get("x-image-cache-clear-target", "both").strip().lower()
     if target not in ("cache", "queue", "both"):
         raise BadRequest(f"x-image-cache-clear-target must be cache, queue or both, not {target!r}")
@@ -479,8 +485,9 @@ async def cache_clear(request: web.Request) -> web.Response:
 def build_glance_app(config: Config, parent: web.Application) -> web.Application:
     """The endpoint as an aiohttp app sharing the daemon's store, fetcher and metrics."""
     app = web.Application(middlewares=[error_middleware], handler_args={"max_field_size": 65536})
-    for key in (STORE, FETCHER, METRICS):
-        app[key] = parent[key]  # type: ignore[misc]
+    for key in (STORE, FETCHER, METRICS, API_TOKEN, PEER_AUTH):
+        if key in parent:
+            app[key] = parent[key]  # type: ignore[misc]
     endpoint = glance_endpoint(config.origin.url)
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:

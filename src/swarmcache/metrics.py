@@ -64,6 +64,11 @@ class Metrics:
             "Peer requests refused (401) for lacking proof of the cluster secret",
             registry=r,
         )
+        self.api_auth_failures = Counter(
+            "swarmcache_api_auth_failures",
+            "Client API requests refused (401, 403) from callers not on this host",
+            registry=r,
+        )
         self.fetches = Counter(
             "swarmcache_fetches", "Fetches finished, by result", ["result"], registry=r
         )

@@ -12,8 +12,10 @@ concurrency` bounds how many images this daemon warms at once (over all its jobs
 so a list of fifty images does not become fifty half-done fetches on every host.
 
 Remote hosts are driven through their own API (`POST /v1/images/{id}/fetch`, then
-`GET .../status?wait=`), as an operator would: a host that cannot be reached, or
-whose fetch fails, is marked failed with the reason, and the others go on.
+`GET .../status?wait=`), as an operator would, with this daemon's API token or, when
+it has none, requests signed with the cluster secret (access.py): a host that cannot
+be reached, refuses, or whose fetch fails, is marked failed with the reason, and the
+others go on.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from .errors import BadRequest, Busy, ImageNotFound, NotFound, SwarmcacheError
 from .fetch import Fetcher
@@ -113,9 +116,12 @@ class WarmJob:
 class Warmer:
     """Runs warm jobs; an async context manager (its tasks end with it)."""
 
-    def __init__(self, fetcher: Fetcher, swarm: Swarm, concurrency: int) -> None:
+    def __init__(
+        self, fetcher: Fetcher, swarm: Swarm, concurrency: int, api_token: str = ""
+    ) -> None:
         self.fetcher = fetcher
         self.swarm = swarm
+        self.api_token = api_token
         self.jobs: dict[str, WarmJob] = {}
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -255,7 +261,8 @@ class Warmer:
         last = ""
         for attempt in range(REMOTE_TRIES):
             try:
-                async with self._session.request(method, url) as resp:
+                headers = self._credentials(method, url)
+                async with self._session.request(method, url, headers=headers) as resp:
                     body = await resp.json(content_type=None)
                     if resp.status >= 400:
                         detail = body.get("detail") if isinstance(body, dict) else None
@@ -271,6 +278,14 @@ class Warmer:
                 if attempt + 1 < REMOTE_TRIES:  # 0.2 + 0.4 + 0.8 + 1.6 s in all
                     await asyncio.sleep(0.2 * 2**attempt)
         raise _RemoteError(f"cannot reach {host}: {last}")
+
+    def _credentials(self, method: str, url: str) -> dict[str, str]:
+        """What opens another host's API (access.py): our API token if we have one (the
+        same on every host), else the request signed with the cluster secret."""
+        if self.api_token:
+            return {"Authorization": f"Bearer {self.api_token}"}
+        path = URL(url).raw_path_qs
+        return self.swarm.sign(method, path)[0]
 
 
 class _RemoteError(SwarmcacheError):

@@ -79,6 +79,18 @@ req = urllib.request.Request(sys.argv[1], method=sys.argv[2])
 with opener.open(req, timeout=float(sys.argv[3])) as r:
     sys.stdout.buffer.write(r.read())
 """
+# One HTTP request from inside a namespace, any status: "<status>\n" then the body.
+_HTTP_STATUS = """
+import json, sys, urllib.error, urllib.request
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+req = urllib.request.Request(sys.argv[1], method=sys.argv[2], headers=json.loads(sys.argv[4]))
+try:
+    with opener.open(req, timeout=float(sys.argv[3])) as r:
+        status, body = r.status, r.read()
+except urllib.error.HTTPError as err:
+    status, body = err.code, err.read()
+sys.stdout.buffer.write(str(status).encode() + b"\\n" + body)
+"""
 
 
 class TestbedError(RuntimeError):
@@ -545,6 +557,24 @@ def http_request(
         raise TestbedError(f"{method} {url} from {host.name}: {err}")
     body: bytes = done.stdout
     return body
+
+
+def http_status(
+    bed: Testbed,
+    host: Host,
+    url: str,
+    method: str = "GET",
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 30,
+) -> tuple[int, bytes]:
+    """One HTTP request from inside `host` with `headers`: (status, body), any status."""
+    argv = python_argv("-c", _HTTP_STATUS, url, method, str(timeout), json.dumps(headers or {}))
+    done = bed.communicate(host, argv, timeout + 10)
+    if done.returncode != 0:
+        err = done.stderr.decode(errors="replace").strip()[-500:]
+        raise TestbedError(f"{method} {url} from {host.name}: {err}")
+    status, _, body = done.stdout.partition(b"\n")
+    return int(status), body
 
 
 def make_image(path: Path, size_mib: int) -> str:
