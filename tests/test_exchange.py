@@ -110,6 +110,12 @@ def test_seeders_are_the_readers_while_one_is_a_member() -> None:
     assert (lane.readers, lane.is_reader()) == (["n7"], False)
     assert lane.replace("n7")  # and when it goes the hosts read again
     assert lane.readers == readers("img", [n for n in nodes if n != "n7"], 4)
+    lane.set_members(nodes, ())
+    first = lane.readers[0]
+    assert lane.exclude(first)  # it holds another version: out of this fetch's readers
+    assert first not in lane.readers
+    lane.set_members(nodes, ())  # the member table names it again: it stays out
+    assert first not in lane.readers
     seeder = _lane(_exchange(), "n7", nodes, 4, seeders={"n7"})
     assert (seeder.readers, seeder.streams) == (["n7"], 4)  # every origin stream its own
 

@@ -137,3 +137,44 @@ async def test_seeding_from_a_file_keeps_only_the_origins_bytes(
             assert sha256(await resp.read()) == sha256(data)
         assert (await _json(s, host.url + "/v1/images/img/status"))["signed_by"] == kid
     assert origin.stats.bytes_by_path["img"] == 0  # nor the host's
+
+
+async def test_a_host_that_trusts_signatures_confirms_an_unsigned_manifest_at_the_origin(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
+) -> None:
+    """A peer's unsigned manifest names a version the origin no longer has (here: a
+    peer holding a stale copy; a lying peer looks the same). A host with trusted keys
+    asks the origin before it calls the image complete, refuses it, and fetches the
+    origin's version on the next read."""
+    images.add("img", 2 * MIB + 1, seed=1)
+    stale = await start_daemon_process(tmp_path, origin.url, name="stale")
+    daemon_processes.append(stale)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(stale.url + "/v1/images/img") as resp:
+            assert resp.status == 200
+            await resp.read()
+    data = images.add("img", 2 * MIB + 1, seed=2)  # the origin's image changes
+    _, public = _keys(tmp_path)
+    addr = stale.url.removeprefix("http://")
+    host = await start_daemon_process(
+        tmp_path,
+        origin.url,
+        name="host",
+        extra=f'[discovery]\nmdns = false\nstatic_peers = ["{addr}"]\n'
+        f'[security]\ntrusted_manifest_keys = ["{public}"]\n',
+    )
+    daemon_processes.append(host)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(100):
+            if (await _json(s, host.url + "/v1/peers"))["peers"]:
+                break
+            await asyncio.sleep(0.1)
+        async with s.post(host.url + "/v1/images/img/fetch?wait=30") as resp:
+            first = await resp.json()
+        assert resp.status == 502, first
+        assert first["error"] == "verification failed"
+        assert "the manifest from peers names" in first["detail"]
+        async with s.get(host.url + "/v1/images/img") as resp:
+            assert sha256(await resp.read()) == sha256(data)  # the origin's version now
+        text = await (await s.get(host.url + "/metrics")).text()
+    assert metric(text, "swarmcache_verification_failures_total", kind="manifest") == 1

@@ -780,6 +780,7 @@ class OriginLane:
         self.image_key = image_key
         self.concurrency = max(1, concurrency)
         self.stall = stall
+        self.excluded: set[str] = set()  # hosts with another version (see exclude)
         self.members = {*members, self_id}
         self.seeders = frozenset(seeders)
         self.readers = readers(image_key, self.members, self.concurrency, self.seeders)
@@ -805,11 +806,18 @@ class OriginLane:
         place (every host that sees it go picks the same one). True if the readers changed."""
         return self.set_members(self.members - {gone}, self.seeders)
 
+    def exclude(self, node: str) -> bool:
+        """`node` holds another version of this image: it reads nothing of ours for the
+        rest of this fetch (the member table may name it again: it stays out). True if
+        the readers changed."""
+        self.excluded.add(node)
+        return self.set_members(self.members, self.seeders)
+
     def set_members(self, members: Iterable[str], seeders: Collection[str] = ()) -> bool:
         """The member table changed (a host discovered or gone): the readers follow it,
         so hosts whose tables differed for a moment agree again once they do (a chunk
         that was nobody's in the meantime becomes its reader's). True if they changed."""
-        self.members = {*members, self.self_id}
+        self.members = {*members, self.self_id} - self.excluded
         self.seeders = frozenset(seeders)
         new = readers(self.image_key, self.members, self.concurrency, self.seeders)
         if new == self.readers:

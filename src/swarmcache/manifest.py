@@ -205,6 +205,9 @@ class Manifest:
     signer: bytes = b""
     signature: bytes = b""
     trusted: bool = field(default=False, compare=False)
+    # this process took it from a peer's word, not the origin's (Fetcher), never read
+    # from bytes
+    from_peer: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.digest_algo not in DIGEST_ALGOS:

@@ -11,6 +11,7 @@ and the cache is kept under max_size (eviction) as fetches start and end.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import weakref
@@ -112,6 +113,9 @@ class Fetcher:
         return await self._shared(self._stats, image_id, lambda: self._find_manifest(image_id))
 
     async def _find_manifest(self, image_id: str) -> Manifest:
+        fresh = self._fresh.get(image_id)
+        if fresh is not None and time.monotonic() - fresh[0] < FRESH_FOR:
+            return fresh[1].restarted()  # the origin's own word, just now
         if self.swarm is not None:
             found, hosts = await self.swarm.join(image_id)
             self._joined[image_id] = (time.monotonic(), hosts)
@@ -126,7 +130,7 @@ class Fetcher:
                     found.size,
                     found.origin_hash,
                 )
-                return found.restarted()  # a trusted one keeps its signed digests
+                return dataclasses.replace(found.restarted(), from_peer=True)
         return await self._origin_manifest(image_id)
 
     async def _origin_manifest(self, image_id: str) -> Manifest:
@@ -313,6 +317,11 @@ class Fetcher:
             hosts,
             self.signer,
         )
+        if manifest.from_peer and not manifest.trusted and self.swarm and self.swarm.trust:
+            # a host that trusts signed manifests takes an unsigned one's word for the
+            # origin's checksum from nobody: it asks the origin, while the bytes come
+            job.confirm = asyncio.ensure_future(self._origin_manifest(image_id))
+            job.confirm.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.jobs[image_id] = job
         self.failures.pop(image_id, None)
         self._tasks[image_id] = asyncio.create_task(self._run(job), name=f"fetch-{image_id}")

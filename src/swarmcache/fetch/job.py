@@ -59,6 +59,9 @@ class FetchJob:
     ) -> None:
         self.image = image
         self.signer = signer  # a seeder's key: the manifest is signed once the image checked
+        # the origin's own manifest, when ours came unsigned from a peer and we trust only
+        # signed ones (Fetcher._start): the image must be the version the origin names
+        self.confirm: asyncio.Future[Manifest] | None = None
         self.metrics = metrics
         self.concurrency = concurrency
         self.swarm = swarm
@@ -241,6 +244,7 @@ class FetchJob:
                     part.result()
                 if self._error is not None:
                     raise self._error
+            await self._confirmed()
             self._verify()
             self.landing.finish()
             await flusher
@@ -320,6 +324,21 @@ class FetchJob:
         """A part failed for good (the disk): the fetch ends with it."""
         self._error = err
         self.wakeup.set()
+
+    async def _confirmed(self) -> None:
+        """IntegrityError if the origin names another version than the manifest a peer
+        gave us (see `confirm`); the origin's errors if it cannot say."""
+        if self.confirm is None:
+            return
+        origin = await self.confirm
+        m = self.image.manifest
+        if not origin.same_version(m):
+            self.metrics.verification_failures.labels("manifest").inc()
+            raise IntegrityError(
+                f"{self.image_id}: the manifest from peers names {m.origin_hash} "
+                f"({m.size} bytes), the origin {origin.origin_hash} ({origin.size} bytes); "
+                "image discarded (the next read fetches the origin's)"
+            )
 
     def _verify(self) -> None:
         manifest = self.image.manifest

@@ -958,7 +958,12 @@ class Swarm:
             self._unlink(trade, node)
             return
         if not msg.manifest.same_source(ours) or msg.manifest.block_size != ours.block_size:
-            log.info("peer %s holds another version of %s; ignored", node, trade.image_id)
+            job = trade.job
+            if job is not None and node not in job.lane.excluded:
+                log.info("peer %s holds another version of %s; ignored", node, trade.image_id)
+                if job.lane.exclude(node):  # it will not read its share for us
+                    log.info("%s: readers now %s", trade.image_id, ", ".join(job.lane.readers))
+                    job.poke()
             self._unlink(trade, node)
             return
         trade.digests[node] = bytearray(msg.manifest.block_digests)
