@@ -42,7 +42,18 @@ async def _seeder_and_host(
         extra=f'[security]\nmanifest_key_file = "{key_file}"\n',
     )
     daemon_processes.append(seeder)
-    addr = seeder.url.removeprefix("http://")
+    host = await _trusting_host(tmp_path, origin, daemon_processes, seeder, public)
+    async with aiohttp.ClientSession() as s:
+        peers = (await _json(s, host.url + "/v1/peers"))["peers"]
+        assert [p["role"] for p in peers] == ["seeder"]  # its hello said so
+    return seeder, host, key_id(decode_key(public))
+
+
+async def _trusting_host(
+    tmp_path: Path, origin: Origin, daemon_processes: list[Any], peer: Any, public: str
+) -> Any:
+    """A host that trusts `public` and has `peer` as its one static peer, once it knows it."""
+    addr = peer.url.removeprefix("http://")
     host = await start_daemon_process(
         tmp_path,
         origin.url,
@@ -52,13 +63,11 @@ async def _seeder_and_host(
     )
     daemon_processes.append(host)
     async with aiohttp.ClientSession() as s:
-        for _ in range(100):  # the host says hello to its static peer and learns its role
-            peers = (await _json(s, host.url + "/v1/peers"))["peers"]
-            if peers and peers[0]["role"] == "seeder":
+        for _ in range(100):  # the host says hello to its static peer
+            if (await _json(s, host.url + "/v1/peers"))["peers"]:
                 break
             await asyncio.sleep(0.1)
-        assert [p["role"] for p in peers] == ["seeder"]
-    return seeder, host, key_id(decode_key(public))
+    return host
 
 
 async def test_a_seeded_image_reaches_hosts_signed_and_the_origin_sends_it_once(
@@ -149,26 +158,13 @@ async def test_a_host_that_trusts_signatures_confirms_an_unsigned_manifest_at_th
     images.add("img", 2 * MIB + 1, seed=1)
     stale = await start_daemon_process(tmp_path, origin.url, name="stale")
     daemon_processes.append(stale)
-    async with aiohttp.ClientSession() as s:
-        async with s.get(stale.url + "/v1/images/img") as resp:
-            assert resp.status == 200
-            await resp.read()
+    async with aiohttp.ClientSession() as s, s.get(stale.url + "/v1/images/img") as resp:
+        assert resp.status == 200
+        await resp.read()
     data = images.add("img", 2 * MIB + 1, seed=2)  # the origin's image changes
     _, public = _keys(tmp_path)
-    addr = stale.url.removeprefix("http://")
-    host = await start_daemon_process(
-        tmp_path,
-        origin.url,
-        name="host",
-        extra=f'[discovery]\nmdns = false\nstatic_peers = ["{addr}"]\n'
-        f'[security]\ntrusted_manifest_keys = ["{public}"]\n',
-    )
-    daemon_processes.append(host)
+    host = await _trusting_host(tmp_path, origin, daemon_processes, stale, public)
     async with aiohttp.ClientSession() as s:
-        for _ in range(100):
-            if (await _json(s, host.url + "/v1/peers"))["peers"]:
-                break
-            await asyncio.sleep(0.1)
         async with s.post(host.url + "/v1/images/img/fetch?wait=30") as resp:
             first = await resp.json()
         assert resp.status == 502, first
