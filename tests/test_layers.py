@@ -197,7 +197,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ),
     ("swarmcache.fetch",),
     ("swarmcache.peers", "swarmcache.origin", "swarmcache.discovery", "swarmcache.httpfile"),
-    ("swarmcache.store", "swarmcache.eviction"),
+    ("swarmcache.store", "swarmcache.eviction", "swarmcache.limits"),
     (
         "swarmcache.exchange",
         "swarmcache.peerauth",

@@ -33,23 +33,31 @@ async def _json(s: aiohttp.ClientSession, url: str) -> Any:
 async def _seeder_and_host(
     tmp_path: Path, origin: Origin, daemon_processes: list[Any]
 ) -> tuple[Any, Any, str]:
-    key_file, public = _keys(tmp_path)
-    seeder = await start_daemon_process(
-        tmp_path,
-        origin.url,
-        name="seeder",
-        daemon_extra='role = "seeder"\n',
-        extra=f'[security]\nmanifest_key_file = "{key_file}"\n',
-    )
-    daemon_processes.append(seeder)
-    host = await _trusting_host(tmp_path, origin, daemon_processes, seeder, public)
+    seeder, public = await start_seeder(tmp_path, origin, daemon_processes)
+    host = await trusting_host(tmp_path, origin, daemon_processes, seeder, public)
     async with aiohttp.ClientSession() as s:
         peers = (await _json(s, host.url + "/v1/peers"))["peers"]
         assert [p["role"] for p in peers] == ["seeder"]  # its hello said so
     return seeder, host, key_id(decode_key(public))
 
 
-async def _trusting_host(
+async def start_seeder(
+    tmp_path: Path, origin: Origin, daemon_processes: list[Any], extra: str = ""
+) -> tuple[Any, str]:
+    """A seeder daemon with a new key (and `extra` config); its public key."""
+    key_file, public = _keys(tmp_path)
+    seeder = await start_daemon_process(
+        tmp_path,
+        origin.url,
+        name="seeder",
+        daemon_extra='role = "seeder"\n',
+        extra=f'[security]\nmanifest_key_file = "{key_file}"\n' + extra,
+    )
+    daemon_processes.append(seeder)
+    return seeder, public
+
+
+async def trusting_host(
     tmp_path: Path, origin: Origin, daemon_processes: list[Any], peer: Any, public: str
 ) -> Any:
     """A host that trusts `public` and has `peer` as its one static peer, once it knows it."""
@@ -163,7 +171,7 @@ async def test_a_host_that_trusts_signatures_confirms_an_unsigned_manifest_at_th
         await resp.read()
     data = images.add("img", 2 * MIB + 1, seed=2)  # the origin's image changes
     _, public = _keys(tmp_path)
-    host = await _trusting_host(tmp_path, origin, daemon_processes, stale, public)
+    host = await trusting_host(tmp_path, origin, daemon_processes, stale, public)
     async with aiohttp.ClientSession() as s:
         async with s.post(host.url + "/v1/images/img/fetch?wait=30") as resp:
             first = await resp.json()

@@ -165,6 +165,16 @@ def _key_list(value: object) -> tuple[str, ...]:
     return keys
 
 
+def _nonnegative(parse: Callable[[object], Any]) -> Callable[[object], Any]:
+    def check(value: object) -> Any:
+        result = parse(value)
+        if result < 0:
+            raise ValueError(f"must not be negative, got {value!r}")
+        return result
+
+    return check
+
+
 def _positive(parse: Callable[[object], Any]) -> Callable[[object], Any]:
     def check(value: object) -> Any:
         result = parse(value)
@@ -228,6 +238,12 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
     },
     "warm": {
         "concurrency": (_positive(_parse_int), 2),
+    },
+    "limits": {
+        "upload_rate": (_nonnegative(parse_size), 0),
+        "download_rate": (_nonnegative(parse_size), 0),
+        "origin_rate": (_nonnegative(parse_size), 0),
+        "max_peer_connections": (_nonnegative(_parse_int), 512),
     },
     "security": {
         "cluster_secret_file": (_parse_str, ""),
@@ -332,6 +348,16 @@ class WarmConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """[limits]: bandwidth caps in bytes/s (0: none) and concurrent peer requests."""
+
+    upload_rate: int = 0
+    download_rate: int = 0
+    origin_rate: int = 0
+    max_peer_connections: int = 512
+
+
+@dataclass(frozen=True)
 class SecurityConfig:
     """[security]: who may talk to whom."""
 
@@ -354,6 +380,7 @@ class Config:
     glance_api: GlanceApiConfig = field(default_factory=GlanceApiConfig)
     warm: WarmConfig = field(default_factory=WarmConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     source: str = "<defaults>"
 
 
@@ -448,6 +475,7 @@ def build_config(raw: Mapping[str, Any], env: Mapping[str, str], source: str) ->
         glance_api=GlanceApiConfig(**values["glance_api"]),
         warm=WarmConfig(**values["warm"]),
         security=SecurityConfig(**values["security"]),
+        limits=LimitsConfig(**values["limits"]),
         source=source,
     )
 

@@ -32,6 +32,7 @@ from .errors import ConfigError, StartupError
 from .fetch import Fetcher
 from .glance_api import build_glance_app
 from .httpserver import Runner
+from .limits import Limits
 from .metrics import Metrics, gauge
 from .origin import make_origin
 from .peerauth import MIN_SECRET, Verifier
@@ -50,7 +51,12 @@ SIGNER: web.AppKey[Signer | None] = web.AppKey("signer")  # a seeder's own key
 def build_app(config: Config) -> web.Application:
     """The daemon as an aiohttp application (tests run it in-process)."""
     app = web.Application(
-        middlewares=[error_middleware, api_access_middleware, peer_api.peer_auth_middleware],
+        middlewares=[
+            error_middleware,
+            peer_api.peer_limit_middleware,
+            api_access_middleware,
+            peer_api.peer_auth_middleware,
+        ],
         client_max_size=1024**2,
     )
     app[CONFIG] = config
@@ -59,6 +65,7 @@ def build_app(config: Config) -> web.Application:
         app[peer_api.PEER_AUTH] = Verifier(secret)
         app.on_response_prepare.append(peer_api.sign_answer)
     app[TRUST], app[SIGNER] = manifest_keys(config)
+    app[peer_api.LIMITS] = Limits.from_config(config.limits)
     if config.security.api_token_file:
         key = "security.api_token_file"
         app[API_TOKEN] = read_secret(config.security.api_token_file, key, MIN_SECRET)
@@ -232,6 +239,7 @@ async def _fetcher_ctx(app: web.Application) -> AsyncIterator[None]:
             config.peers.block_size,
             config.security.chunk_digest,
             app[SIGNER],
+            app[peer_api.LIMITS],
         )
         app[FETCHER] = fetcher
         app[SWARM].ride_along = fetcher.ride_along

@@ -69,6 +69,11 @@ class Metrics:
             "Client API requests refused (401, 403) from callers not on this host",
             registry=r,
         )
+        self.peer_requests_refused = Counter(
+            "swarmcache_peer_requests_refused",
+            "Peer requests answered 503 at once for [limits] max_peer_connections",
+            registry=r,
+        )
         self.fetches = Counter(
             "swarmcache_fetches", "Fetches finished, by result", ["result"], registry=r
         )

@@ -16,6 +16,7 @@ from aiohttp import web
 from .api import METRICS, SENT, STORE, SWARM, Handler, image_id_from
 from .errors import BadRequest, ImageNotFound, PreconditionFailed, Unauthorized
 from .httpfile import sendfile
+from .limits import RETRY_AFTER, Limits
 from .peerauth import EMPTY_SHA256, HEADER, REPLY_HEADER, AuthError, Verifier, sign_reply
 from .peers.swarm import DIGEST_HEADER, NODE_HEADER
 from .store import CachedImage
@@ -27,6 +28,30 @@ CORRUPT_CHUNKS_ENV = "SWARMCACHE_TEST_CORRUPT_PEER_CHUNKS"
 MAX_JOIN = 4096  # bytes of a join message
 PEER_AUTH = web.AppKey("peer_auth", Verifier)  # set when a cluster secret is configured
 AUTH_NONCE = web.RequestKey("swarmcache.auth_nonce", str)  # of a request that proved it
+LIMITS = web.AppKey("limits", Limits)  # [limits]
+
+
+@web.middleware
+async def peer_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """[limits] max_peer_connections: one peer request more than that gets 503 with
+    Retry-After at once (before its signature is even checked: a flood costs little)."""
+    limits = request.app.get(LIMITS)
+    if limits is None or not request.path.startswith("/v1/peer/"):
+        return await handler(request)
+    if not limits.peer_request_starts():
+        request.app[METRICS].peer_requests_refused.inc()
+        return web.json_response(
+            {
+                "error": "busy",
+                "detail": f"serving {limits.max_peer_connections} peer requests already",
+            },
+            status=503,
+            headers={"Retry-After": f"{RETRY_AFTER:g}"},
+        )
+    try:
+        return await handler(request)
+    finally:
+        limits.peer_request_ends()
 
 
 @web.middleware
@@ -130,6 +155,9 @@ async def _send_block(request: web.Request, image: CachedImage, block: int) -> w
     if digest is not None:
         resp.headers[DIGEST_HEADER] = digest.hex()
     corrupt = bool(os.environ.get(CORRUPT_CHUNKS_ENV))
+    limits = request.app.get(LIMITS)
+    if limits is not None:
+        await limits.upload.take(length)  # [limits] upload_rate
     try:
         f = open(image.data_path, "rb")  # noqa: SIM115, ASYNC230
     except OSError as err:

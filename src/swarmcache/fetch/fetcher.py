@@ -30,6 +30,7 @@ from ..errors import (
     StorageError,
     SwarmcacheError,
 )
+from ..limits import Limits
 from ..manifest import DEFAULT_DIGEST, Checksum, Manifest
 from ..metrics import Metrics
 from ..origin import Origin, OriginImage
@@ -68,8 +69,10 @@ class Fetcher:
         block_size: int = 256 * 1024,
         digest_algo: str = DEFAULT_DIGEST,
         signer: Signer | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.swarm = swarm
+        self.limits = limits or Limits()  # [limits]: the caps every fetch shares
         self.digest_algo = digest_algo
         self.signer = signer  # a seeder signs what it fetched and checked
         self.store = store
@@ -316,6 +319,7 @@ class Fetcher:
             self.swarm,
             hosts,
             self.signer,
+            self.limits,
         )
         if manifest.from_peer and not manifest.trusted and self.swarm and self.swarm.trust:
             # a host that trusts signed manifests takes an unsigned one's word for the

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import FetchFailed, IntegrityError, SwarmcacheError
 from ..exchange import GATHER, Exchange, Geometry, OriginLane
+from ..limits import Limits
 from ..manifest import Manifest
 from ..metrics import Metrics
 from ..origin import Origin
@@ -56,6 +57,7 @@ class FetchJob:
         swarm: Swarm | None = None,
         hosts: set[str] | None = None,
         signer: Signer | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.image = image
         self.signer = signer  # a seeder's key: the manifest is signed once the image checked
@@ -101,6 +103,7 @@ class FetchJob:
             self.tally,
             self.wakeup,
             self._landed,
+            limits,
         )
         self.peer_reads = (
             PeerReads(
@@ -113,6 +116,7 @@ class FetchJob:
                 self.wakeup,
                 self._landed,
                 self._failed,
+                limits,
             )
             if swarm is not None
             else None

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from ..errors import SwarmcacheError
 from ..exchange import Exchange, OriginLane
+from ..limits import Limits
 from ..manifest import Buffer
 from ..metrics import Metrics
 from ..origin import Origin
@@ -72,7 +73,9 @@ class OriginReads:
         tally: Tally,
         wakeup: Wakeup,
         on_landed: Callable[[int, bytes, str | None], None],
+        limits: Limits | None = None,
     ) -> None:
+        self.limits = limits or Limits()
         self.image = image
         self.origin = origin
         self.exchange = exchange
@@ -109,6 +112,7 @@ class OriginReads:
         last_offset, last_length = m.block_span(end - 1)
         length = last_offset + last_length - offset
         cutter = _Cutter(self, first, end)
+        await self.limits.from_origin(length)  # [limits] origin_rate, download_rate
         t0 = time.monotonic()
         try:
             await self.origin.read(

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 
 from ..errors import IntegrityError, PeerError, PeerGone, StorageError, SwarmcacheError
 from ..exchange import Exchange
+from ..limits import Limits
 from ..metrics import Metrics
 from ..peers.swarm import PeerBusy, Swarm
 from ..store import CachedImage
@@ -39,7 +40,9 @@ class PeerReads:
         wakeup: Wakeup,
         on_landed: Callable[[int, bytes, str | None], None],
         on_error: Callable[[SwarmcacheError], None],
+        limits: Limits | None = None,
     ) -> None:
+        self.limits = limits or Limits()
         self.image = image
         self.swarm = swarm
         self.exchange = exchange
@@ -89,6 +92,7 @@ class PeerReads:
     async def _read(self, node: str, block: int) -> None:
         """One read of a block from a neighbour; the first copy to land wins."""
         swarm = self.swarm
+        await self.limits.download.take(self.image.manifest.block_span(block)[1])
         t0 = time.monotonic()
         try:
             data = await swarm.read_block(node, self.image.manifest, block)
