@@ -217,6 +217,10 @@ class IntegrityError(SwarmcacheError):
     error = "verification failed"
 
 
+class ManifestRefuted(IntegrityError):
+    """The origin names another version of an image than the manifest a peer gave."""
+
+
 class StorageError(SwarmcacheError, OSError):
     """The cache directory could not take the data (disk full, I/O error)."""
 

@@ -26,6 +26,7 @@ from ..errors import (
     ImageBusy,
     ImageNotFound,
     IntegrityError,
+    ManifestRefuted,
     ShuttingDown,
     StorageError,
     SwarmcacheError,
@@ -44,6 +45,7 @@ T = TypeVar("T")
 MAX_FAILURES = 1000  # failure records kept for the API; the oldest go first
 JOIN_KEPT = 10.0  # seconds the hosts a join named are used for the fetch that follows
 FRESH_FOR = 10.0  # seconds an origin's answer about an image is used again
+REFUTED_FOR = 60.0  # seconds peers' manifests of an image are not taken after a wrong one
 
 
 @dataclass
@@ -95,6 +97,8 @@ class Fetcher:
         self._background: set[asyncio.Task[Any]] = set()  # deletes, stats saves, ride-alongs
         self._reserved: dict[str, int] = {}  # bytes promised to fetches being set up
         self._joined: dict[str, tuple[float, set[str]]] = {}  # image -> (when, hosts named)
+        # image -> when the origin refuted a peer's manifest of it (FetchJob._confirmed)
+        self._refuted: dict[str, float] = {}
         self.stopping = False
         self._closed = False
 
@@ -116,9 +120,9 @@ class Fetcher:
         return await self._shared(self._stats, image_id, lambda: self._find_manifest(image_id))
 
     async def _find_manifest(self, image_id: str) -> Manifest:
-        fresh = self._fresh.get(image_id)
-        if fresh is not None and time.monotonic() - fresh[0] < FRESH_FOR:
-            return fresh[1].restarted()  # the origin's own word, just now
+        refuted = self._refuted.get(image_id)
+        if refuted is not None and time.monotonic() - refuted < REFUTED_FOR:
+            return await self._origin_manifest(image_id)  # peers named a wrong version
         if self.swarm is not None:
             found, hosts = await self.swarm.join(image_id)
             self._joined[image_id] = (time.monotonic(), hosts)
@@ -380,6 +384,11 @@ class Fetcher:
         self.metrics.fetches.labels("failed").inc()
         assert isinstance(err, SwarmcacheError)
         self._record_failure(image_id, err, job.image.manifest.size)
+        if isinstance(err, ManifestRefuted):  # the next fetch asks the origin, not peers
+            self._refuted.pop(image_id, None)
+            self._refuted[image_id] = time.monotonic()
+            while len(self._refuted) > MAX_FAILURES:
+                del self._refuted[next(iter(self._refuted))]
         log.error("fetch %s failed after %.2fs: %s", image_id, elapsed, err.detail)
         if isinstance(err, IntegrityError) and self.store.get(image_id) is job.image:
             # Never keep bytes that failed the whole-image check.

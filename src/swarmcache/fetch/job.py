@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..errors import FetchFailed, IntegrityError, SwarmcacheError
+from ..errors import FetchFailed, IntegrityError, ManifestRefuted, SwarmcacheError
 from ..exchange import GATHER, Exchange, Geometry, OriginLane
 from ..limits import Limits
 from ..manifest import Manifest
@@ -338,7 +338,7 @@ class FetchJob:
         m = self.image.manifest
         if not origin.same_version(m):
             self.metrics.verification_failures.labels("manifest").inc()
-            raise IntegrityError(
+            raise ManifestRefuted(
                 f"{self.image_id}: the manifest from peers names {m.origin_hash} "
                 f"({m.size} bytes), the origin {origin.origin_hash} ({origin.size} bytes); "
                 "image discarded (the next read fetches the origin's)"

@@ -240,8 +240,10 @@ class Link:
                     continue
                 self.swarm.on_message(self, msg)
         except WireError as err:
+            # peers of another protocol version never link (hello): this one breaks ours
             log.warning("peer %s sent a bad message, closing its link: %s", self.node_id, err)
             self.swarm.metrics.peer_errors.inc()
+            self.swarm.quarantine(self.node_id)
         except (aiohttp.ClientError, ConnectionError) as err:
             log.info("link to peer %s lost: %s", self.node_id, err)
             self.swarm.metrics.peer_errors.inc()
@@ -599,6 +601,8 @@ class Swarm:
         except (TimeoutError, aiohttp.ClientError, OSError, PeerError) as err:
             log.info("join of %s at reader %s failed: %r", image_id, node_id, err)
             self.metrics.peer_errors.inc()
+            if isinstance(err, WireError):  # not an answer of our protocol at all
+                self.quarantine(node_id)
             return None
         return msg
 
