@@ -249,3 +249,8 @@ class StreamRefused(PeerError):
 class PeerGone(PeerError):
     """A read from a peer ended because the peer is gone (link lost, down, quarantined):
     counted where it went away, not once more per read."""
+
+
+class PeerLacks(PeerGone):
+    """A peer answered 404 for a block it announced: it dropped the image (evicted)
+    since, or it claims what it does not hold. Either way it is no source of it now."""

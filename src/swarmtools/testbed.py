@@ -450,6 +450,23 @@ class Testbed:
         self._forget(proc)
         return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
 
+    def drop_randomly(self, percent: int) -> None:
+        """Drop `percent`% of the packets every namespace of the bed receives, at random
+        (nftables `numgen random`; this kernel has no netem), until the bed closes."""
+        if not 0 <= percent <= 100:
+            raise ValueError(f"percent must be 0..100, not {percent}")
+        rules = (
+            "table inet swarmcache_loss {\n"
+            "  chain input { type filter hook input priority 0; policy accept;\n"
+            f"    numgen random mod 100 < {percent} drop\n"
+            "  }\n"
+            "}\n"
+        )
+        for h in self.all:
+            done = self.run(h, ["nft", "-f", "-"], input=rules)
+            if done.returncode != 0:
+                raise TestbedError(f"nft in {h.name}: {done.stderr.strip()}")
+
     def stop(
         self, proc: subprocess.Popen[Any], sig: int = signal.SIGTERM, timeout: float = 10
     ) -> int | None:

@@ -96,6 +96,7 @@ class Fetcher:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[Any]] = set()  # deletes, stats saves, ride-alongs
         self._reserved: dict[str, int] = {}  # bytes promised to fetches being set up
+        self._setting_up: set[str] = set()  # images whose job is not registered yet
         self._joined: dict[str, tuple[float, set[str]]] = {}  # image -> (when, hosts named)
         # image -> when the origin refuted a peer's manifest of it (FetchJob._confirmed)
         self._refuted: dict[str, float] = {}
@@ -299,6 +300,16 @@ class Fetcher:
             image = None
         self.check_fits(manifest)
         self._evict(manifest.size - (image.present_bytes if image else 0), keep=image_id)
+        # until the job is registered (a join in between), nobody's eviction takes it
+        self._setting_up.add(image_id)
+        try:
+            return await self._set_up(image_id, manifest, image)
+        finally:
+            self._setting_up.discard(image_id)
+
+    async def _set_up(
+        self, image_id: str, manifest: Manifest, image: CachedImage | None
+    ) -> FetchJob | None:
         if image is None:
             self._reserved[image_id] = manifest.size  # counted by _evict while we wait
             try:
@@ -406,7 +417,7 @@ class Fetcher:
         reserved = sum(
             j.image.manifest.size - j.image.present_bytes for i, j in self.jobs.items() if i != keep
         ) + sum(n for i, n in self._reserved.items() if i != keep)
-        in_use = set(self.jobs) | ({keep} if keep else set())
+        in_use = set(self.jobs) | self._setting_up | ({keep} if keep else set())
         before = set(self.store.images)
         trash = self.store.evict(in_use, incoming + reserved)
         for image_id in before - set(self.store.images):

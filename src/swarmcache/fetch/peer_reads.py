@@ -14,7 +14,14 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from ..errors import IntegrityError, PeerError, PeerGone, StorageError, SwarmcacheError
+from ..errors import (
+    IntegrityError,
+    PeerError,
+    PeerGone,
+    PeerLacks,
+    StorageError,
+    SwarmcacheError,
+)
 from ..exchange import Exchange
 from ..limits import Limits
 from ..metrics import Metrics
@@ -116,6 +123,8 @@ class PeerReads:
             self.metrics.block_requests.labels("gone").inc()
             log.info("%s: block %d from peer %s: %s", self.image_id, block, node, err)
             self.exchange.failed(block, node)
+            if isinstance(err, PeerLacks):
+                swarm.lacks(self.image_id, node)
             return
         except PeerError as err:
             log.info("%s: block %d from peer %s failed: %s", self.image_id, block, node, err)

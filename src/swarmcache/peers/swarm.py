@@ -37,7 +37,7 @@ import aiohttp
 from aiohttp import web
 
 from ..config import PeersConfig
-from ..errors import IntegrityError, PeerError, PeerGone, SwarmcacheError
+from ..errors import IntegrityError, PeerError, PeerGone, PeerLacks, SwarmcacheError
 from ..exchange import (
     LAZY_HAVE,
     ROTATE,
@@ -1039,6 +1039,17 @@ class Swarm:
 
     # -- peers that go away -------------------------------------------------------------------
 
+    def lacks(self, image_id: str, node_id: str) -> None:
+        """A peer answered 404 for a block of the image it announced: it is no source
+        of this image for this fetch (no reader of it, no neighbour for it) until it
+        tells us its state again."""
+        trade = self.trades.get(image_id)
+        if trade is None:
+            return
+        if trade.job is not None and trade.job.lane.exclude(node_id):
+            log.info("%s: readers now %s", image_id, ", ".join(trade.job.lane.readers))
+        self._unlink(trade, node_id)
+
     def checked(self, node_id: str, manifest: Manifest) -> bool:
         """Check the signature of a manifest a peer sent (marking it trusted if it is
         good and by a key we trust); False if it is bad: the peer is quarantined."""
@@ -1151,6 +1162,8 @@ class Swarm:
             if not math.isfinite(wait):  # "nan" would leave the peer never asked again
                 wait = ROTATE
             raise PeerBusy(f"peer {node_id} has no upload slot for us", min(max(wait, 0.0), 60.0))
+        if resp.status == 404:  # it dropped the image (evicted) since it said it held it
+            raise PeerLacks(f"peer {node_id} does not hold block {block} (any more)")
         if resp.status != 200:
             raise PeerError(f"peer {node_id}: HTTP {resp.status} for block {block}")
         # a host without the cluster secret never counts as a source
