@@ -103,6 +103,7 @@ class Run:
             config = self.work / f"d{i}.toml"
             config.write_text(
                 f'[daemon]\nlisten = "127.0.0.1:{p}"\nlog_level = "{self.log_level}"\n'
+                f"access_log = {'true' if self.log_level == 'info' else 'false'}\n"
                 f'[cache]\ndir = "{self.work / f"cache{i}"}"\nmax_size = "24MiB"\n'
                 f'chunk_size = "1MiB"\n[origin]\nurl = "{origin}"\n'
                 f"[discovery]\nmdns = false\nstatic_peers = [{peers}]\n"

@@ -116,7 +116,7 @@ async def _peer_state(s: aiohttp.ClientSession, url: str) -> dict[str, Any]:
     return dict(peers[0])
 
 
-@pytest.mark.parametrize("mode", ["claim", "stall", "wrong", "garbage"])
+@pytest.mark.parametrize("mode", ["claim", "stall", "wrong", "garbage", "mute"])
 async def test_a_hostile_peer_costs_time_not_correctness(
     tmp_path: Path,
     images: ImageDir,

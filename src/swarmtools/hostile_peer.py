@@ -11,6 +11,8 @@ swarmcache.wire) to be taken for a daemon holding one image, and misbehaves:
             can tell
   garbage   says hello properly, then answers joins and links with malformed and
             oversized msgpack
+  mute      says hello properly, then accepts joins, links and block requests and
+            never answers any of them
 
     python -m swarmtools.hostile_peer MODE --listen HOST:PORT --image FILE --image-id ID
         --origin URL [--chunk-size 64KiB] [--block-size 64KiB] [--digest blake3]
@@ -44,7 +46,8 @@ from swarmcache.wire import decode as decode_message
 from swarmcache.wire import encode as encode_message
 
 log = logging.getLogger("hostile_peer")
-MODES = ("claim", "stall", "wrong", "forged", "garbage")
+MODES = ("claim", "stall", "wrong", "forged", "garbage", "mute")
+MUTE = 3600.0  # seconds a mute peer keeps a request waiting
 NODE = "bad0" + secrets.token_hex(6)
 
 
@@ -107,6 +110,8 @@ async def join(request: web.Request) -> web.Response:
     h: Hostile = request.app["hostile"]
     msg = decode_message(await request.read())
     assert isinstance(msg, Join)
+    if h.mode == "mute":
+        await asyncio.sleep(MUTE)
     if h.mode == "garbage":
         return web.Response(body=b"\xc1" + os.urandom(2048))
     return web.Response(body=encode_message(Peers(msg.image_id, h.shown, ())))
@@ -114,6 +119,8 @@ async def join(request: web.Request) -> web.Response:
 
 async def link(request: web.Request) -> web.WebSocketResponse:
     h: Hostile = request.app["hostile"]
+    if h.mode == "mute":  # the upgrade is never answered
+        await asyncio.sleep(MUTE)
     ws = web.WebSocketResponse(max_msg_size=0)
     await ws.prepare(request)
     async for frame in ws:
@@ -142,8 +149,8 @@ async def block(request: web.Request) -> web.StreamResponse:
     index = int(request.match_info["block"])
     if h.mode in ("claim", "garbage"):
         return web.Response(status=404)
-    if h.mode == "stall":
-        await asyncio.sleep(3600)
+    if h.mode in ("stall", "mute"):
+        await asyncio.sleep(MUTE)
     body = h.served(index)
     digest = h.shown.block_digest(index) or b""
     return web.Response(

@@ -603,6 +603,8 @@ class Swarm:
             self.metrics.peer_errors.inc()
             if isinstance(err, WireError):  # not an answer of our protocol at all
                 self.quarantine(node_id)
+            else:
+                self._failed(node_id)
             return None
         return msg
 
@@ -814,7 +816,7 @@ class Swarm:
         except (TimeoutError, aiohttp.ClientError, OSError) as err:
             log.info("cannot link to peer %s at %s: %r", node, url, err)
             self.metrics.peer_errors.inc()
-            self.table.failed(node, self.clock())
+            self._failed(node)
             return None
         link = Link(self, node, ws)
         self._adopt(link)
@@ -1038,6 +1040,13 @@ class Swarm:
             trade.exchange.sent(node, self.clock())
 
     # -- peers that go away -------------------------------------------------------------------
+
+    def _failed(self, node_id: str) -> None:
+        """A join or a link to the peer failed: after a few in a row it is down, and no
+        longer anyone's reader (the next in rank reads its share)."""
+        if self.table.failed(node_id, self.clock()):
+            log.warning("peer %s is down after repeated failures", node_id)
+            self.gone_for_now(node_id)
 
     def lacks(self, image_id: str, node_id: str) -> None:
         """A peer answered 404 for a block of the image it announced: it is no source
