@@ -182,3 +182,19 @@ async def test_a_host_that_trusts_signatures_confirms_an_unsigned_manifest_at_th
             assert sha256(await resp.read()) == sha256(data)  # the origin's version now
         text = await (await s.get(host.url + "/metrics")).text()
     assert metric(text, "swarmcache_verification_failures_total", kind="manifest") == 1
+
+
+async def test_an_image_without_the_origins_checksum_is_never_signed(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
+) -> None:
+    """Nothing to check the bytes against (no sidecar): the seeder keeps the image but
+    does not sign it, and says why."""
+    images.add("img", MIB + 1, sidecar=False)
+    seeder, _ = await start_seeder(tmp_path, origin, daemon_processes)
+    code, out, _ = await swarmcache("--daemon", seeder.url, "seed", "img")
+    assert code == 1
+    assert "img: FAILED: cannot sign" in out
+    async with aiohttp.ClientSession() as s:
+        status = await _json(s, seeder.url + "/v1/images/img/status")
+    assert (status["state"], status["signed_by"]) == ("complete", None)
+    assert "the origin publishes no checksum" in (tmp_path / "seeder.log").read_text()

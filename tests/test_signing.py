@@ -44,6 +44,7 @@ def _complete(data: bytes, algo: str = "blake3") -> Manifest:
         for b, d in zip(m.blocks_of(index), blocks, strict=True):
             m.set_block_digest(b, d)
     m.complete = True
+    m.image_hash = m.origin_hash  # it matched the origin's checksum
     return m
 
 
@@ -76,6 +77,7 @@ def test_a_signed_manifest_travels_and_is_trusted_only_with_its_key() -> None:
         lambda m: setattr(m, "origin_hash", Checksum("sha256", "b" * 64)),
         lambda m: setattr(m, "origin_validator", "v2"),
         lambda m: setattr(m, "image_id", "other"),
+        lambda m: setattr(m, "digest_algo", "sha256"),
     ],
 )
 def test_any_change_to_what_is_signed_is_an_integrity_error(tamper) -> None:  # type: ignore[no-untyped-def]
@@ -103,6 +105,18 @@ def test_a_restarted_manifest_keeps_signed_digests_only_when_trusted() -> None:
     assert (fresh.block_digests, fresh.signature) == (m.block_digests, m.signature)
     untrusted = Manifest.decode(m.encode()).restarted()
     assert (untrusted.block_digest(0), untrusted.signature) == (None, b"")
+
+
+def test_only_an_image_that_matched_the_origins_checksum_is_signed() -> None:
+    signer = Signer(new_private_key())
+    m = _complete(os.urandom(CHUNK))
+    for unchecked in (
+        dataclasses.replace(m, origin_hash=None),  # the origin publishes none
+        dataclasses.replace(m, image_hash=None),
+        dataclasses.replace(m, image_hash=Checksum("sha256", "b" * 64)),
+    ):
+        with pytest.raises(ValueError, match="matched the origin's checksum"):
+            signer.sign(unchecked)
 
 
 def test_xxh3_manifests_are_never_signed_nor_trusted() -> None:
@@ -205,4 +219,37 @@ def test_the_store_trusts_a_signed_manifest_again_and_drops_a_forged_one(tmp_pat
     store = Store(tmp_path, 1 << 30, Trust([signer.public]))
     store.open()
     assert "img" not in store.images  # discarded as unreadable, fetched again when asked
+    store.close()
+
+
+def test_a_partial_copy_adopts_a_signed_manifest_only_if_what_it_holds_agrees(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(3 * CHUNK)
+    signed, signer = _signed(data)
+    signed = Manifest.decode(signed.encode())
+    assert Trust([signer.public]).check(signed)
+    store = Store(tmp_path, 1 << 30)
+    store.open()
+
+    def unsigned(image_id: str) -> Manifest:  # the same version, digests unknown yet
+        m = Manifest.decode(dataclasses.replace(signed, image_id=image_id).encode())
+        return dataclasses.replace(
+            m, signer=b"", signature=b"", digests=bytearray(), block_digests=bytearray()
+        )
+
+    good = store.make_entry(unsigned("img"))
+    store.add(good)
+    good.write_chunk(0, data[:CHUNK], signed.digest(0) or b"")
+    assert good.adopt(signed)
+    assert good.manifest.trusted
+    assert good.manifest.block_digest(9) == signed.block_digest(9)  # all of them now
+    assert Manifest.decode((good.path / "manifest").read_bytes()).signature == signed.signature
+    bad = store.make_entry(unsigned("other"))
+    store.add(bad)
+    forged = bytes(b ^ 1 for b in data[:CHUNK])
+    bad.write_chunk(0, forged, bad.manifest.hash_chunk([forged])[0])
+    signed_other = dataclasses.replace(signed, image_id="other")
+    assert not bad.adopt(signed_other)  # a held chunk disagrees: nothing changes
+    assert not bad.manifest.trusted
     store.close()

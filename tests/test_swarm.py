@@ -380,3 +380,36 @@ def shape(bed: Testbed, host: Host, rate: str) -> None:
 def unshape(bed: Testbed, host: Host) -> None:
     """Lift shape()."""
     _tc(bed, host, "del", None)
+
+
+def test_a_seeder_role_over_mdns_counts_only_once_a_signed_hello_confirms_it(
+    swarm: Swarm,
+) -> None:
+    """A seeder is every image's reader: with a cluster secret, a host believes the
+    role from mDNS only after the announcer answered a signed hello. A stranger
+    announcing itself a seeder (no secret) stays a plain, unusable-for-blocks host."""
+    from swarmcache.signing import encode_key, new_private_key
+
+    bed, work = swarm.bed, swarm.work
+    work.mkdir(parents=True, exist_ok=True)
+    secret, key = work / "secret", work / "manifest.key"
+    secret.write_text("correct horse battery staple, 32\n")
+    key.write_text(encode_key(new_private_key()) + "\n")
+    seeder, host, stranger = bed.hosts[:3]
+    swarm.start(
+        seeder,
+        daemon={"role": "seeder"},
+        security={"cluster_secret_file": str(secret), "manifest_key_file": str(key)},
+    )
+    swarm.start(host, security={"cluster_secret_file": str(secret)})
+    other_key = work / "other.key"
+    other_key.write_text(encode_key(new_private_key()) + "\n")
+    swarm.start(stranger, daemon={"role": "seeder"}, security={"manifest_key_file": str(other_key)})
+
+    def roles() -> dict[str, str]:
+        return {p["address"]: p["role"] for p in swarm.peers(host)}
+
+    want = {f"{seeder.addr}:7480": "seeder", f"{stranger.addr}:7480": "host"}
+    wait_for("the host knows the seeder's role, and not the stranger's", lambda: roles() == want)
+    time.sleep(2.0)  # announcements go on: the stranger's claim is still not believed
+    assert roles() == want

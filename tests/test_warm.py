@@ -173,3 +173,39 @@ async def test_warm_concurrency_bounds_the_images_warming_at_once(
     origin.faults.delay = 0
     end = await _job_end(client, job["job"])
     assert end["counts"]["cached"] == 2
+
+
+async def test_warm_never_hands_the_api_token_to_the_hosts_it_drives(
+    daemon: DaemonFactory, tmp_path: Path, aiohttp_server: Any
+) -> None:
+    """A caller on this host names the hosts: whoever answers there must not get the
+    token that opens every host's API. The request is signed with the cluster secret
+    instead (good for one path, once)."""
+    from aiohttp import web
+
+    seen: list[dict[str, str]] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.json_response({"error": "image not found", "detail": "no"}, status=404)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", anything)
+    server = await aiohttp_server(app)
+    (tmp_path / "token").write_text("the operators' API token, 16+\n")
+    (tmp_path / "secret").write_text("correct horse battery staple, 32\n")
+    client = await daemon(
+        security={
+            "api_token_file": str(tmp_path / "token"),
+            "cluster_secret_file": str(tmp_path / "secret"),
+        }
+    )
+    resp = await client.post(
+        "/v1/warm", json={"images": ["img"], "hosts": [f"127.0.0.1:{server.port}"]}
+    )
+    assert resp.status == 202
+    end = await _job_end(client, (await resp.json())["job"])
+    assert end["state"] == "failed"
+    assert seen, "the host was asked"
+    assert all("Authorization" not in h for h in seen)
+    assert all("X-Swarmcache-Auth" in h for h in seen)

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from .api import METRICS, Handler
 from .errors import Forbidden, Unauthorized
-from .peer_api import MAX_JOIN, PEER_AUTH
+from .peer_api import MAX_JOIN, PEER_AUTH, read_body
 from .peerauth import EMPTY_SHA256, HEADER, AuthError
 
 API_TOKEN = web.AppKey("api_token", str)  # [security] api_token_file's token, if set
@@ -69,7 +69,7 @@ async def check_access(request: web.Request) -> None:
     if verifier is not None and HEADER in request.headers:
         if request.content_length is not None and request.content_length > MAX_JOIN:
             raise Unauthorized("a signed API request has a small body")
-        body = await request.read() if request.can_read_body else b""
+        body = await read_body(request)
         digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
         try:
             verifier.check(

@@ -51,11 +51,11 @@ SIGNER: web.AppKey[Signer | None] = web.AppKey("signer")  # a seeder's own key
 def build_app(config: Config) -> web.Application:
     """The daemon as an aiohttp application (tests run it in-process)."""
     app = web.Application(
-        middlewares=[
+        middlewares=[  # outermost first: a peer request counts once it proved the secret
             error_middleware,
-            peer_api.peer_limit_middleware,
             api_access_middleware,
             peer_api.peer_auth_middleware,
+            peer_api.peer_limit_middleware,
         ],
         client_max_size=1024**2,
     )
@@ -255,9 +255,7 @@ async def _fetcher_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _warmer_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with warm.Warmer(
-        app[FETCHER], app[SWARM], app[CONFIG].warm.concurrency, app.get(API_TOKEN, "")
-    ) as warmer:
+    async with warm.Warmer(app[FETCHER], app[SWARM], app[CONFIG].warm.concurrency) as warmer:
         app[warm.WARMER] = warmer
         yield
 

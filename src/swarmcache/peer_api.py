@@ -26,6 +26,7 @@ from .wire import PROTOCOL_VERSION, Join, WireError, decode, encode
 # peers (the multi-host tests use it to play a bad peer). Never set it in production.
 CORRUPT_CHUNKS_ENV = "SWARMCACHE_TEST_CORRUPT_PEER_CHUNKS"
 MAX_JOIN = 4096  # bytes of a join message
+BODY_TIMEOUT = 5.0  # seconds to receive the body of a signed request
 PEER_AUTH = web.AppKey("peer_auth", Verifier)  # set when a cluster secret is configured
 AUTH_NONCE = web.RequestKey("swarmcache.auth_nonce", str)  # of a request that proved it
 LIMITS = web.AppKey("limits", Limits)  # [limits]
@@ -34,7 +35,8 @@ LIMITS = web.AppKey("limits", Limits)  # [limits]
 @web.middleware
 async def peer_limit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """[limits] max_peer_connections: one peer request more than that gets 503 with
-    Retry-After at once (before its signature is even checked: a flood costs little)."""
+    Retry-After at once. Counted once the request proved the cluster secret (strangers
+    are refused before, so they cannot fill the places)."""
     limits = request.app.get(LIMITS)
     if limits is None or not request.path.startswith("/v1/peer/"):
         return await handler(request)
@@ -62,7 +64,7 @@ async def peer_auth_middleware(request: web.Request, handler: Handler) -> web.St
         return await handler(request)
     if request.content_length is not None and request.content_length > MAX_JOIN:
         raise BadRequest(f"a peer request body is at most {MAX_JOIN} bytes")
-    body = await request.read() if request.can_read_body else b""
+    body = await read_body(request)
     digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
     try:
         nonce = verifier.check(
@@ -73,6 +75,18 @@ async def peer_auth_middleware(request: web.Request, handler: Handler) -> web.St
         raise Unauthorized(f"peer request refused: {err}") from None
     request[AUTH_NONCE] = nonce
     return await handler(request)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The small body of a request whose signature covers it, read within BODY_TIMEOUT
+    (a sender that dribbles it holds nothing for long)."""
+    if not request.can_read_body:
+        return b""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            return await request.read()
+    except TimeoutError:
+        raise BadRequest(f"the request body did not arrive within {BODY_TIMEOUT:g}s") from None
 
 
 async def sign_answer(request: web.Request, response: web.StreamResponse) -> None:

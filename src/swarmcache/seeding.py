@@ -70,6 +70,17 @@ async def sign_held(fetcher: Fetcher, image_id: str) -> None:
     if signer is None or image is None or not image.complete or image.manifest.trusted:
         return
     m = image.manifest
+    origin = fetcher.manifest_from(image_id, await fetcher.origin.stat(image_id))
+    if not origin.same_version(m):
+        raise CannotSign(
+            f"the copy of {image_id!r} held here is not the origin's version now: "
+            "evict it and seed it again"
+        )
+    if m.origin_hash is None:
+        raise CannotSign(
+            f"the origin publishes no checksum for {image_id!r}: nothing checked the "
+            "bytes, so they are not signed"
+        )
     if (
         m.digest_algo == "xxh3"
         or not m.block_size

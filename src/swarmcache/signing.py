@@ -118,6 +118,8 @@ class Signer:
             raise ValueError("xxh3 digests are not cryptographic: such a manifest is not signed")
         if not m.block_size or not m.complete:
             raise ValueError("only a complete manifest with blocks is signed")
+        if m.origin_hash is None or m.image_hash != m.origin_hash:
+            raise ValueError("only an image that matched the origin's checksum is signed")
         m.signer = self.public
         m.signature = self._key.sign(signed_bytes(m))
         m.trusted = True

@@ -385,6 +385,35 @@ class CachedImage:
             m.block_size = block_size
             self.blocks_ready = bitmap_new(m.blocks)
 
+    def adopt(self, signed: Manifest) -> bool:
+        """Take the digests and signature of a trusted manifest of this image's version
+        (from now on every block must match them) and save it. False, and nothing
+        changed, if a chunk or block held here has another digest. Blocking."""
+        m = self.manifest
+        if not signed.trusted or not signed.same_source(m) or signed.block_size != m.block_size:
+            return False
+        with self._bits_lock:
+            for i in range(m.chunks):
+                held = bitmap_get(self.bitmap, i) or bitmap_get(self.readable, i)
+                if held and m.digest(i) != signed.digest(i):
+                    return False
+            for b in range(m.blocks):
+                if bitmap_get(self.blocks_ready, b) and m.block_digest(b) != signed.block_digest(b):
+                    return False
+        adopted = dataclasses.replace(
+            m,
+            digests=bytearray(signed.digests),
+            block_digests=bytearray(signed.block_digests),
+            signer=signed.signer,
+            signature=signed.signature,
+        )
+        write_atomic(self.path / "manifest", adopted.encode())
+        with self._bits_lock:
+            m.digests[:] = signed.digests
+            m.block_digests[:] = signed.block_digests
+            m.signer, m.signature, m.trusted = signed.signer, signed.signature, True
+        return True
+
     def mark_complete(self, image_hash: Checksum, signer: Signer | None = None) -> None:
         """Make every byte durable, persist the verified manifest (signed by `signer`,
         a seeder's key, if given), drop the log. Blocking."""

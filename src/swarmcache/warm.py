@@ -12,8 +12,8 @@ concurrency` bounds how many images this daemon warms at once (over all its jobs
 so a list of fifty images does not become fifty half-done fetches on every host.
 
 Remote hosts are driven through their own API (`POST /v1/images/{id}/fetch`, then
-`GET .../status?wait=`), as an operator would, with this daemon's API token or, when
-it has none, requests signed with the cluster secret (access.py): a host that cannot
+`GET .../status?wait=`), as an operator would, with requests signed with the cluster
+secret (access.py; a host without one answers 403): a host that cannot
 be reached, refuses, or whose fetch fails, is marked failed with the reason, and the
 others go on.
 """
@@ -116,12 +116,9 @@ class WarmJob:
 class Warmer:
     """Runs warm jobs; an async context manager (its tasks end with it)."""
 
-    def __init__(
-        self, fetcher: Fetcher, swarm: Swarm, concurrency: int, api_token: str = ""
-    ) -> None:
+    def __init__(self, fetcher: Fetcher, swarm: Swarm, concurrency: int) -> None:
         self.fetcher = fetcher
         self.swarm = swarm
-        self.api_token = api_token
         self.jobs: dict[str, WarmJob] = {}
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -280,10 +277,10 @@ class Warmer:
         raise _RemoteError(f"cannot reach {host}: {last}")
 
     def _credentials(self, method: str, url: str) -> dict[str, str]:
-        """What opens another host's API (access.py): our API token if we have one (the
-        same on every host), else the request signed with the cluster secret."""
-        if self.api_token:
-            return {"Authorization": f"Bearer {self.api_token}"}
+        """What opens another host's API (access.py): the request signed with the
+        cluster secret (good for this path, once, for a minute). Never the API token: a
+        caller on this host names the hosts, and the token would open every host's API
+        to whoever answers at one of them."""
         path = URL(url).raw_path_qs
         return self.swarm.sign(method, path)[0]
 

@@ -36,7 +36,7 @@ from ..manifest import DEFAULT_DIGEST, Checksum, Manifest
 from ..metrics import Metrics
 from ..origin import Origin, OriginImage
 from ..peers.swarm import Swarm
-from ..signing import Signer
+from ..signing import Signer, key_id
 from ..store import CachedImage, Store
 from .job import FetchJob
 
@@ -324,7 +324,18 @@ class Fetcher:
         fresh_join = joined is not None and time.monotonic() - joined[0] < JOIN_KEPT
         hosts = joined[1] if joined is not None and fresh_join else None
         if self.swarm is not None and hosts is None:
-            _, hosts = await self.swarm.join(image_id)
+            found, hosts = await self.swarm.join(image_id)
+            if found is not None and found.trusted and not image.manifest.trusted:
+                # a signed manifest of this version (the Glance endpoint's path, or a
+                # partial copy from before): every block is checked against it now
+                if await asyncio.to_thread(image.adopt, found):
+                    log.info("%s: signed manifest by key %s adopted", image_id,
+                             key_id(found.signer))  # fmt: skip
+                else:
+                    log.warning(
+                        "%s: chunks held here disagree with the signed manifest; "
+                        "the whole-image check decides", image_id,
+                    )  # fmt: skip
         job = FetchJob(
             image,
             self.origin,
@@ -336,11 +347,13 @@ class Fetcher:
             self.signer,
             self.limits,
         )
-        if manifest.from_peer and not manifest.trusted and self.swarm and self.swarm.trust:
-            # a host that trusts signed manifests takes an unsigned one's word for the
-            # origin's checksum from nobody: it asks the origin, while the bytes come
+        if manifest.from_peer and self.swarm and self.swarm.trust:
+            # a host that trusts signed manifests takes a peer's word for the origin's
+            # current version from nobody (a signed manifest may be of an older one):
+            # it asks the origin, while the bytes come
             job.confirm = asyncio.ensure_future(self._origin_manifest(image_id))
             job.confirm.add_done_callback(lambda f: f.cancelled() or f.exception())
+            job.confirm_again = lambda: self._origin_manifest(image_id)
         self.jobs[image_id] = job
         self.failures.pop(image_id, None)
         self._tasks[image_id] = asyncio.create_task(self._run(job), name=f"fetch-{image_id}")
@@ -495,24 +508,31 @@ class Fetcher:
                 await self._remove_locked(image_id, force=False)
             self.check_fits(manifest)
             self._evict(manifest.size, keep=image_id)
+            # counted by every eviction until it is in the store (it is not before)
             self._reserved[image_id] = manifest.size
             try:
-                image = await asyncio.to_thread(self.store.make_entry, manifest)
+                await self._ingest_reserved(manifest, fill)
             finally:
                 del self._reserved[image_id]
-            try:
-                got = await fill(image)
-                if got != manifest.origin_hash:
-                    self.metrics.verification_failures.labels("image").inc()
-                    raise IntegrityError(
-                        f"the bytes' {got} is not the origin's {manifest.origin_hash} "
-                        f"for {image_id}: not kept"
-                    )
-                await asyncio.to_thread(image.mark_complete, got, self.signer)
-            except BaseException:
-                self._purge(self.store.discard(image))
-                raise
-            self.store.add(image)
+
+    async def _ingest_reserved(
+        self, manifest: Manifest, fill: Callable[[CachedImage], Awaitable[Checksum]]
+    ) -> None:
+        image_id = manifest.image_id
+        image = await asyncio.to_thread(self.store.make_entry, manifest)
+        try:
+            got = await fill(image)
+            if got != manifest.origin_hash:
+                self.metrics.verification_failures.labels("image").inc()
+                raise IntegrityError(
+                    f"the bytes' {got} is not the origin's {manifest.origin_hash} "
+                    f"for {image_id}: not kept"
+                )
+            await asyncio.to_thread(image.mark_complete, got, self.signer)
+        except BaseException:
+            self._purge(self.store.discard(image))
+            raise
+        self.store.add(image)
 
     async def verify(self, image_id: str) -> tuple[int, list[int]]:
         """Re-hash the image's chunks on disk and drop the bad ones (swarmcache verify):

@@ -15,10 +15,17 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ..errors import FetchFailed, IntegrityError, ManifestRefuted, SwarmcacheError
+from ..errors import (
+    FetchFailed,
+    ImageNotFound,
+    IntegrityError,
+    ManifestRefuted,
+    SwarmcacheError,
+)
 from ..exchange import GATHER, Exchange, Geometry, OriginLane
 from ..limits import Limits
 from ..manifest import Manifest
@@ -64,6 +71,7 @@ class FetchJob:
         # the origin's own manifest, when ours came unsigned from a peer and we trust only
         # signed ones (Fetcher._start): the image must be the version the origin names
         self.confirm: asyncio.Future[Manifest] | None = None
+        self.confirm_again: Callable[[], Awaitable[Manifest]] | None = None  # if it failed
         self.metrics = metrics
         self.concurrency = concurrency
         self.swarm = swarm
@@ -252,9 +260,15 @@ class FetchJob:
             self._verify()
             self.landing.finish()
             await flusher
-            signer = self.signer if self.image.manifest.digest_algo != "xxh3" else None
+            m = self.image.manifest
+            signable = m.digest_algo != "xxh3" and m.origin_hash is not None
+            signer = self.signer if signable else None
             if self.signer is not None and signer is None:
-                log.warning("%s: xxh3 digests are not signed (not cryptographic)", self.image_id)
+                log.warning(
+                    "%s: not signed: %s", self.image_id,
+                    "the origin publishes no checksum to check it against"
+                    if m.origin_hash is None else "xxh3 digests are not cryptographic",
+                )  # fmt: skip
             await self.landing.thread(self.image.mark_complete, self.landing.image_hash, signer)
         except SwarmcacheError as err:
             self._fail(err)
@@ -334,7 +348,16 @@ class FetchJob:
         gave us (see `confirm`); the origin's errors if it cannot say."""
         if self.confirm is None:
             return
-        origin = await self.confirm
+        try:
+            origin = await self.confirm
+        except ImageNotFound:
+            raise ManifestRefuted(
+                f"{self.image_id}: the origin does not have the image peers described"
+            ) from None
+        except SwarmcacheError:
+            if self.confirm_again is None:
+                raise
+            origin = await self.confirm_again()  # asked at the start; once more now
         m = self.image.manifest
         if not origin.same_version(m):
             self.metrics.verification_failures.labels("manifest").inc()

@@ -422,8 +422,17 @@ class Swarm:
         generation: int | None = None,
         inventory: tuple[int, int] | None = None,
         seeder: bool | None = None,
+        role_proven: bool = False,
     ) -> None:
-        """A peer was discovered or refreshed (`seeder`: its role, when the source says)."""
+        """A peer was discovered or refreshed (`seeder`: its role, when the source says).
+        A seeder reads every image for everyone: with a cluster secret, an mDNS
+        announcement of the role is believed only once a signed hello confirms it."""
+        if seeder and source == "mdns" and self.secret is not None and not role_proven:
+            known_peer = self.table.peers.get(node_id)
+            if known_peer is None or not known_peer.seeder:
+                address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                self.spawn(self._hello_static(address, "mdns"), f"role-{node_id}")
+            seeder = None
         before = self.table.peers.get(node_id)
         known = before is not None and not before.gone
         was_seeder = before is not None and before.seeder
@@ -488,7 +497,7 @@ class Swarm:
                     backoff[address] = min(STATIC_EVERY, backoff[address] * 2)
             await asyncio.sleep(max(0.1, min(retry.values()) - self.clock()))
 
-    async def _hello_static(self, address: str) -> bool:
+    async def _hello_static(self, address: str, source: str = "static") -> bool:
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
         try:
@@ -521,10 +530,11 @@ class Swarm:
             node,
             host,
             int(port),
-            "static",
+            source,
             gen if isinstance(gen, int) else None,
             inventory,
             info.get("role") == "seeder",
+            role_proven=True,  # the answer was signed (with a cluster secret)
         )
         return True
 
@@ -589,6 +599,8 @@ class Swarm:
                 asyncio.timeout(max(JOIN_TIMEOUT, self.config.timeout)),
                 self.session.post(url, data=body, headers=headers) as resp,
             ):
+                if resp.status == 503:  # busy (max_peer_connections): not a failure
+                    raise PeerBusy("HTTP 503", ROTATE)
                 if resp.status != 200:
                     raise PeerError(f"HTTP {resp.status}")
                 data = await read_small(resp.content, MAX_MESSAGE)
@@ -603,7 +615,7 @@ class Swarm:
             self.metrics.peer_errors.inc()
             if isinstance(err, WireError):  # not an answer of our protocol at all
                 self.quarantine(node_id)
-            else:
+            elif not isinstance(err, PeerBusy):
                 self._failed(node_id)
             return None
         return msg
@@ -816,7 +828,8 @@ class Swarm:
         except (TimeoutError, aiohttp.ClientError, OSError) as err:
             log.info("cannot link to peer %s at %s: %r", node, url, err)
             self.metrics.peer_errors.inc()
-            self._failed(node)
+            if getattr(err, "status", None) != 503:  # a busy peer is not a failing one
+                self._failed(node)
             return None
         link = Link(self, node, ws)
         self._adopt(link)
