@@ -158,3 +158,41 @@ async def test_a_host_that_cannot_sign_its_answers_is_never_a_source(
     assert metric(text, "swarmcache_fetched_bytes_total", source="peer") == 0
     assert origin.stats.bytes_by_path["img"] == sent + len(data)
     assert "static peer" in (tmp_path / "d.log").read_text()
+
+
+async def test_a_link_whose_upgrade_is_not_answered_with_the_secret_is_refused(
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    aiohttp_server: Any,
+    tmp_path: Path,
+) -> None:
+    """A link carries announcements: its upgrade answer (101) must prove the cluster
+    secret like every other answer. A server that takes any WebSocket (no secret) is
+    refused; a daemon holding the secret is linked to."""
+    from aiohttp import web
+
+    from swarmcache.config import PeersConfig
+    from swarmcache.metrics import Metrics
+    from swarmcache.peers.swarm import Swarm
+
+    async def any_ws(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for _ in ws:
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/peer/ws", any_ws)
+    impostor = await aiohttp_server(app)
+    config = make_config(
+        tmp_path, {"security": {"cluster_secret_file": str(_secret_file(tmp_path, SECRET))}}
+    )
+    member = await serve_app(aiohttp_client, config)
+    swarm = Swarm("a" * 16, ("127.0.0.1", 1), PeersConfig(timeout=5.0), 4, Metrics(), secret=SECRET)
+    async with swarm:
+        swarm.seen("b" * 16, "127.0.0.1", impostor.port, "static")
+        assert await swarm._link_to("b" * 16) is None
+        swarm.seen("c" * 16, "127.0.0.1", member.server.port, "static")
+        link = await swarm._link_to("c" * 16)
+        assert link is not None
+        assert link.open

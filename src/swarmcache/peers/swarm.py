@@ -356,10 +356,6 @@ class Swarm:
         if self._session is not None:
             await self._session.close()
 
-    def signed(self, method: str, path: str, body: bytes = b"") -> dict[str, str]:
-        """The auth header of a peer request (none without a cluster secret)."""
-        return self.sign(method, path, body)[0]
-
     def sign(self, method: str, path: str, body: bytes = b"") -> tuple[dict[str, str], str]:
         """(auth header of a peer request, its nonce, for checking the answer)."""
         if self.secret is None:
@@ -815,15 +811,25 @@ class Swarm:
         if peer is None or not peer.usable(self.clock()):
             return None
         url = f"http://{peer.address}/v1/peer/ws"
+        headers, nonce = self.sign("GET", "/v1/peer/ws")
         try:
             async with asyncio.timeout(self.config.timeout):  # a hung peer costs this
                 ws = await self.session.ws_connect(
                     url,
-                    headers=self.signed("GET", "/v1/peer/ws"),
+                    headers=headers,
                     heartbeat=HEARTBEAT,
                     max_msg_size=MAX_MESSAGE,
                     timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
                 )
+                try:  # the upgrade's answer (101) proves the cluster secret too
+                    upgrade = getattr(ws, "_response", None)  # aiohttp keeps it there
+                    self.check_answer(nonce, 101, "", upgrade.headers if upgrade else {})
+                except PeerError as err:
+                    await ws.close()
+                    log.warning("peer %s: link refused: %s", node, err.detail)
+                    self.metrics.peer_errors.inc()
+                    self._failed(node)
+                    return None
                 await ws.send_bytes(encode(self.hello()))
         except (TimeoutError, aiohttp.ClientError, OSError) as err:
             log.info("cannot link to peer %s at %s: %r", node, url, err)
