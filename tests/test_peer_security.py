@@ -196,3 +196,46 @@ async def test_a_link_whose_upgrade_is_not_answered_with_the_secret_is_refused(
         link = await swarm._link_to("c" * 16)
         assert link is not None
         assert link.open
+
+
+async def test_a_signed_request_whose_body_dribbles_is_cut_off(
+    aiohttp_client: Callable[..., Awaitable[TestClient]], tmp_path: Path
+) -> None:
+    """A peer route reads the body its signature covers for 5 s at most: a sender
+    dribbling it holds a request (and a place under max_peer_connections) no longer."""
+    import socket
+
+    config = make_config(
+        tmp_path, {"security": {"cluster_secret_file": str(_secret_file(tmp_path, SECRET))}}
+    )
+    client = await serve_app(aiohttp_client, config)
+    port = client.server.port
+    signed = sign_request(SECRET, "POST", "/v1/peer/images/img/join", "0" * 64, time.time())
+    head = (
+        "POST /v1/peer/images/img/join HTTP/1.1\r\nHost: x\r\nContent-Length: 4096\r\n"
+        f"{HEADER}: {signed.header}\r\n\r\n"
+    ).encode()
+    loop = asyncio.get_running_loop()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setblocking(False)
+    try:
+        await loop.sock_sendall(sock, head + b"x")
+        t0 = time.monotonic()
+        answer = b""
+        async with asyncio.timeout(20):
+            while b"\r\n\r\n" not in answer:
+                try:
+                    await loop.sock_sendall(sock, b"x")  # a byte now and then
+                except OSError:
+                    break
+                try:
+                    async with asyncio.timeout(0.5):
+                        answer += await loop.sock_recv(sock, 4096)
+                except TimeoutError:
+                    continue
+        took = time.monotonic() - t0
+    finally:
+        sock.close()
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"did not arrive within 5s" in answer
+    assert took >= 4.5  # the 5 s bound, not sooner
