@@ -346,3 +346,17 @@ def need_testbed() -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI must run the multi-host tests: {reason}")
     pytest.skip(reason)
+
+
+async def wait_peers(session: Any, url: str, n: int = 1) -> list[dict[str, Any]]:
+    """The daemon at `url`'s peer table once it lists `n` usable peers (10 s at most)."""
+    import asyncio
+
+    peers: list[dict[str, Any]] = []
+    for _ in range(100):
+        async with session.get(url + "/v1/peers") as resp:
+            peers = (await resp.json())["peers"]
+        if len([p for p in peers if p["state"] == "ok"]) >= n:
+            return list(peers)
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{url} knows {peers}, wanted {n} usable peers")

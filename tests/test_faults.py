@@ -3,7 +3,6 @@ going down in the middle of a fetch (with and without peers that hold the rest).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from conftest import (
     need_testbed,
     sha256,
     start_daemon_process,
+    wait_peers,
 )
 from swarmtools.testbed import Testbed, start_origin
 from test_api import wait_chunks, wait_state
@@ -85,11 +85,7 @@ async def test_origin_down_while_a_peer_holds_the_image(
             extra=f'[discovery]\nmdns = false\nstatic_peers = ["{addr}"]\n',
         )
         daemon_processes.append(d)
-        for _ in range(100):
-            async with s.get(d.url + "/v1/peers") as resp:
-                if (await resp.json())["peers"]:
-                    break
-            await asyncio.sleep(0.1)
+        await wait_peers(s, d.url)
         origin.faults.status = 503
         async with s.get(d.url + "/v1/images/img") as resp:
             assert resp.status == 200

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import ImageDir, Origin, free_port, metric, sha256, start_daemon_process
+from conftest import ImageDir, Origin, free_port, metric, sha256, start_daemon_process, wait_peers
 from test_seeder import start_seeder
 
 MIB = 1024 * 1024
@@ -100,15 +100,6 @@ async def _victim(tmp_path: Path, origin: Origin, peer: str, extra: str = "") ->
     )
 
 
-async def _wait_peer(s: aiohttp.ClientSession, url: str) -> None:
-    for _ in range(100):
-        async with s.get(url + "/v1/peers") as resp:
-            if (await resp.json())["peers"]:
-                return
-        await asyncio.sleep(0.1)
-    raise AssertionError("the victim never heard of its static peer")
-
-
 async def _peer_state(s: aiohttp.ClientSession, url: str) -> dict[str, Any]:
     async with s.get(url + "/v1/peers") as resp:
         peers = (await resp.json())["peers"]
@@ -131,7 +122,7 @@ async def test_a_hostile_peer_costs_time_not_correctness(
     victim = await _victim(tmp_path, origin, addr)
     daemon_processes.append(victim)
     async with aiohttp.ClientSession() as s:
-        await _wait_peer(s, victim.url)
+        await wait_peers(s, victim.url)
         async with HealthWatch(victim.url) as health, s.get(victim.url + "/v1/images/img") as resp:
             assert resp.status == 200
             assert sha256(await resp.read()) == sha256(data)
@@ -170,7 +161,7 @@ async def test_forged_blocks_with_forged_digests_never_make_a_wrong_image(
     victim = await _victim(tmp_path, origin, addr)
     daemon_processes.append(victim)
     async with aiohttp.ClientSession() as s:
-        await _wait_peer(s, victim.url)
+        await wait_peers(s, victim.url)
         async with s.post(victim.url + "/v1/images/img/fetch?wait=30") as resp:
             first = await resp.json()
         assert resp.status == 502
@@ -218,11 +209,7 @@ async def test_with_a_signed_manifest_no_forged_byte_is_ever_served(
     )
     daemon_processes.append(host)
     async with aiohttp.ClientSession() as s:
-        for _ in range(100):
-            async with s.get(host.url + "/v1/peers") as resp:
-                if len((await resp.json())["peers"]) == 2:
-                    break
-            await asyncio.sleep(0.1)
+        await wait_peers(s, host.url, 2)
         async with HealthWatch(host.url) as health, s.get(host.url + "/v1/images/img") as resp:
             got = await resp.read()
         assert got == data

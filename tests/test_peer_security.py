@@ -14,7 +14,16 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from conftest import ImageDir, Origin, make_config, metric, serve_app, sha256, start_daemon_process
+from conftest import (
+    ImageDir,
+    Origin,
+    make_config,
+    metric,
+    serve_app,
+    sha256,
+    start_daemon_process,
+    wait_peers,
+)
 from swarmcache.daemon import build_app
 from swarmcache.errors import ConfigError
 from swarmcache.peerauth import EMPTY_SHA256, HEADER, sign_request
@@ -105,11 +114,7 @@ async def test_hosts_sharing_the_secret_trade_and_a_stranger_is_refused(
     async with aiohttp.ClientSession() as s:
         assert await _get(s, a.url + "/v1/images/img") == data
         sent = origin.stats.bytes_by_path["img"]
-        for _ in range(100):  # b hears of a (a signed hello)
-            async with s.get(b.url + "/v1/peers") as resp:
-                if (await resp.json())["peers"]:
-                    break
-            await asyncio.sleep(0.1)
+        await wait_peers(s, b.url)  # b hears of a (a signed hello)
         assert sha256(await _get(s, b.url + "/v1/images/img")) == sha256(data)
         assert origin.stats.bytes_by_path["img"] == sent  # b: every byte from a
         assert sha256(await _get(s, c.url + "/v1/images/img")) == sha256(data)

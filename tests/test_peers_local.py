@@ -21,6 +21,7 @@ from conftest import (
     metric,
     sha256,
     start_daemon_process,
+    wait_peers,
 )
 from swarmcache.manifest import Checksum, Manifest, block_digest
 from swarmcache.wire import Hello, Join, Slot, State, Subscribe, decode, encode
@@ -32,16 +33,6 @@ async def _get(session: aiohttp.ClientSession, url: str) -> bytes:
     async with session.get(url) as resp:
         assert resp.status == 200, await resp.text()
         return await resp.read()
-
-
-async def _wait_peers(session: aiohttp.ClientSession, url: str, n: int) -> list[dict[str, Any]]:
-    for _ in range(100):
-        async with session.get(url + "/v1/peers") as resp:
-            peers = (await resp.json())["peers"]
-        if len([p for p in peers if p["state"] == "ok"]) >= n:
-            return list(peers)
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"{url} knows {peers}, wanted {n} usable peers")
 
 
 async def test_second_host_takes_every_chunk_from_the_first(
@@ -61,7 +52,7 @@ async def test_second_host_takes_every_chunk_from_the_first(
     async with aiohttp.ClientSession() as s:
         assert await _get(s, a.url + "/v1/images/img") == data
         origin_bytes = origin.stats.bytes_by_path["img"]
-        peers = await _wait_peers(s, b.url, 1)
+        peers = await wait_peers(s, b.url, 1)
         assert peers[0]["source"] == "static"
         got = await _get(s, b.url + "/v1/images/img")
         assert sha256(got) == sha256(data)
@@ -73,7 +64,7 @@ async def test_second_host_takes_every_chunk_from_the_first(
         assert metric(text, "swarmcache_fetched_bytes_total", source="peer") == len(data)
         assert metric(text, "swarmcache_fetched_bytes_total", source="origin") == 0
         # A learnt of B from its hello and lists it as an inbound peer
-        a_peers = await _wait_peers(s, a.url, 1)
+        a_peers = await wait_peers(s, a.url, 1)
         assert a_peers[0]["source"] == "inbound"
     # the operator's view of B's peer table: A, usable, with a measured rate
     out = subprocess.run(
@@ -108,7 +99,7 @@ async def test_peer_serving_corrupt_chunks_is_quarantined_and_image_still_correc
     daemon_processes.append(good)
     async with aiohttp.ClientSession() as s:
         assert await _get(s, bad.url + "/v1/images/img") == data
-        await _wait_peers(s, good.url, 1)
+        await wait_peers(s, good.url, 1)
         got = await _get(s, good.url + "/v1/images/img")
         assert got == data
         async with s.get(good.url + "/metrics") as resp:
@@ -156,7 +147,7 @@ async def test_three_hosts_starting_together_share_the_origin_reads(
     daemons = await _static_swarm(tmp_path, origin, daemon_processes, 3)
     async with aiohttp.ClientSession() as s:
         for d in daemons:
-            await _wait_peers(s, d.url, 2)
+            await wait_peers(s, d.url, 2)
         got = await asyncio.gather(*(_get(s, d.url + "/v1/images/img") for d in daemons))
         assert all(g == data for g in got)
         # each chunk came from the origin about once, not three times
@@ -371,7 +362,7 @@ async def test_hosts_starting_together_ask_the_origin_about_the_image_once(
     daemons = await _static_swarm(tmp_path, origin, daemon_processes, 4, env)
     async with aiohttp.ClientSession() as s:
         for d in daemons:
-            await _wait_peers(s, d.url, 3)
+            await wait_peers(s, d.url, 3)
         got = await asyncio.gather(*(_get(s, d.url + "/v1/images/img") for d in daemons))
     assert all(g == data for g in got)
     sidecar = [r for r in origin.stats.requests if r[1] == "img.sha256"]

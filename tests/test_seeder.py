@@ -4,13 +4,12 @@ origin while it is up. Real daemon processes on loopback, a real origin, the rea
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from conftest import ImageDir, Origin, metric, sha256, start_daemon_process
+from conftest import ImageDir, Origin, metric, sha256, start_daemon_process, wait_peers
 from swarmcache.signing import decode_key, encode_key, key_id, new_private_key, public_key
 from test_cli import swarmcache
 
@@ -71,10 +70,7 @@ async def trusting_host(
     )
     daemon_processes.append(host)
     async with aiohttp.ClientSession() as s:
-        for _ in range(100):  # the host says hello to its static peer
-            if (await _json(s, host.url + "/v1/peers"))["peers"]:
-                break
-            await asyncio.sleep(0.1)
+        await wait_peers(s, host.url)  # the host said hello to its static peer
     return host
 
 

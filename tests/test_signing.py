@@ -23,6 +23,7 @@ from swarmcache.signing import (
     public_key,
 )
 from swarmcache.store import Store
+from swarmtools.hostile_peer import digest_all
 
 CHUNK, BLOCK = 64 * 1024, 16 * 1024
 
@@ -37,12 +38,7 @@ def _complete(data: bytes, algo: str = "blake3") -> Manifest:
         origin_validator="v1",
         digest_algo=algo,
     )
-    for index in range(m.chunks):
-        offset, length = m.span(index)
-        digest, blocks = m.hash_chunk([data[offset : offset + length]])
-        m.set_digest(index, digest)
-        for b, d in zip(m.blocks_of(index), blocks, strict=True):
-            m.set_block_digest(b, d)
+    digest_all(m, data)
     m.complete = True
     m.image_hash = m.origin_hash  # it matched the origin's checksum
     return m

@@ -18,17 +18,15 @@ API answers this host only). `/healthz` answers everyone (it says nothing but
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
-import time
 
 from aiohttp import web
 
 from .api import METRICS, Handler
 from .errors import Forbidden, Unauthorized
-from .peer_api import MAX_JOIN, PEER_AUTH, read_body
-from .peerauth import EMPTY_SHA256, HEADER, AuthError
+from .peer_api import PEER_AUTH, check_signed
+from .peerauth import HEADER, AuthError
 
 API_TOKEN = web.AppKey("api_token", str)  # [security] api_token_file's token, if set
 OPEN_PATHS = frozenset({"/healthz"})
@@ -67,14 +65,8 @@ async def check_access(request: web.Request) -> None:
         _refused(request)
         raise Unauthorized("the API token is not right")
     if verifier is not None and HEADER in request.headers:
-        if request.content_length is not None and request.content_length > MAX_JOIN:
-            raise Unauthorized("a signed API request has a small body")
-        body = await read_body(request)
-        digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
         try:
-            verifier.check(
-                request.method, request.raw_path, digest, request.headers[HEADER], time.time()
-            )
+            await check_signed(request, verifier)
         except AuthError as err:
             _refused(request)
             raise Unauthorized(f"signed API request refused: {err}") from None

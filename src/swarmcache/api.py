@@ -196,7 +196,7 @@ async def list_images(request: web.Request) -> web.Response:
     return web.json_response({"images": [describe(fetcher, i, progress=False) for i in ids]})
 
 
-def _wait_seconds(request: web.Request) -> float:
+def wait_seconds(request: web.Request) -> float:
     """The `wait` query parameter: how long to wait for a running fetch to end."""
     raw = request.query.get("wait")
     if raw is None:
@@ -216,7 +216,7 @@ async def image_status(request: web.Request) -> web.Response:
     """GET /v1/images/{id}/status[?wait=S]: with wait, answers once a running fetch has
     ended or S seconds have passed (a progress poll that hears the end at once)."""
     image_id = image_id_from(request)
-    seconds = _wait_seconds(request)
+    seconds = wait_seconds(request)
     fetcher = request.app[FETCHER]
     await fetcher.wait(image_id, seconds)
     return web.json_response(describe(fetcher, image_id, progress=True))
@@ -229,18 +229,25 @@ async def start_fetch(request: web.Request) -> web.Response:
     end: 200 once the image is complete, the fetch's own error if it failed.
     """
     image_id = image_id_from(request)
-    seconds = _wait_seconds(request)
+    seconds = wait_seconds(request)
     fetcher = request.app[FETCHER]
     await fetcher.start(image_id)
-    if seconds:
-        await fetcher.wait(image_id, seconds)
-        image = fetcher.store.get(image_id)
-        if image is not None and image.complete:
-            return web.json_response(describe(fetcher, image_id, progress=True))
-        failure = fetcher.failures.get(image_id)
-        if failure is not None and image_id not in fetcher.jobs:
-            raise failure.error
+    if seconds and await fetch_ended(fetcher, image_id, seconds):
+        return web.json_response(describe(fetcher, image_id, progress=True))
     return web.json_response(describe(fetcher, image_id, progress=True), status=202)
+
+
+async def fetch_ended(fetcher: Fetcher, image_id: str, seconds: float) -> bool:
+    """Wait up to `seconds` for the image's running fetch to end: True if the image is
+    complete then, the fetch's own error if it failed, False while it still runs."""
+    await fetcher.wait(image_id, seconds)
+    image = fetcher.store.get(image_id)
+    if image is not None and image.complete:
+        return True
+    failure = fetcher.failures.get(image_id)
+    if failure is not None and image_id not in fetcher.jobs:
+        raise failure.error
+    return False
 
 
 async def verify_image(request: web.Request) -> web.Response:

@@ -62,14 +62,8 @@ async def peer_auth_middleware(request: web.Request, handler: Handler) -> web.St
     verifier = request.app.get(PEER_AUTH)
     if verifier is None or not request.path.startswith("/v1/peer/"):
         return await handler(request)
-    if request.content_length is not None and request.content_length > MAX_JOIN:
-        raise BadRequest(f"a peer request body is at most {MAX_JOIN} bytes")
-    body = await read_body(request)
-    digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
     try:
-        nonce = verifier.check(
-            request.method, request.raw_path, digest, request.headers.get(HEADER), time.time()
-        )
+        nonce = await check_signed(request, verifier)
     except AuthError as err:
         request.app[METRICS].peer_auth_failures.inc()
         raise Unauthorized(f"peer request refused: {err}") from None
@@ -77,16 +71,23 @@ async def peer_auth_middleware(request: web.Request, handler: Handler) -> web.St
     return await handler(request)
 
 
-async def read_body(request: web.Request) -> bytes:
-    """The small body of a request whose signature covers it, read within BODY_TIMEOUT
-    (a sender that dribbles it holds nothing for long)."""
-    if not request.can_read_body:
-        return b""
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT):
-            return await request.read()
-    except TimeoutError:
-        raise BadRequest(f"the request body did not arrive within {BODY_TIMEOUT:g}s") from None
+async def check_signed(request: web.Request, verifier: Verifier) -> str:
+    """The nonce of a request signed with the cluster secret (AuthError if it is not).
+    The small body the signature covers is read within BODY_TIMEOUT, so a sender that
+    dribbles it holds nothing for long (BadRequest, as for a body too large)."""
+    if request.content_length is not None and request.content_length > MAX_JOIN:
+        raise BadRequest(f"a signed request's body is at most {MAX_JOIN} bytes")
+    body = b""
+    if request.can_read_body:
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                body = await request.read()
+        except TimeoutError:
+            raise BadRequest(f"the request body did not arrive within {BODY_TIMEOUT:g}s") from None
+    digest = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
+    return verifier.check(
+        request.method, request.raw_path, digest, request.headers.get(HEADER), time.time()
+    )
 
 
 async def sign_answer(request: web.Request, response: web.StreamResponse) -> None:

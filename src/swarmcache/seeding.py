@@ -21,7 +21,7 @@ import time
 
 from aiohttp import web
 
-from .api import FETCHER, describe, image_id_from
+from .api import FETCHER, describe, fetch_ended, image_id_from, wait_seconds
 from .errors import BadRequest, CannotSign, NotASeeder
 from .fetch.fetcher import Fetcher
 from .manifest import Checksum
@@ -29,7 +29,6 @@ from .store import CachedImage
 
 log = logging.getLogger(__name__)
 SYNC_EVERY = 16  # chunks written between group commits of an ingest
-SEED_WAIT = 3600.0  # seconds a POST waits for its fetch (the client may give up sooner)
 
 
 def _seeder(request: web.Request) -> Fetcher:
@@ -46,19 +45,11 @@ async def seed_image(request: web.Request) -> web.Response:
     complete and signed, 202 while it is fetched (after S seconds, default 0)."""
     image_id = image_id_from(request)
     fetcher = _seeder(request)
-    try:
-        seconds = min(float(request.query.get("wait", "0")), SEED_WAIT)
-    except ValueError:
-        raise BadRequest("wait must be a number of seconds") from None
+    seconds = wait_seconds(request)
     await fetcher.start(image_id)
-    await fetcher.wait(image_id, seconds)
-    image = fetcher.store.get(image_id)
-    if image is not None and image.complete:
+    if await fetch_ended(fetcher, image_id, seconds):
         await sign_held(fetcher, image_id)
         return web.json_response(describe(fetcher, image_id, progress=False))
-    failure = fetcher.failures.get(image_id)
-    if failure is not None and image_id not in fetcher.jobs:
-        raise failure.error
     return web.json_response(describe(fetcher, image_id, progress=True), status=202)
 
 

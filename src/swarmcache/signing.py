@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import logging
 from collections.abc import Iterable
 
 import msgpack
@@ -35,8 +34,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from .errors import IntegrityError
 from .manifest import Manifest
-
-log = logging.getLogger(__name__)
 
 KEY_BYTES = 32
 SIGNATURE_BYTES = 64

@@ -51,6 +51,17 @@ MUTE = 3600.0  # seconds a mute peer keeps a request waiting
 NODE = "bad0" + secrets.token_hex(6)
 
 
+def digest_all(m: Manifest, data: bytes) -> Manifest:
+    """Fill in every chunk and block digest of `m` from the image's bytes; `m`."""
+    for index in range(m.chunks):
+        offset, length = m.span(index)
+        digest, blocks = m.hash_chunk([data[offset : offset + length]])
+        m.set_digest(index, digest)
+        for b, d in zip(m.blocks_of(index), blocks, strict=True):
+            m.set_block_digest(b, d)
+    return m
+
+
 def _flip(data: bytes) -> bytes:
     """Other bytes of the same length."""
     return bytes(b ^ 0x5A for b in data)
@@ -71,17 +82,9 @@ class Hostile:
         """The manifest it announces: the true one, or (forged) one of its own bytes."""
         m = Manifest.decode(self.true.encode())
         if self.mode == "forged":
-            for index in range(m.chunks):
-                digest, blocks = m.hash_chunk([self.block_bytes_of_chunk(index)])
-                m.set_digest(index, digest)
-                for b, d in zip(m.blocks_of(index), blocks, strict=True):
-                    m.set_block_digest(b, d)
+            digest_all(m, _flip(self.data))
         m.complete = True
         return m
-
-    def block_bytes_of_chunk(self, index: int) -> bytes:
-        offset, length = self.true.span(index)
-        return _flip(self.data[offset : offset + length])
 
     def served(self, block: int) -> bytes:
         offset, length = self.true.block_span(block)
@@ -186,13 +189,7 @@ async def true_manifest(
         block_size=block,
         digest_algo=digest,
     )
-    for index in range(m.chunks):
-        offset, length = m.span(index)
-        d, blocks = m.hash_chunk([data[offset : offset + length]])
-        m.set_digest(index, d)
-        for b, bd in zip(m.blocks_of(index), blocks, strict=True):
-            m.set_block_digest(b, bd)
-    return m
+    return digest_all(m, data)
 
 
 async def join_loop(h: Hostile, daemons: list[str], host: str) -> None:
