@@ -245,8 +245,12 @@ async def start_daemon_process(
     daemon_extra: str = "",
     env: dict[str, str] | None = None,
     port: int | None = None,
+    tls: Any = None,
 ) -> DaemonProcess:
     """Write a config file and start `python -m swarmcache serve`; wait for /healthz.
+
+    `tls`: an ssl.SSLContext to reach a daemon whose config sets [security] tls_*
+    (its url is then https://).
 
     The daemon's environment has no SWARMCACHE_* variable but those in `env`; its
     discovery.mdns is off unless `extra` sets it, and on it is refused (refuse_host_mdns).
@@ -284,8 +288,9 @@ async def start_daemon_process(
         env=proc_env,
     )
     log.close()
-    url = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as session:
+    url = f"{'https' if tls is not None else 'http'}://127.0.0.1:{port}"
+    connector = aiohttp.TCPConnector(ssl=tls if tls is not None else True)
+    async with aiohttp.ClientSession(connector=connector) as session:
         for _ in range(200):
             try:
                 async with session.get(url + "/healthz") as resp:
@@ -360,3 +365,14 @@ async def wait_peers(session: Any, url: str, n: int = 1) -> list[dict[str, Any]]
             return list(peers)
         await asyncio.sleep(0.1)
     raise AssertionError(f"{url} knows {peers}, wanted {n} usable peers")
+
+
+async def wait_log(path: Path, text: str, seconds: float = 5.0) -> bool:
+    """Whether `text` appears in the log file at `path` within `seconds`."""
+    import asyncio
+
+    for _ in range(max(1, int(seconds / 0.1))):
+        if text in path.read_text():
+            return True
+        await asyncio.sleep(0.1)
+    return False

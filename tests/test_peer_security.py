@@ -22,6 +22,7 @@ from conftest import (
     serve_app,
     sha256,
     start_daemon_process,
+    wait_log,
     wait_peers,
 )
 from swarmcache.daemon import build_app
@@ -151,10 +152,8 @@ async def test_a_host_that_cannot_sign_its_answers_is_never_a_source(
     )
     daemon_processes.append(d)
     async with aiohttp.ClientSession() as s:
-        for _ in range(50):  # the static loop asks the stranger within its first turns
-            if "refused" in (tmp_path / "d.log").read_text():
-                break
-            await asyncio.sleep(0.1)
+        # the static loop asks the stranger within its first turns
+        assert await wait_log(tmp_path / "d.log", "refused")
         async with s.get(d.url + "/v1/peers") as resp:
             assert (await resp.json())["peers"] == []
         assert await _get(s, d.url + "/v1/images/img") == data

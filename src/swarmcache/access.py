@@ -8,8 +8,10 @@ neither can be forged over TCP). Anyone else needs one of
 
 - `Authorization: Bearer <token>` with the token of `[security] api_token_file`
   (an operator's script, a remote `swarmcache --daemon`, Prometheus);
-- a request signed with the cluster secret (`X-Swarmcache-Auth`, see peerauth.py):
-  another daemon of the cluster, e.g. one running a `swarmcache warm --hosts` job.
+- a request signed with the cluster secret (`X-Swarmcache-Auth`, see peerauth.py),
+  or, with mutual TLS, over a connection that presented a certificate of the
+  cluster CA (tls.py): another daemon of the cluster, e.g. one running a
+  `swarmcache warm --hosts` job.
 
 Refused: 401 when a token or a cluster secret could have opened it, else 403 (the
 API answers this host only). `/healthz` answers everyone (it says nothing but
@@ -27,6 +29,7 @@ from .api import METRICS, Handler
 from .errors import Forbidden, Unauthorized
 from .peer_api import PEER_AUTH, check_signed
 from .peerauth import HEADER, AuthError
+from .tls import TLS, has_cluster_cert
 
 API_TOKEN = web.AppKey("api_token", str)  # [security] api_token_file's token, if set
 OPEN_PATHS = frozenset({"/healthz"})
@@ -54,7 +57,7 @@ def is_local(request: web.Request) -> bool:
 
 async def check_access(request: web.Request) -> None:
     """Raise Unauthorized/Forbidden unless the caller may use the client API."""
-    if is_local(request):
+    if is_local(request) or has_cluster_cert(request):
         return
     token = request.app.get(API_TOKEN)
     verifier = request.app.get(PEER_AUTH)
@@ -72,10 +75,11 @@ async def check_access(request: web.Request) -> None:
             raise Unauthorized(f"signed API request refused: {err}") from None
         return
     _refused(request)
-    if token or verifier is not None:
+    if token or verifier is not None or TLS in request.app:
         raise Unauthorized(
             "this API answers other hosts with a token (Authorization: Bearer, "
-            "[security] api_token_file) or a request signed with the cluster secret"
+            "[security] api_token_file), a request signed with the cluster secret or a "
+            "client certificate of the cluster CA"
         )
     raise Forbidden(
         "this API answers this host only; set [security] api_token_file to let callers "

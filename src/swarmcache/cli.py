@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import signal
+import ssl
 import sys
 import time
 import urllib.error
@@ -19,7 +20,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import IO, Any, NoReturn
 
-from . import __version__
+from . import __version__, tls
 from .config import Config, config_path_from, format_size, load_config, read_secret
 from .errors import ConfigError, SwarmcacheError
 
@@ -49,7 +50,7 @@ def _add_global_options(p: argparse.ArgumentParser, default: object) -> None:
         metavar="URL",
         default=default,
         help="daemon API base URL for client commands "
-        "(default: http://<daemon.listen> from the config)",
+        "(default: http://<daemon.listen> from the config; https:// with [security] tls_*)",
     )
 
 
@@ -192,7 +193,11 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
             run(config)
             sys.exit(EXIT_OK)
-        client = Client(_daemon_url(args.daemon, config.daemon.listen), _api_token(config))
+        client = Client(
+            _daemon_url(args.daemon, config.daemon.listen, bool(config.security.tls_cert)),
+            _api_token(config),
+            tls.client_context(config.security),
+        )
         # SIGTERM like Ctrl-C: a download in progress removes its FILE.part
         signal.signal(signal.SIGTERM, _interrupt)
         sys.exit(COMMANDS[args.command](client, args))
@@ -220,13 +225,14 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def _daemon_url(arg: str | None, listen: str) -> str:
-    """The daemon's base URL: --daemon, else http://<daemon.listen>; CliError if malformed."""
+def _daemon_url(arg: str | None, listen: str, tls_set: bool = False) -> str:
+    """The daemon's base URL: --daemon, else http(s)://<daemon.listen> (https with
+    mutual TLS); CliError if malformed."""
     if not arg:
         # a daemon listening on every address is reached on loopback
         host, _, port = listen.rpartition(":")
         host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "::": "[::1]"}.get(host, host)
-        arg = f"http://{host}:{port}"
+        arg = f"{'https' if tls_set else 'http'}://{host}:{port}"
     url = arg
     try:
         parts = urllib.parse.urlsplit(url)
@@ -255,9 +261,10 @@ def _api_token(config: Config) -> str:
 class Client:
     """A small blocking client for the daemon's API."""
 
-    def __init__(self, base: str, token: str = "") -> None:
+    def __init__(self, base: str, token: str = "", context: ssl.SSLContext | None = None) -> None:
         self.base = base.rstrip("/")
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.context = context  # https: the daemon's certificate checked against tls_ca
 
     def open(self, method: str, path: str, body: Any = None) -> Any:
         """Send a request (`body` as JSON); raise CliError with the daemon's message on
@@ -268,7 +275,7 @@ class Client:
             headers["Content-Type"] = "application/json"
         req = urllib.request.Request(self.base + path, data=data, headers=headers, method=method)
         try:
-            return urllib.request.urlopen(req, timeout=60)
+            return urllib.request.urlopen(req, timeout=60, context=self.context)
         except urllib.error.HTTPError as err:
             raise CliError(_error_text(err)) from None
         except (urllib.error.URLError, ConnectionError, TimeoutError) as err:
@@ -607,7 +614,7 @@ def _seed_file(client: Client, path: str, image_id: str) -> int:
             method="PUT",
         )
         try:
-            with urllib.request.urlopen(req, timeout=600) as resp:
+            with urllib.request.urlopen(req, timeout=600, context=client.context) as resp:
                 info = json.load(resp)
         except urllib.error.HTTPError as err:
             raise CliError(_error_text(err)) from None

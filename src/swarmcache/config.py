@@ -251,6 +251,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[object], Any], Any]]] = {
         "manifest_key_file": (_parse_str, ""),
         "api_token_file": (_parse_str, ""),
         "trusted_manifest_keys": (_key_list, ()),
+        "tls_cert": (_parse_str, ""),
+        "tls_key": (_parse_str, ""),
+        "tls_ca": (_parse_str, ""),
     },
 }
 
@@ -366,6 +369,9 @@ class SecurityConfig:
     manifest_key_file: str = ""  # a seeder's Ed25519 key: it signs manifests
     api_token_file: str = ""  # the client API's token for callers not on this host
     trusted_manifest_keys: tuple[str, ...] = ()  # base64 public keys whose signatures we trust
+    tls_cert: str = ""  # mutual TLS (tls.py): this host's certificate (PEM)
+    tls_key: str = ""  # its private key (PEM)
+    tls_ca: str = ""  # the cluster CA's certificate(s): what signed it is a member
 
 
 @dataclass(frozen=True)

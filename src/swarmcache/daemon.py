@@ -9,12 +9,13 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 from collections.abc import AsyncIterator, Iterable
 
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from . import peer_api, seeding, warm
+from . import peer_api, seeding, tls, warm
 from .access import API_TOKEN, api_access_middleware
 from .api import (
     FETCHER,
@@ -60,7 +61,10 @@ def build_app(config: Config) -> web.Application:
         client_max_size=1024**2,
     )
     app[CONFIG] = config
-    secret = cluster_secret(config)
+    certs = tls.load(config.security)
+    if certs is not None:
+        app[tls.TLS] = certs
+    secret = cluster_secret(config, certs is not None)
     if secret is not None:
         app[peer_api.PEER_AUTH] = Verifier(secret)
         app.on_response_prepare.append(peer_api.sign_answer)
@@ -93,16 +97,19 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.to_thread(store.close)
 
 
-def cluster_secret(config: Config) -> bytes | None:
+def cluster_secret(config: Config, tls_set: bool = False) -> bytes | None:
     """The cluster secret from [security] cluster_secret_file (None: not configured).
-    ConfigError if the file is unreadable or shorter than MIN_SECRET bytes."""
+    ConfigError if the file is unreadable or shorter than MIN_SECRET bytes. With
+    neither it nor mutual TLS (`tls_set`), says loudly that peers are not checked."""
     path = config.security.cluster_secret_file
     if not path:
-        log.warning(
-            "peer authentication is OFF ([security] cluster_secret_file is empty): anyone "
-            "who reaches %s can act as a peer; set a cluster secret on every host",
-            config.daemon.listen,
-        )
+        if not tls_set:
+            log.warning(
+                "peer authentication is OFF ([security] cluster_secret_file and tls_cert "
+                "are empty): anyone who reaches %s can act as a peer; set a cluster secret "
+                "or mutual TLS on every host",
+                config.daemon.listen,
+            )
         return None
     return read_secret(path, "security.cluster_secret_file", MIN_SECRET).encode()
 
@@ -171,6 +178,7 @@ async def _swarm_ctx(app: web.Application) -> AsyncIterator[None]:
         app[METRICS],
         config.discovery.static_peers,
         secret=verifier.secret if verifier is not None else None,
+        tls=app[tls.TLS].client if tls.TLS in app else None,
         trust=app[TRUST],
         seeder=config.daemon.role == "seeder",
     ) as swarm:
@@ -343,23 +351,29 @@ def _runner(app: web.Application, config: Config) -> Runner:
     )
 
 
-async def _listen(runner: web.AppRunner, listen: str, key: str) -> None:
+async def _listen(
+    runner: web.AppRunner, listen: str, key: str, ssl_context: ssl.SSLContext | None = None
+) -> None:
     """Start listening on host:port (StartupError naming the config key if we cannot)."""
     host, _, port = listen.rpartition(":")
     try:
-        await web.TCPSite(runner, host.strip("[]"), int(port)).start()
+        await web.TCPSite(runner, host.strip("[]"), int(port), ssl_context=ssl_context).start()
     except OSError as err:
         raise StartupError(f"cannot listen on {listen} ({key}): {err.strerror or err}") from None
 
 
 async def serve(config: Config) -> None:
     """Start every part, listen, wait for SIGINT/SIGTERM, then stop in reverse order."""
-    runner = _runner(build_app(config), config)
+    app = build_app(config)
+    certs = app.get(tls.TLS)
+    runner = _runner(app, config)
     await runner.setup()
     try:
-        await _listen(runner, config.daemon.listen, "daemon.listen")
+        server_ctx = certs.server if certs is not None else None
+        await _listen(runner, config.daemon.listen, "daemon.listen", server_ctx)
         log.info(
-            "swarmcache listening on http://%s (cache %s, origin %s)",
+            "swarmcache listening on %s://%s (cache %s, origin %s)",
+            "https" if certs is not None else "http",
             config.daemon.listen,
             config.cache.dir,
             config.origin.kind,

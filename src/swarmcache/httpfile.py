@@ -71,6 +71,10 @@ class _LowWater:
     def __init__(self, resp: aiohttp.ClientResponse | None) -> None:
         conn = resp.connection if resp is not None else None
         transport = conn.transport if conn is not None else None
+        # TLS: the socket holds records, a little more than the body's bytes; waiting
+        # for the rest of the body there could wait for bytes that never come
+        if transport is None or transport.get_extra_info("sslcontext") is not None:
+            transport = None
         self.sock = transport.get_extra_info("socket") if transport is not None else None
         self.value = 1
 

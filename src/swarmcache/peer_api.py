@@ -20,6 +20,7 @@ from .limits import RETRY_AFTER, Limits
 from .peerauth import EMPTY_SHA256, HEADER, REPLY_HEADER, AuthError, Verifier, sign_reply
 from .peers.swarm import DIGEST_HEADER, NODE_HEADER
 from .store import CachedImage
+from .tls import TLS, has_cluster_cert
 from .wire import PROTOCOL_VERSION, Join, WireError, decode, encode
 
 # Test-only fault switch: a daemon started with this set serves corrupted blocks to
@@ -58,9 +59,19 @@ async def peer_limit_middleware(request: web.Request, handler: Handler) -> web.S
 
 @web.middleware
 async def peer_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With a cluster secret, a peer route answers only requests signed with it (401)."""
+    """With mutual TLS, a peer route answers only a client that presented a cluster
+    certificate; with a cluster secret, only requests signed with it (401); with both,
+    both are needed."""
+    if not request.path.startswith("/v1/peer/"):
+        return await handler(request)
+    if TLS in request.app and not has_cluster_cert(request):
+        request.app[METRICS].peer_auth_failures.inc()
+        raise Unauthorized(
+            "peer request refused: peer routes need a client certificate signed by the "
+            "cluster CA ([security] tls_ca)"
+        )
     verifier = request.app.get(PEER_AUTH)
-    if verifier is None or not request.path.startswith("/v1/peer/"):
+    if verifier is None:
         return await handler(request)
     try:
         nonce = await check_signed(request, verifier)

@@ -131,8 +131,10 @@ class Warmer:
         return f"[{host}]:{port}" if ":" in host else f"{host or '127.0.0.1'}:{port}"
 
     async def __aenter__(self) -> Warmer:
+        tls = self.swarm.tls  # mutual TLS: other hosts' ports speak HTTPS, as to peers
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=POLL + 30, sock_connect=5)
+            timeout=aiohttp.ClientTimeout(total=POLL + 30, sock_connect=5),
+            connector=aiohttp.TCPConnector(ssl=tls if tls is not None else True),
         )
         return self
 
@@ -229,7 +231,7 @@ class Warmer:
         raise ImageNotFound(f"image {image} is not in the cache after its fetch")
 
     async def _remote(self, host: str, image: str, target: Target) -> None:
-        path = f"http://{host}/v1/images/{quote(image, safe='')}"
+        path = f"{self.swarm.scheme}://{host}/v1/images/{quote(image, safe='')}"
         status = await self._call(host, "POST", path + "/fetch")
         moved = time.monotonic()
         while True:
@@ -278,7 +280,8 @@ class Warmer:
 
     def _credentials(self, method: str, url: str) -> dict[str, str]:
         """What opens another host's API (access.py): the request signed with the
-        cluster secret (good for this path, once, for a minute). Never the API token: a
+        cluster secret (good for this path, once, for a minute), or with mutual TLS our
+        certificate, which the session presents. Never the API token: a
         caller on this host names the hosts, and the token would open every host's API
         to whoever answers at one of them."""
         path = URL(url).raw_path_qs

@@ -57,9 +57,11 @@ _beds = itertools.count()
 
 # Polls a URL from inside a namespace until it answers 2xx or the deadline passes.
 _WAIT_HTTP = """
-import sys, time, urllib.request
+import ssl, sys, time, urllib.request
 url, deadline = sys.argv[1], time.monotonic() + float(sys.argv[2])
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# https: a liveness probe of a daemon with mutual TLS (its certificate is not the point)
+https = urllib.request.HTTPSHandler(context=ssl._create_unverified_context())
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), https)
 while True:
     try:
         with opener.open(url, timeout=2) as r:
@@ -81,8 +83,16 @@ with opener.open(req, timeout=float(sys.argv[3])) as r:
 """
 # One HTTP request from inside a namespace, any status: "<status>\n" then the body.
 _HTTP_STATUS = """
-import json, sys, urllib.error, urllib.request
-opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+import json, ssl, sys, urllib.error, urllib.request
+handlers = [urllib.request.ProxyHandler({})]
+if len(sys.argv) > 5:  # https: trust this CA, present this certificate (if any)
+    tls = json.loads(sys.argv[5])
+    ctx = ssl.create_default_context(cafile=tls["ca"])
+    ctx.check_hostname = False
+    if tls.get("cert"):
+        ctx.load_cert_chain(tls["cert"], tls["key"])
+    handlers.append(urllib.request.HTTPSHandler(context=ctx))
+opener = urllib.request.build_opener(*handlers)
 req = urllib.request.Request(sys.argv[1], method=sys.argv[2], headers=json.loads(sys.argv[4]))
 try:
     with opener.open(req, timeout=float(sys.argv[3])) as r:
@@ -583,9 +593,14 @@ def http_status(
     method: str = "GET",
     headers: Mapping[str, str] | None = None,
     timeout: float = 30,
+    tls: Mapping[str, str] | None = None,
 ) -> tuple[int, bytes]:
-    """One HTTP request from inside `host` with `headers`: (status, body), any status."""
-    argv = python_argv("-c", _HTTP_STATUS, url, method, str(timeout), json.dumps(headers or {}))
+    """One HTTP request from inside `host` with `headers`: (status, body), any status.
+    `tls` (an https URL): {"ca": path, "cert": path, "key": path}, the cert optional."""
+    args = [url, method, str(timeout), json.dumps(headers or {})]
+    if tls is not None:
+        args.append(json.dumps(dict(tls)))
+    argv = python_argv("-c", _HTTP_STATUS, *args)
     done = bed.communicate(host, argv, timeout + 10)
     if done.returncode != 0:
         err = done.stderr.decode(errors="replace").strip()[-500:]
@@ -712,10 +727,12 @@ def start_daemon(
     log: Path | None = None,
     timeout: float = 30,
     env: Mapping[str, str] | None = None,
+    scheme: str = "http",
 ) -> subprocess.Popen[bytes]:
-    """Start `swarmcache serve` with `config` in `host` and wait until /healthz answers."""
+    """Start `swarmcache serve` with `config` in `host` and wait until /healthz answers
+    (`scheme` "https": a daemon with mutual TLS)."""
     proc = spawn_daemon(bed, host, config, log, env)
-    wait_daemon(bed, host, proc, port, log, timeout)
+    wait_daemon(bed, host, proc, port, log, timeout, scheme)
     return proc
 
 
@@ -743,9 +760,10 @@ def wait_daemon(
     port: int = DAEMON_PORT,
     log: Path | None = None,
     timeout: float = 30,
+    scheme: str = "http",
 ) -> None:
     """Wait until the daemon in `host` answers /healthz (fails if it exits first)."""
-    wait_http(bed, host, f"http://127.0.0.1:{port}/healthz", timeout, proc, log)
+    wait_http(bed, host, f"{scheme}://127.0.0.1:{port}/healthz", timeout, proc, log)
 
 
 def _start_logged(

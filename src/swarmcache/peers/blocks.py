@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import time
 from collections.abc import Mapping
 
 from .. import buffers
 from ..buffers import BufferPool
 from ..httpfile import RCVLOWAT
+from ..tls import is_tls
 
 MAX_HEAD = 16 * 1024  # bytes of status line and headers a peer may send
 IDLE_KEEP = 15.0  # seconds an idle connection is kept for the next request
@@ -215,8 +217,8 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _set_lowat(self, value: int) -> None:
         """Wake us once `value` bytes are in (one wake-up per block, not per burst)."""
-        if value == self._lowat or self.transport is None:
-            return
+        if value == self._lowat or self.transport is None or is_tls(self.transport):
+            return  # TLS: the socket holds records, whose bytes are not the body's
         sock = self.transport.get_extra_info("socket")
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, value)
@@ -228,8 +230,9 @@ class _Connection(asyncio.BufferedProtocol):
 class BlockClient:
     """Keep-alive connections to peers, for block GETs."""
 
-    def __init__(self, connect_timeout: float) -> None:
+    def __init__(self, connect_timeout: float, tls: ssl.SSLContext | None = None) -> None:
         self.connect_timeout = connect_timeout
+        self.tls = tls  # mutual TLS (tls.py): every connection is a TLS one
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._busy: set[_Connection] = set()
         self.connections = 0  # opened so far (for tests and metrics)
@@ -294,7 +297,9 @@ class BlockClient:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Connection(self.pool), host, port)
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self.pool), host, port, ssl=self.tls
+                )
         except ValueError as err:  # e.g. a label too long for IDNA: not an OSError
             raise ProtocolError(f"cannot connect to {host!r}: {err}") from None
         self.connections += 1

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import random
+import ssl
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -289,11 +290,16 @@ class Swarm:
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         secret: bytes | None = None,
+        tls: ssl.SSLContext | None = None,
         trust: Trust | None = None,
         seeder: bool = False,
     ) -> None:
         self.node_id = node_id
         self.secret = secret  # the cluster secret: every peer request is signed with it
+        # mutual TLS (tls.py): peers are reached over HTTPS with our certificate, and
+        # theirs must be the cluster CA's
+        self.tls = tls
+        self.scheme = "https" if tls is not None else "http"
         self.trust = trust  # the manifest keys we trust (signed manifests)
         self.seeder = seeder  # our role: a seeder reads every image it is asked for whole
         self.advertise = advertise
@@ -319,7 +325,7 @@ class Swarm:
         self._connecting: dict[str, asyncio.Task[Link | None]] = {}
         self._reading: dict[str, set[_Read]] = {}  # our block reads running, by peer
         self._session: aiohttp.ClientSession | None = None
-        self.blocks = BlockClient(connect_timeout=min(5.0, config.timeout))  # block GETs
+        self.blocks = BlockClient(min(5.0, config.timeout), tls)  # block GETs
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
@@ -329,7 +335,9 @@ class Swarm:
         self._session = aiohttp.ClientSession(
             # joins, hellos and links (blocks: `blocks`); each call is bounded by its caller
             timeout=aiohttp.ClientTimeout(total=None, connect=min(5.0, self.config.timeout)),
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+            connector=aiohttp.TCPConnector(
+                limit=0, limit_per_host=0, ssl=self.tls if self.tls is not None else True
+            ),
             auto_decompress=False,
         )
         if self.static_peers:
@@ -421,9 +429,11 @@ class Swarm:
         role_proven: bool = False,
     ) -> None:
         """A peer was discovered or refreshed (`seeder`: its role, when the source says).
-        A seeder reads every image for everyone: with a cluster secret, an mDNS
-        announcement of the role is believed only once a signed hello confirms it."""
-        if seeder and source == "mdns" and self.secret is not None and not role_proven:
+        A seeder reads every image for everyone: with a cluster secret or mutual TLS,
+        an mDNS announcement of the role is believed only once an authenticated hello
+        confirms it."""
+        authenticated = self.secret is not None or self.tls is not None
+        if seeder and source == "mdns" and authenticated and not role_proven:
             known_peer = self.table.peers.get(node_id)
             if known_peer is None or not known_peer.seeder:
                 address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -499,7 +509,7 @@ class Swarm:
         try:
             headers, nonce = self.sign("GET", "/v1/peer/hello")
             async with self.session.get(
-                f"http://{address}/v1/peer/hello",
+                f"{self.scheme}://{address}/v1/peer/hello",
                 timeout=aiohttp.ClientTimeout(total=5),
                 headers=headers,
             ) as resp:
@@ -514,6 +524,9 @@ class Swarm:
                 return False
         except PeerError as err:
             log.warning("static peer %s refused: %s", address, err.detail)
+            return False
+        except aiohttp.ClientSSLError as err:  # e.g. a certificate the CA did not sign
+            log.warning("static peer %s refused: TLS: %s", address, err)
             return False
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError) as err:
             log.debug("static peer %s does not answer: %r", address, err)
@@ -530,7 +543,7 @@ class Swarm:
             gen if isinstance(gen, int) else None,
             inventory,
             info.get("role") == "seeder",
-            role_proven=True,  # the answer was signed (with a cluster secret)
+            role_proven=True,  # the answer was authenticated (cluster secret, TLS)
         )
         return True
 
@@ -588,7 +601,7 @@ class Swarm:
         host, port = self.advertise
         body = encode(Join(image_id, self.node_id, host, port, fetching))
         path = f"/v1/peer/images/{image_id}/join"
-        url = f"http://{peer.address}{path}"
+        url = f"{self.scheme}://{peer.address}{path}"
         headers, nonce = self.sign("POST", path, body)
         try:
             async with (
@@ -810,7 +823,7 @@ class Swarm:
         peer = self.table.get(node)
         if peer is None or not peer.usable(self.clock()):
             return None
-        url = f"http://{peer.address}/v1/peer/ws"
+        url = f"{self.scheme}://{peer.address}/v1/peer/ws"
         headers, nonce = self.sign("GET", "/v1/peer/ws")
         try:
             async with asyncio.timeout(self.config.timeout):  # a hung peer costs this
