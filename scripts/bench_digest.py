@@ -8,8 +8,11 @@ For each of `security.chunk_digest` = xxh3, blake3, sha256, in the same run:
          read back and hashed again when sealed, the whole image hashed against the
          origin's sha256); B's wall time and CPU seconds per GiB (user + system, from
          /proc), and A's CPU per GiB for the origin fetch
-plus, as the baseline of the same run, curl of the image from the origin into
-/dev/null (the loopback's own cost) and the machine's load average.
+plus two rows with peer authentication on top of blake3: `+secret` (a cluster
+secret: every request and answer HMAC-signed) and `+tls` (mutual TLS: every peer
+connection encrypted, blocks sent without sendfile); and, as the baseline of the
+same run, curl of the image from the origin into /dev/null (the loopback's own
+cost) and the machine's load average.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -27,9 +31,11 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-ALGOS = ("xxh3", "blake3", "sha256")
+ROWS = (("xxh3", ""), ("blake3", ""), ("sha256", ""), ("blake3", "secret"), ("blake3", "tls"))
 MIB = 1024 * 1024
+CONTEXT: ssl.SSLContext | None = None  # the bench's own https client (set with the certs)
 
 
 def free_port() -> int:
@@ -43,11 +49,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def urlopen(url: str | urllib.request.Request, timeout: float) -> Any:
+    return urllib.request.urlopen(url, timeout=timeout, context=CONTEXT)
+
+
 def wait_http(url: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=2):
+            with urlopen(url, timeout=2):
                 return
         except OSError:
             time.sleep(0.05)
@@ -66,17 +76,27 @@ def hash_rate(algo: str, seconds: float = 2.0) -> float:
 
 
 class Daemon:
-    def __init__(self, work: Path, name: str, origin: str, algo: str, peers: list[str]) -> None:
+    def __init__(
+        self, work: Path, name: str, origin: str, algo: str, peers: list[str], auth: str
+    ) -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.addr = f"127.0.0.1:{self.port}"
+        self.url = f"{'https' if auth == 'tls' else 'http'}://{self.addr}"
         config = work / f"{name}.toml"
         static = ", ".join(f'"{p}"' for p in peers)
+        certs = work.parent / "certs"
+        security = {
+            "": "",
+            "secret": f'cluster_secret_file = "{certs / "secret"}"\n',
+            "tls": f'tls_cert = "{certs / "h.pem"}"\ntls_key = "{certs / "h.key"}"\n'
+            f'tls_ca = "{certs / "ca.pem"}"\n',
+        }[auth]
         config.write_text(
             f'[daemon]\nlisten = "127.0.0.1:{self.port}"\nlog_level = "warning"\n'
             f'[cache]\ndir = "{work / name}"\nmax_size = "64GiB"\n'
             f'[origin]\nurl = "{origin}"\n'
             f"[discovery]\nmdns = false\nstatic_peers = [{static}]\n"
-            f'[security]\nchunk_digest = "{algo}"\n'
+            f'[security]\nchunk_digest = "{algo}"\n{security}'
         )
         self.log = open(work / f"{name}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -89,13 +109,13 @@ class Daemon:
 
     def fetch(self, image: str) -> None:
         req = urllib.request.Request(f"{self.url}/v1/images/{image}/fetch?wait=600", method="POST")
-        with urllib.request.urlopen(req, timeout=700) as resp:
+        with urlopen(req, timeout=700) as resp:
             body = json.load(resp)
         if body.get("state") != "complete":
             raise RuntimeError(f"fetch did not complete: {body}")
 
     def peers_ok(self) -> bool:
-        with urllib.request.urlopen(self.url + "/v1/peers", timeout=5) as resp:
+        with urlopen(self.url + "/v1/peers", timeout=5) as resp:
             return any(p["state"] == "ok" for p in json.load(resp)["peers"])
 
     def stop(self) -> None:
@@ -108,15 +128,15 @@ class Daemon:
         self.log.close()
 
 
-def pipeline(work: Path, origin: str, algo: str, size: int) -> dict[str, float]:
+def pipeline(work: Path, origin: str, algo: str, auth: str, size: int) -> dict[str, float]:
     run = Path(tempfile.mkdtemp(dir=work, prefix=f"{algo}-"))
-    a = Daemon(run, "a", origin, algo, [])
+    a = Daemon(run, "a", origin, algo, [], auth)
     b = None
     try:
         c0 = cpu_seconds(a.proc.pid)
         a.fetch("img")
         a_cpu = cpu_seconds(a.proc.pid) - c0
-        b = Daemon(run, "b", origin, algo, [a.url.removeprefix("http://")])
+        b = Daemon(run, "b", origin, algo, [a.addr], auth)
         deadline = time.monotonic() + 30
         while not b.peers_ok():
             if time.monotonic() > deadline:
@@ -133,6 +153,19 @@ def pipeline(work: Path, origin: str, algo: str, size: int) -> dict[str, float]:
         shutil.rmtree(run, ignore_errors=True)
     gib = size / 1024**3
     return {"a_cpu_per_gib": a_cpu / gib, "b_cpu_per_gib": b_cpu / gib, "b_wall": wall}
+
+
+def make_certs(folder: Path) -> None:
+    """A cluster secret, a CA and one certificate both daemons use (for +secret, +tls)."""
+    global CONTEXT
+    from swarmtools.certs import make_ca, write_ca, write_host
+
+    folder.mkdir()
+    (folder / "secret").write_text(os.urandom(24).hex() + "\n")
+    ca = make_ca()
+    files = write_host(ca, write_ca(ca, folder / "ca.pem"), folder, "h", ("127.0.0.1",))
+    CONTEXT = ssl.create_default_context(cafile=str(files.ca))
+    CONTEXT.check_hostname = False
 
 
 def main() -> int:
@@ -178,17 +211,19 @@ def main() -> int:
         print(f"baseline curl origin -> /dev/null: {statistics.median(curl):.2f} s")
         print()
         print(
-            f"{'digest':8} {'hash GB/s':>9} {'B wall s':>9} {'B/curl':>7} "
+            f"{'digest':13} {'hash GB/s':>9} {'B wall s':>9} {'B/curl':>7} "
             f"{'B CPU s/GiB':>12} {'A CPU s/GiB':>12}"
         )
-        for algo in ALGOS:
+        make_certs(work / "certs")
+        for algo, auth in ROWS:
             rate = hash_rate(algo)
-            runs = [pipeline(work, origin, algo, size) for _ in range(args.runs)]
+            runs = [pipeline(work, origin, algo, auth, size) for _ in range(args.runs)]
             wall = statistics.median(r["b_wall"] for r in runs)
             b_cpu = statistics.median(r["b_cpu_per_gib"] for r in runs)
             a_cpu = statistics.median(r["a_cpu_per_gib"] for r in runs)
+            name = algo + ("+" + auth if auth else "")
             print(
-                f"{algo:8} {rate:9.2f} {wall:9.2f} {wall / statistics.median(curl):7.2f} "
+                f"{name:13} {rate:9.2f} {wall:9.2f} {wall / statistics.median(curl):7.2f} "
                 f"{b_cpu:12.2f} {a_cpu:12.2f}",
                 flush=True,
             )
