@@ -292,3 +292,67 @@ async def test_a_job_seals_a_chunk_whose_blocks_an_earlier_fetch_left_unsealed(
     assert b.image.complete
     assert job.bytes_by_source == {"origin": SIZE - CHUNK}  # chunk 2 was not read again
     assert b.image.data_path.read_bytes() == b.data
+
+
+class _LeavingSwarm:
+    """What PeerReads uses of a Swarm: a neighbour whose block arrives after it left
+    the image (its link dropped: it evicted the image), or, with `left=False`, one
+    still linked that announced the block without a digest."""
+
+    def __init__(self, data: bytes, left: bool) -> None:
+        self.data = data
+        self.left = left
+        self.failures: list[str] = []
+        self.blocks = self
+        self.table = self
+
+    async def read_block(self, node: str, manifest: Manifest, block: int) -> bytearray:
+        return bytearray(self.data)
+
+    def digest(self, image_id: str, node: str, block: int) -> bytes | None:
+        return None
+
+    def trading(self, image_id: str, node: str) -> bool:
+        return not self.left
+
+    def recycle(self, body: bytearray) -> None:
+        pass
+
+    def failed(self, node: str, now: float) -> bool:
+        self.failures.append(node)
+        return False
+
+    def lacks(self, image_id: str, node: str) -> None:
+        pass
+
+
+@pytest.mark.parametrize("left", [True, False])
+async def test_a_block_from_a_peer_that_left_meanwhile_is_dropped_without_blame(
+    bench: Bench, left: bool
+) -> None:
+    """A block whose sender unlinked while it came has nothing to be checked against:
+    dropped and asked elsewhere, the peer not counted as failing (eviction churn made
+    busy peers look broken); a linked peer without a digest for what it announced is."""
+    from swarmcache.fetch.peer_reads import PeerReads
+
+    m = bench.image.manifest
+    exchange = Exchange(Geometry(m.size, m.chunk_size, m.block_size), [], random.Random(1))
+    swarm = _LeavingSwarm(block_bytes(bench, 0), left)
+    reads = PeerReads(
+        bench.image,
+        swarm,  # type: ignore[arg-type]
+        exchange,
+        bench.landing,
+        bench.metrics,
+        Tally("img", bench.metrics),
+        Wakeup(),
+        bench.reports.landed.append,  # type: ignore[arg-type]
+        bench.reports.errors.append,
+    )
+    await reads._read("peer-1", 0)
+    assert bench.reports.landed == []
+    assert not bench.image.has_block(0)
+    outcome = bench.metrics.block_requests.labels("gone" if left else "failed")
+    assert outcome._value.get() == 1
+    assert swarm.failures == ([] if left else ["peer-1"])
+    assert bench.metrics.peer_errors._value.get() == (0 if left else 1)

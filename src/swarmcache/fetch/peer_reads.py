@@ -166,6 +166,10 @@ class PeerReads:
         copy landed first (endgame)."""
         expected = self.swarm.digest(self.image_id, node, block)
         if expected is None:
+            if not self.swarm.trading(self.image_id, node):
+                # unlinked while the block was on its way (it evicted the image, or
+                # the link rotated): nothing to check it against, and no fault of its
+                raise PeerGone(f"peer {node} left {self.image_id} while block {block} came")
             raise PeerError(f"peer {node} announced block {block} without a digest")
         if self.image.has_block(block):
             self.metrics.block_requests.labels("ok").inc()  # served, just too late

@@ -1211,6 +1211,11 @@ class Swarm:
         self.check_answer(nonce, 200, resp.headers.get(DIGEST_HEADER.lower(), ""), resp.headers)
         return resp.body
 
+    def trading(self, image_id: str, node_id: str) -> bool:
+        """A peer is linked to us for an image and has told us what it holds."""
+        trade = self.trades.get(image_id)
+        return trade is not None and node_id in trade.digests
+
     def digest(self, image_id: str, node_id: str, block: int) -> bytes | None:
         """The digest a peer announced for one of its blocks."""
         trade = self.trades.get(image_id)
