@@ -20,7 +20,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from conftest import make_config, metric, serve_app
-from swarmcache.daemon import GLANCE_ADDRESS
+from swarmcache.daemon import GLANCE_ADDRESS, build_app
 from swarmtools.glance import ADMIN_HEADERS, GlanceServer
 
 # the module's Glance starts once (about 3 s; on a fresh machine the install first)
@@ -418,3 +418,64 @@ async def test_glance_unreachable_is_a_503(node: NodeFactory) -> None:
         status, _, body = await _get(n.endpoint + path)
         assert status == 503, path
         assert json.loads(body)["error"] == "glance unreachable"
+
+
+async def test_a_seeder_beside_glance_signs_and_hosts_download_through_their_endpoint(
+    glance: GlanceServer,
+    aiohttp_client: Callable[..., Awaitable[TestClient]],
+    tmp_path: Path,
+) -> None:
+    """A seeder with the Glance origin seeds an image (checked against os_hash_value,
+    signed); a host trusting its key, with the seeder as its one peer, serves
+    `glance image-download` through its endpoint with every block from the seeder,
+    checked against the signed manifest, and nothing from Glance."""
+    from conftest import free_port, wait_peers
+    from swarmcache.signing import encode_key, key_id, new_private_key, public_key
+
+    data = _random(4 * MIB + 9, 11)
+    meta = await _upload(glance, data)
+    private = new_private_key()
+    key_file = tmp_path / "manifest.key"
+    key_file.write_text(encode_key(private) + "\n")
+    key_file.chmod(0o600)
+
+    async def start(name: str, **sections: dict[str, Any]) -> Node:
+        port = free_port()
+        raw: dict[str, dict[str, Any]] = {
+            "daemon": {"listen": f"127.0.0.1:{port}"},
+            "origin": {"kind": "glance", "url": glance.url},
+            "cache": {"dir": str(tmp_path / name), "chunk_size": "1MiB"},
+            "glance_api": {"listen": "127.0.0.1:0"},
+        }
+        for section, keys in sections.items():
+            raw.setdefault(section, {}).update(keys)
+        app = build_app(make_config(tmp_path, raw))
+        kwargs = {"handler_cancellation": True, "port": port}
+        return Node(await aiohttp_client(app, server_kwargs=kwargs))
+
+    seeder = await start(
+        "seeder", daemon={"role": "seeder"}, security={"manifest_key_file": str(key_file)}
+    )
+    resp = await seeder.client.post(f"/v1/images/{meta['id']}/seed?wait=60")
+    seeded = await resp.json()
+    assert resp.status == 200, seeded
+    kid = key_id(public_key(private))
+    assert seeded["signed_by"] == kid
+    assert seeded["hash"] == f"sha512:{meta['os_hash_value']}"
+    host = await start(
+        "host",
+        discovery={"static_peers": [f"127.0.0.1:{seeder.client.server.port}"]},
+        security={"trusted_manifest_keys": [encode_key(public_key(private))]},
+    )
+    await wait_peers(host.client, "")
+    out = tmp_path / "out"
+    code, _, err = await _run(
+        *_glance_cli(host.endpoint, "image-download", "--file", str(out), meta["id"])
+    )
+    assert code == 0, err
+    assert out.read_bytes() == data
+    status = await host.status(meta["id"])
+    assert (status["state"], status["signed_by"]) == ("complete", kid)
+    assert await host.metric("swarmcache_fetched_bytes_total", source="origin") == 0
+    assert await host.metric("swarmcache_fetched_bytes_total", source="peer") == len(data)
+    assert await seeder.metric("swarmcache_fetched_bytes_total", source="origin") == len(data)
