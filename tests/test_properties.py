@@ -36,6 +36,14 @@ from swarmcache.manifest import (
     encode_log_record,
 )
 from swarmcache.ranges import parse_range
+from swarmcache.signing import (
+    Signer,
+    Trust,
+    decode_key,
+    encode_key,
+    new_private_key,
+    signed_bytes,
+)
 from swarmcache.wire import (
     Have,
     Hello,
@@ -293,3 +301,81 @@ def test_sizes_and_durations_parse_to_non_negative_numbers_or_value_errors(value
         except ValueError:
             continue
         assert got >= 0
+
+
+# -- signatures (signing.py) -------------------------------------------------------------
+
+_PRIVATE = new_private_key()
+_SIGNER = Signer(_PRIVATE)
+_TRUST = Trust([_SIGNER.public])
+SIGNED_KEYS = [*MANIFEST_KEYS, "digest", "signer", "sig"]
+
+
+@st.composite
+def signed_manifests(draw: st.DrawFn) -> Manifest:
+    """A complete manifest with every digest, signed by _SIGNER."""
+    m = draw(manifests())
+    m.origin_hash = m.image_hash = draw(checksums())
+    m.complete = True
+    # every digest known (nonzero: zero means "not known"), drawn at once
+    m.digests[:] = draw(st.binary(min_size=len(m.digests), max_size=len(m.digests)))
+    m.block_digests[:] = draw(
+        st.binary(min_size=len(m.block_digests), max_size=len(m.block_digests))
+    )
+    _SIGNER.sign(m)
+    return m
+
+
+@given(signed_manifests())
+def test_signed_manifests_round_trip_and_check(m: Manifest) -> None:
+    back = Manifest.decode(m.encode())
+    assert (back.signer, back.signature) == (m.signer, m.signature)
+    assert not back.trusted  # nothing decoded is trusted before it is checked
+    assert _TRUST.check(back)
+    assert back.trusted
+
+
+@given(signed_manifests(), st.sampled_from(SIGNED_KEYS), _ANY)
+def test_a_tampered_signed_manifest_is_never_trusted(m: Manifest, key: str, value: object) -> None:
+    """Any field of a signed manifest replaced by anything: decoding raises our error,
+    or the check refuses it (IntegrityError, or False for an unknown signer), or what
+    it trusts is exactly what was signed."""
+    obj = msgpack.unpackb(m.encode(), raw=False)
+    obj[key] = value
+    try:
+        back = Manifest.decode(msgpack.packb(obj, use_bin_type=True))
+        trusted = _TRUST.check(back)
+    except IntegrityError:
+        return
+    if trusted:
+        assert signed_bytes(back) == signed_bytes(m)
+        assert (back.signer, back.signature) == (m.signer, m.signature)
+
+
+@given(signed_manifests(), st.integers(0, 2**16), st.integers(1, 255))
+def test_a_flipped_bit_of_a_signature_or_digest_is_refused(
+    m: Manifest, where: int, mask: int
+) -> None:
+    target = [m.signature, m.digests, m.block_digests][where % 3]
+    if not target:
+        return
+    changed = bytearray(target)
+    changed[where % len(changed)] ^= mask
+    if target is m.signature:
+        m.signature = bytes(changed)
+    elif target is m.digests:
+        m.digests = changed
+    else:
+        m.block_digests = changed
+    with pytest.raises(IntegrityError):
+        _TRUST.check(Manifest.decode(m.encode()))
+
+
+@given(st.text(max_size=80) | st.binary(max_size=48).map(lambda b: b.decode("latin-1")))
+def test_key_text_is_a_key_or_a_value_error(text: str) -> None:
+    try:
+        raw = decode_key(text)
+    except ValueError:
+        return
+    assert len(raw) == 32
+    assert decode_key(encode_key(raw)) == raw
