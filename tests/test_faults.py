@@ -90,7 +90,8 @@ async def test_origin_down_while_a_peer_holds_the_image(
         async with s.get(d.url + "/v1/images/img") as resp:
             assert resp.status == 200
             assert sha256(await resp.read()) == sha256(data)
-        st = await (await s.get(d.url + "/v1/images/img/status")).json()
+        # the fetch ends a moment after its last byte went out (made durable first)
+        st = await (await s.get(d.url + "/v1/images/img/status?wait=10")).json()
         text = await (await s.get(d.url + "/metrics")).text()
     origin.faults.status = None
     assert st["state"] == "complete"
