@@ -351,6 +351,84 @@ async def test_reads_from_a_peer_that_is_gone_end_at_once() -> None:
         await server.wait_closed()
 
 
+@pytest.mark.parametrize("rides_along", [True, False])
+async def test_a_reader_that_dropped_the_image_stays_a_reader_and_is_joined_again(
+    aiohttp_server: Any, rides_along: bool
+) -> None:
+    """A reader that answers 404 for a block it announced (it evicted the image) is no
+    source of it until it tells its state again, but stays one of the image's readers:
+    which host happened to get the 404 differs from host to host, and hosts whose
+    readers differ leave chunks to nobody. It is joined again, once, so that it rides
+    along (reads its share). One that answers that join without the image (it will not
+    read it now), or lacks what it announced a second time, is no reader any more."""
+    import random
+
+    from aiohttp import web
+
+    from swarmcache.config import PeersConfig
+    from swarmcache.exchange import ActiveSet, Exchange, Geometry, OriginLane
+    from swarmcache.metrics import Metrics
+    from swarmcache.peers.swarm import Swarm, Trade
+    from swarmcache.wire import Peers
+
+    joins: list[Join] = []
+    manifest = Manifest("img", size=4 * MIB, chunk_size=MIB, block_size=MIB)
+
+    async def join(request: web.Request) -> web.Response:
+        msg = decode(await request.read())
+        assert isinstance(msg, Join)
+        joins.append(msg)
+        answer = Peers(msg.image_id, manifest if rides_along else None, ())
+        return web.Response(body=encode(answer))
+
+    app = web.Application()
+    app.router.add_post("/v1/peer/images/{image_id}/join", join)
+    port = (await aiohttp_server(app)).port
+    me, b, c = "a" * 16, "b" * 16, "c" * 16
+    exchange = Exchange(Geometry(manifest.size, MIB, MIB), [], random.Random(1))
+    lane = OriginLane(exchange, me, "img", [b, c], 4, 30.0, now=0.0, gather=0.0)
+
+    class Job:
+        image_id = "img"
+
+        def __init__(self) -> None:
+            self.manifest = manifest
+            self.exchange = exchange
+            self.lane = lane
+
+        def poke(self) -> None:
+            pass
+
+    swarm = Swarm(me, ("127.0.0.1", 1), PeersConfig(timeout=5.0), 4, Metrics())
+    async with swarm:
+        swarm.seen(b, "127.0.0.1", port, "static")
+        swarm.seen(c, "127.0.0.1", 9, "static")
+        trade = Trade("img", manifest, exchange, ActiveSet(12, random.Random(1)), job=Job())
+        swarm.trades["img"] = trade
+        trade.active.add(b)
+        exchange.add_neighbour(b, bytes([0b1111]))
+        readers = list(lane.readers)
+        assert b in readers
+        swarm.lacks("img", b)
+        swarm.lacks("img", b)  # another read of it in flight answered 404 too
+        assert lane.readers == readers  # the same readers as every other host's
+        assert b not in trade.active.links
+        assert b not in exchange.neighbours  # no source until it tells its state again
+        async with asyncio.timeout(5):
+            while not joins or trade.tasks:
+                await asyncio.sleep(0.01)
+        assert [(j.image_id, j.node, j.fetching) for j in joins] == [("img", me, True)]
+        if not rides_along:
+            assert b not in lane.readers  # it will not read its share: others do
+            return
+        assert lane.readers == readers
+        trade.active.add(b)  # it linked again and announced blocks, then lacks one again
+        exchange.add_neighbour(b, bytes([0b1111]))
+        swarm.lacks("img", b)
+        assert b not in lane.readers
+        assert len(joins) == 1
+
+
 async def test_hosts_starting_together_ask_the_origin_about_the_image_once(
     tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
 ) -> None:

@@ -131,6 +131,7 @@ class Trade:
     heard: asyncio.Event = field(default_factory=asyncio.Event)  # every first State is in
     rotating: bool = False
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    lacked: set[str] = field(default_factory=set)  # readers joined again after a 404
 
     def digest(self, node: str, block: int) -> bytes | None:
         """The digest a block from `node` must have: the signed one when our manifest
@@ -686,6 +687,7 @@ class Swarm:
                 link.send(Subscribe(job.image_id, True))
                 self._send_state(link, trade)
         trade.job = job
+        trade.lacked.clear()  # a new fetch: every reader gets its second chance again
         self._tick(trade)
         await self._link_more(trade, hosts)
         if trade.waiting:
@@ -1081,15 +1083,40 @@ class Swarm:
             self.gone_for_now(node_id)
 
     def lacks(self, image_id: str, node_id: str) -> None:
-        """A peer answered 404 for a block of the image it announced: it is no source
-        of this image for this fetch (no reader of it, no neighbour for it) until it
-        tells us its state again."""
+        """A peer answered 404 for a block of the image it announced (it dropped the
+        image since): it is no source of this image (no neighbour for it) until it
+        tells us its state again, as after its Status gone. It stays one of the image's
+        readers: every host must compute the same readers, and which host happened to
+        ask it for a block just then is not the same everywhere (hosts whose readers
+        differ each leave some chunk to another: nobody reads it, and its clients wait
+        for URGENT_WAIT). A reader that dropped the image is joined again instead, so
+        it rides along and reads its share (most often it fetches the image again
+        already). One that lacks what it announced a second time in this fetch, or
+        cannot take the image again, is no reader of it for us any more."""
         trade = self.trades.get(image_id)
-        if trade is None:
-            return
-        if trade.job is not None and trade.job.lane.exclude(node_id):
-            log.info("%s: readers now %s", image_id, ", ".join(trade.job.lane.readers))
+        if trade is None or node_id not in trade.active.links:
+            return  # unlinked already (another read of it answered 404 first)
         self._unlink(trade, node_id)
+        job = trade.job
+        if job is None or node_id not in job.lane.readers:
+            return
+        if node_id in trade.lacked:
+            self._not_a_reader(trade, node_id)
+            return
+        trade.lacked.add(node_id)
+        self._spawn_for(trade, self._rejoin(trade, node_id), f"rejoin-{image_id}-{node_id}")
+
+    async def _rejoin(self, trade: Trade, node_id: str) -> None:
+        """Join a reader that dropped the image again (see lacks)."""
+        answer = await self._join_at(node_id, trade.image_id, True)
+        if answer is None or answer.manifest is None:  # it will not read the image now
+            self._not_a_reader(trade, node_id)
+
+    def _not_a_reader(self, trade: Trade, node_id: str) -> None:
+        job = trade.job
+        if job is not None and job.lane.exclude(node_id):
+            log.info("%s: readers now %s", trade.image_id, ", ".join(job.lane.readers))
+            job.poke()
 
     def checked(self, node_id: str, manifest: Manifest) -> bool:
         """Check the signature of a manifest a peer sent (marking it trusted if it is
