@@ -596,3 +596,49 @@ async def test_a_have_of_a_block_the_peer_holds_rides_along_with_the_next() -> N
         assert _Swarm.messages["sent", "Have"] == 2
     finally:
         await link.close()
+
+
+async def test_a_finished_fetch_keeps_trading_with_a_peer_whose_state_is_not_in_yet() -> None:
+    """A fetch that ends (a seeder done before the host it rides along for) keeps the
+    image's trade while a peer is linked for it, even one whose State has not arrived:
+    ending it would unsubscribe that peer, which may have no other source. With no
+    peer linked, the trade ends."""
+    import random
+
+    from swarmcache.config import PeersConfig
+    from swarmcache.exchange import ActiveSet, Exchange, Geometry, OriginLane
+    from swarmcache.metrics import Metrics
+    from swarmcache.peers.swarm import Swarm, Trade
+
+    me, b = "a" * 16, "b" * 16
+    manifest = Manifest("img", size=4 * MIB, chunk_size=MIB, block_size=MIB)
+
+    class Store:
+        def get(self, image_id: str) -> object:
+            return object()  # the image is held here
+
+    class Job:
+        image_id = "img"
+
+        def __init__(self) -> None:
+            self.manifest = manifest
+            self.exchange = Exchange(Geometry(manifest.size, MIB, MIB), [], random.Random(1))
+            self.lane = OriginLane(self.exchange, me, "img", [me], 4, 30.0, now=0.0, gather=0.0)
+
+        def poke(self) -> None:
+            pass
+
+    swarm = Swarm(me, ("127.0.0.1", 1), PeersConfig(timeout=5.0), 4, Metrics())
+    swarm.store = Store()
+    async with swarm:
+        for linked in (True, False):
+            job = Job()
+            trade = Trade("img", manifest, job.exchange, ActiveSet(12, random.Random(1)), job=job)
+            swarm.trades["img"] = trade
+            if linked:
+                trade.active.add(b)  # subscribed; its State not in: no neighbour yet
+                trade.waiting.add(b)
+            assert not job.exchange.neighbours
+            swarm.stop(job)
+            assert trade.job is None
+            assert ("img" in swarm.trades) is linked

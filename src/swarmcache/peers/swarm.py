@@ -705,8 +705,11 @@ class Swarm:
         trade.job = None
         for link in self._links_for(trade):
             link.send(Status(job.image_id, False))
+        # a peer linked for the image whose State is not in yet wants blocks too: ending
+        # the trade would unsubscribe it, and a host whose one source we are (a seeder
+        # done first) would wait for URGENT_WAIT and read the rest from the origin
         image = self.store.get(job.image_id) if self.store is not None else None
-        if image is None or not trade.exchange.neighbours:
+        if image is None or not trade.active.links:
             self._end_trade(trade)
 
     async def _link_more(self, trade: Trade, hosts: Iterable[str]) -> None:
