@@ -24,7 +24,7 @@ from conftest import (
     wait_peers,
 )
 from swarmcache.manifest import Checksum, Manifest, block_digest
-from swarmcache.wire import Hello, Join, Slot, State, Subscribe, decode, encode
+from swarmcache.wire import Hello, Join, Slot, State, Status, Subscribe, decode, encode
 
 MIB = 1024 * 1024
 
@@ -351,16 +351,17 @@ async def test_reads_from_a_peer_that_is_gone_end_at_once() -> None:
         await server.wait_closed()
 
 
-@pytest.mark.parametrize("rides_along", [True, False])
+@pytest.mark.parametrize("answer", ["rides along", "declines", "busy, then rides along"])
 async def test_a_reader_that_dropped_the_image_stays_a_reader_and_is_joined_again(
-    aiohttp_server: Any, rides_along: bool
+    aiohttp_server: Any, answer: str
 ) -> None:
     """A reader that answers 404 for a block it announced (it evicted the image) is no
     source of it until it tells its state again, but stays one of the image's readers:
     which host happened to get the 404 differs from host to host, and hosts whose
-    readers differ leave chunks to nobody. It is joined again, once, so that it rides
-    along (reads its share). One that answers that join without the image (it will not
-    read it now), or lacks what it announced a second time, is no reader any more."""
+    readers differ leave chunks to nobody. It is joined again, once (asked again while
+    it answers 503), so that it rides along (reads its share). One that answers that
+    join without the image (it will not read it now), or lacks what it announced again
+    later than a read from before could answer, is no reader any more."""
     import random
 
     from aiohttp import web
@@ -373,13 +374,17 @@ async def test_a_reader_that_dropped_the_image_stays_a_reader_and_is_joined_agai
 
     joins: list[Join] = []
     manifest = Manifest("img", size=4 * MIB, chunk_size=MIB, block_size=MIB)
+    busy = [2 if answer.startswith("busy") else 0]
 
     async def join(request: web.Request) -> web.Response:
         msg = decode(await request.read())
         assert isinstance(msg, Join)
         joins.append(msg)
-        answer = Peers(msg.image_id, manifest if rides_along else None, ())
-        return web.Response(body=encode(answer))
+        if busy[0]:
+            busy[0] -= 1
+            return web.Response(status=503, headers={"Retry-After": "0.05"})
+        reply = Peers(msg.image_id, None if answer == "declines" else manifest, ())
+        return web.Response(body=encode(reply))
 
     app = web.Application()
     app.router.add_post("/v1/peer/images/{image_id}/join", join)
@@ -399,7 +404,9 @@ async def test_a_reader_that_dropped_the_image_stays_a_reader_and_is_joined_agai
         def poke(self) -> None:
             pass
 
-    swarm = Swarm(me, ("127.0.0.1", 1), PeersConfig(timeout=5.0), 4, Metrics())
+    now = [1000.0]
+    config = PeersConfig(timeout=5.0)
+    swarm = Swarm(me, ("127.0.0.1", 1), config, 4, Metrics(), clock=lambda: now[0])
     async with swarm:
         swarm.seen(b, "127.0.0.1", port, "static")
         swarm.seen(c, "127.0.0.1", 9, "static")
@@ -414,19 +421,38 @@ async def test_a_reader_that_dropped_the_image_stays_a_reader_and_is_joined_agai
         assert lane.readers == readers  # the same readers as every other host's
         assert b not in trade.active.links
         assert b not in exchange.neighbours  # no source until it tells its state again
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(10):
             while not joins or trade.tasks:
                 await asyncio.sleep(0.01)
-        assert [(j.image_id, j.node, j.fetching) for j in joins] == [("img", me, True)]
-        if not rides_along:
+        want = 3 if answer.startswith("busy") else 1
+        assert [(j.image_id, j.node, j.fetching) for j in joins] == [("img", me, True)] * want
+        if answer == "declines":
             assert b not in lane.readers  # it will not read its share: others do
             return
         assert lane.readers == readers
-        trade.active.add(b)  # it linked again and announced blocks, then lacks one again
+        # it links again and announces blocks; a 404 from a read sent before the
+        # first one (within peers.timeout of it) is no news; a later one is
+        trade.active.add(b)
+        exchange.add_neighbour(b, bytes([0b1111]))
+        swarm.lacks("img", b)
+        assert lane.readers == readers
+        now[0] += config.timeout + 1
+        trade.active.add(b)
         exchange.add_neighbour(b, bytes([0b1111]))
         swarm.lacks("img", b)
         assert b not in lane.readers
-        assert len(joins) == 1
+        assert len(joins) == want
+
+        # a reader that says it dropped the image (Status gone) is joined again too
+        assert c in lane.readers
+        trade.active.add(c)
+
+        class Link:
+            node_id = c
+
+        swarm.on_message(Link(), Status("img", False, gone=True))  # type: ignore[arg-type]
+        assert c not in trade.active.links
+        assert c in trade.lacked  # a join of it is on its way (c answers nothing here)
 
 
 async def test_hosts_starting_together_ask_the_origin_about_the_image_once(

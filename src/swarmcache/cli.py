@@ -193,11 +193,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
             run(config)
             sys.exit(EXIT_OK)
-        client = Client(
-            _daemon_url(args.daemon, config.daemon.listen, bool(config.security.tls_cert)),
-            _api_token(config),
-            tls.client_context(config.security),
-        )
+        url = _daemon_url(args.daemon, config.daemon.listen, bool(config.security.tls_cert))
+        context = tls.client_context(config.security) if url.startswith("https:") else None
+        client = Client(url, _api_token(config), context)
         # SIGTERM like Ctrl-C: a download in progress removes its FILE.part
         signal.signal(signal.SIGTERM, _interrupt)
         sys.exit(COMMANDS[args.command](client, args))

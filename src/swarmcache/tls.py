@@ -83,7 +83,7 @@ def client_context(sec: SecurityConfig) -> ssl.SSLContext | None:
     if sec.tls_cert and sec.tls_key:
         # not readable by this user: the local API needs no certificate
         with contextlib.suppress(OSError, ssl.SSLError):
-            ctx.load_cert_chain(sec.tls_cert, sec.tls_key)
+            ctx.load_cert_chain(sec.tls_cert, sec.tls_key, password=_no_password)
     return ctx
 
 
@@ -106,7 +106,9 @@ def _load_ca(ctx: ssl.SSLContext, path: str) -> None:
     try:
         ctx.load_verify_locations(cafile=path)
     except OSError as err:
-        raise ConfigError(path, "security.tls_ca", f"cannot read: {err.strerror or err}") from None
+        raise ConfigError(
+            path, "security.tls_ca", f"cannot read: {err.strerror or err} (it checks peers)"
+        ) from None
     except ssl.SSLError as err:
         raise ConfigError(path, "security.tls_ca", f"not a PEM CA certificate: {err}") from None
 
@@ -119,8 +121,16 @@ def _load_chain(ctx: ssl.SSLContext, cert: str, key: str) -> None:
         except OSError as err:
             raise ConfigError(path, f"security.{name}", f"cannot read: {err.strerror}") from None
     try:
-        ctx.load_cert_chain(cert, key)
+        ctx.load_cert_chain(cert, key, password=_no_password)
     except ssl.SSLError as err:
         raise ConfigError(
-            cert, "security.tls_cert", f"certificate and key do not load together: {err}"
+            cert,
+            "security.tls_cert",
+            f"certificate and key do not load together (an encrypted key is not supported): {err}",
         ) from None
+
+
+def _no_password() -> bytes:
+    """An encrypted key fails to load rather than asking for a passphrase on a
+    terminal (a daemon has none to ask on)."""
+    return b""

@@ -83,6 +83,8 @@ MAX_REQUEST = 1024 * 1024  # largest message a peer's socket may send us (a Stat
 MAINTENANCE_EVERY = 60.0  # seconds between sweeps of the peer table
 REFRESH_EVERY = 2.0  # seconds between looks for more neighbours while short of them
 JOIN_TIMEOUT = 5.0  # seconds a Join at a reader may take at least (else peers.timeout)
+REJOIN_TRIES = 3  # joins of a reader that dropped the image (busy or silent: again)
+REJOIN_WAIT = 0.5  # seconds before the second of them (doubling)
 MEMBERS_KEPT = 4096  # hosts a reader remembers per image (the oldest go first)
 MEMBER_TTL = 600.0  # seconds a reader remembers a host that joined an image
 NODE_HEADER = "X-Swarmcache-Node"  # who asks for a block (upload slots are per peer)
@@ -131,7 +133,7 @@ class Trade:
     heard: asyncio.Event = field(default_factory=asyncio.Event)  # every first State is in
     rotating: bool = False
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    lacked: set[str] = field(default_factory=set)  # readers joined again after a 404
+    lacked: dict[str, float] = field(default_factory=dict)  # readers joined again: when
 
     def digest(self, node: str, block: int) -> bytes | None:
         """The digest a block from `node` must have: the signed one when our manifest
@@ -529,6 +531,17 @@ class Swarm:
         except aiohttp.ClientSSLError as err:  # e.g. a certificate the CA did not sign
             log.warning("static peer %s refused: TLS: %s", address, err)
             return False
+        except aiohttp.ServerDisconnectedError as err:
+            if self.tls is None:
+                log.debug("static peer %s does not answer: %r", address, err)
+            else:  # TLS 1.3: a server refusing our certificate hangs up after the handshake
+                log.warning(
+                    "static peer %s closed the connection: does it trust our certificate's "
+                    "CA (security.tls_ca there)? (%r)",
+                    address,
+                    err,
+                )
+            return False
         except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError) as err:
             log.debug("static peer %s does not answer: %r", address, err)
             return False
@@ -687,7 +700,7 @@ class Swarm:
                 link.send(Subscribe(job.image_id, True))
                 self._send_state(link, trade)
         trade.job = job
-        trade.lacked.clear()  # a new fetch: every reader gets its second chance again
+        trade.lacked.clear()  # a new fetch: every reader may be joined again once
         self._tick(trade)
         await self._link_more(trade, hosts)
         if trade.waiting:
@@ -736,6 +749,7 @@ class Swarm:
         link = await self._link_to(node)
         if link is None or trade.image_id not in self.trades:
             self._unlink(trade, node)
+            self._maybe_end(trade)
             return
         link.images.add(trade.image_id)
         link.send(Subscribe(trade.image_id, trade.job is not None))
@@ -958,6 +972,7 @@ class Swarm:
                 trade.job.poke()
         elif isinstance(msg, Status) and msg.gone:
             self._unlink(trade, node)
+            self._reader_left(trade, node)
             self._maybe_end(trade)
 
     def _subscribed(self, link: Link, image_id: str) -> None:
@@ -995,10 +1010,12 @@ class Swarm:
         ours = trade.manifest
         if msg.manifest is not None and not self.checked(node, msg.manifest):
             self._unlink(trade, node)
+            self._maybe_end(trade)  # no fetch here and nobody left: the trade ends
             return
         if msg.manifest is None:
             log.debug("peer %s has nothing of %s", node, trade.image_id)
             self._unlink(trade, node)
+            self._maybe_end(trade)  # no fetch here and nobody left: the trade ends
             return
         if not msg.manifest.same_source(ours) or msg.manifest.block_size != ours.block_size:
             job = trade.job
@@ -1008,6 +1025,7 @@ class Swarm:
                     log.info("%s: readers now %s", trade.image_id, ", ".join(job.lane.readers))
                     job.poke()
             self._unlink(trade, node)
+            self._maybe_end(trade)  # no fetch here and nobody left: the trade ends
             return
         trade.digests[node] = bytearray(msg.manifest.block_digests)
         trade.exchange.add_neighbour(node, msg.have)
@@ -1094,30 +1112,50 @@ class Swarm:
         differ each leave some chunk to another: nobody reads it, and its clients wait
         for URGENT_WAIT). A reader that dropped the image is joined again instead, so
         it rides along and reads its share (most often it fetches the image again
-        already). One that lacks what it announced a second time in this fetch, or
-        cannot take the image again, is no reader of it for us any more."""
+        already). One that lacks what it announced again in this fetch (later than a
+        read in flight at the first 404 could answer), or answers that it will not
+        take the image, is no reader of it for us any more."""
         trade = self.trades.get(image_id)
         if trade is None or node_id not in trade.active.links:
             return  # unlinked already (another read of it answered 404 first)
         self._unlink(trade, node_id)
         job = trade.job
         if job is None or node_id not in job.lane.readers:
+            self._maybe_end(trade)
             return
-        if node_id in trade.lacked:
-            self._not_a_reader(trade, node_id)
-            return
-        trade.lacked.add(node_id)
-        self._spawn_for(trade, self._rejoin(trade, node_id), f"rejoin-{image_id}-{node_id}")
+        first = trade.lacked.get(node_id)
+        if first is None:
+            self._reader_left(trade, node_id)
+        elif self.clock() - first > self.config.timeout:  # not a read from before
+            self._not_a_reader(trade, node_id, job)
 
-    async def _rejoin(self, trade: Trade, node_id: str) -> None:
-        """Join a reader that dropped the image again (see lacks)."""
-        answer = await self._join_at(node_id, trade.image_id, True)
-        if answer is None or answer.manifest is None:  # it will not read the image now
-            self._not_a_reader(trade, node_id)
-
-    def _not_a_reader(self, trade: Trade, node_id: str) -> None:
+    def _reader_left(self, trade: Trade, node_id: str) -> None:
+        """One of the image's readers dropped it (a 404 for what it announced, or its
+        Status gone): join it again once in this fetch, so that it reads its share."""
         job = trade.job
-        if job is not None and job.lane.exclude(node_id):
+        if job is None or node_id not in job.lane.readers or node_id in trade.lacked:
+            return
+        trade.lacked[node_id] = self.clock()
+        name = f"rejoin-{trade.image_id}-{node_id}"
+        self._spawn_for(trade, self._rejoin(trade, node_id, job), name)
+
+    async def _rejoin(self, trade: Trade, node_id: str, job: Fetching) -> None:
+        """Join a reader that dropped the image again (see lacks). Only an answer
+        without the image makes it no reader here; one that is busy or does not answer
+        is asked again a few times and then left to the fetch's own fallbacks (the
+        hosts that got through to it keep it too: the readers must stay the same)."""
+        for attempt in range(REJOIN_TRIES):
+            if trade.job is not job:
+                return  # that fetch ended
+            answer = await self._join_at(node_id, trade.image_id, True)
+            if answer is not None:
+                if answer.manifest is None:  # it will not read the image now
+                    self._not_a_reader(trade, node_id, job)
+                return
+            await asyncio.sleep(REJOIN_WAIT * 2**attempt)
+
+    def _not_a_reader(self, trade: Trade, node_id: str, job: Fetching) -> None:
+        if trade.job is job and job.lane.exclude(node_id):
             log.info("%s: readers now %s", trade.image_id, ", ".join(job.lane.readers))
             job.poke()
 
