@@ -39,12 +39,12 @@ def _cluster(folder: Path, *names: str, ca_name: str = "ca") -> list[HostFiles]:
     return [write_host(ca, ca_path, folder, name, ("127.0.0.1",)) for name in names]
 
 
-def _context(files: HostFiles | None, ca: Path, cert: bool = True) -> ssl.SSLContext:
-    """A client context trusting `ca`, presenting `files`' certificate if `cert`."""
+def _context(files: HostFiles | None, ca: Path) -> ssl.SSLContext:
+    """A client context trusting `ca`, presenting `files`' certificate (None: none)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.load_verify_locations(cafile=str(ca))
-    if files is not None and cert:
+    if files is not None:
         ctx.load_cert_chain(str(files.cert), str(files.key))
     return ctx
 

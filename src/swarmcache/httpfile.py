@@ -13,6 +13,8 @@ from typing import IO
 import aiohttp
 from aiohttp import web
 
+from .tls import is_tls
+
 RCVLOWAT = 256 * 1024  # bytes the kernel gathers before it wakes a body read
 
 
@@ -73,9 +75,10 @@ class _LowWater:
         transport = conn.transport if conn is not None else None
         # TLS: the socket holds records, a little more than the body's bytes; waiting
         # for the rest of the body there could wait for bytes that never come
-        if transport is None or transport.get_extra_info("sslcontext") is not None:
-            transport = None
-        self.sock = transport.get_extra_info("socket") if transport is not None else None
+        if transport is None or is_tls(transport):
+            self.sock = None
+        else:
+            self.sock = transport.get_extra_info("socket")
         self.value = 1
 
     def set(self, wanted: int) -> None:
@@ -101,7 +104,7 @@ async def sendfile(
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("client went away")
-    if transport.get_extra_info("sslcontext") is not None:
+    if is_tls(transport):
         await _copy(resp, f, offset, count)
         return
     loop = asyncio.get_running_loop()

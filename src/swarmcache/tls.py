@@ -59,12 +59,10 @@ def load(sec: SecurityConfig) -> Tls | None:
             )
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.verify_mode = ssl.CERT_OPTIONAL  # peer routes check it; local tools need none
-    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    client.check_hostname = False  # peers are addressed by IP: the CA is the check
-    client.verify_mode = ssl.CERT_REQUIRED
+    server.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_ca(server, sec.tls_ca)
+    client = _client(sec.tls_ca)
     for ctx in (server, client):
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        _load_ca(ctx, sec.tls_ca)
         _load_chain(ctx, sec.tls_cert, sec.tls_key)
     return Tls(server, client)
 
@@ -76,10 +74,7 @@ def client_context(sec: SecurityConfig) -> ssl.SSLContext | None:
     TLS is not configured."""
     if not sec.tls_ca:
         return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    _load_ca(ctx, sec.tls_ca)
+    ctx = _client(sec.tls_ca)
     if sec.tls_cert and sec.tls_key:
         # not readable by this user: the local API needs no certificate
         with contextlib.suppress(OSError, ssl.SSLError):
@@ -91,7 +86,7 @@ def has_cluster_cert(request: web.Request) -> bool:
     """The request's connection presented a certificate the cluster CA signed (the
     handshake fails for any other, so a certificate seen here is a verified one)."""
     transport = request.transport
-    if transport is None or transport.get_extra_info("sslcontext") is None:
+    if transport is None or not is_tls(transport):
         return False
     return bool(transport.get_extra_info("peercert"))
 
@@ -100,6 +95,17 @@ def is_tls(transport: object) -> bool:
     """The transport is a TLS one (its socket carries records, not the bytes)."""
     get = getattr(transport, "get_extra_info", None)
     return get is not None and get("sslcontext") is not None
+
+
+def _client(ca: str) -> ssl.SSLContext:
+    """A client context that checks the server's certificate against the cluster CA
+    `ca` and not its names (peers are addressed by IP: the CA is the check)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_ca(ctx, ca)
+    return ctx
 
 
 def _load_ca(ctx: ssl.SSLContext, path: str) -> None:

@@ -531,19 +531,17 @@ class Swarm:
         except aiohttp.ClientSSLError as err:  # e.g. a certificate the CA did not sign
             log.warning("static peer %s refused: TLS: %s", address, err)
             return False
-        except aiohttp.ServerDisconnectedError as err:
-            if self.tls is None:
-                log.debug("static peer %s does not answer: %r", address, err)
-            else:  # TLS 1.3: a server refusing our certificate hangs up after the handshake
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError) as err:
+            if self.tls is not None and isinstance(err, aiohttp.ServerDisconnectedError):
+                # TLS 1.3: a server refusing our certificate hangs up after the handshake
                 log.warning(
                     "static peer %s closed the connection: does it trust our certificate's "
                     "CA (security.tls_ca there)? (%r)",
                     address,
                     err,
                 )
-            return False
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError) as err:
-            log.debug("static peer %s does not answer: %r", address, err)
+            else:
+                log.debug("static peer %s does not answer: %r", address, err)
             return False
         images, chunks, gen = info.get("images"), info.get("chunks"), info.get("generation")
         inventory = (
@@ -749,7 +747,6 @@ class Swarm:
         link = await self._link_to(node)
         if link is None or trade.image_id not in self.trades:
             self._unlink(trade, node)
-            self._maybe_end(trade)
             return
         link.images.add(trade.image_id)
         link.send(Subscribe(trade.image_id, trade.job is not None))
@@ -771,6 +768,8 @@ class Swarm:
             log.debug("%s: block %d from %s goes elsewhere", trade.image_id, block, node)
         if trade.job is not None:
             trade.job.poke()
+        else:
+            self._maybe_end(trade)  # no fetch here and nobody left: the trade ends
 
     def _heard(self, trade: Trade, node: str) -> None:
         trade.waiting.discard(node)
@@ -961,7 +960,6 @@ class Swarm:
         if isinstance(msg, Unsubscribe):
             link.images.discard(image_id)
             self._unlink(trade, node)
-            self._maybe_end(trade)
         elif isinstance(msg, State):
             self._state(trade, node, msg)
         elif isinstance(msg, Have):
@@ -973,7 +971,6 @@ class Swarm:
         elif isinstance(msg, Status) and msg.gone:
             self._unlink(trade, node)
             self._reader_left(trade, node)
-            self._maybe_end(trade)
 
     def _subscribed(self, link: Link, image_id: str) -> None:
         """A peer wants to trade an image with us."""
@@ -1010,22 +1007,17 @@ class Swarm:
         ours = trade.manifest
         if msg.manifest is not None and not self.checked(node, msg.manifest):
             self._unlink(trade, node)
-            self._maybe_end(trade)  # no fetch here and nobody left: the trade ends
             return
         if msg.manifest is None:
             log.debug("peer %s has nothing of %s", node, trade.image_id)
             self._unlink(trade, node)
-            self._maybe_end(trade)  # no fetch here and nobody left: the trade ends
             return
         if not msg.manifest.same_source(ours) or msg.manifest.block_size != ours.block_size:
             job = trade.job
             if job is not None and node not in job.lane.excluded:
                 log.info("peer %s holds another version of %s; ignored", node, trade.image_id)
-                if job.lane.exclude(node):  # it will not read its share for us
-                    log.info("%s: readers now %s", trade.image_id, ", ".join(job.lane.readers))
-                    job.poke()
+                self._not_a_reader(trade, node, job)  # it will not read its share for us
             self._unlink(trade, node)
-            self._maybe_end(trade)  # no fetch here and nobody left: the trade ends
             return
         trade.digests[node] = bytearray(msg.manifest.block_digests)
         trade.exchange.add_neighbour(node, msg.have)
@@ -1121,7 +1113,6 @@ class Swarm:
         self._unlink(trade, node_id)
         job = trade.job
         if job is None or node_id not in job.lane.readers:
-            self._maybe_end(trade)
             return
         first = trade.lacked.get(node_id)
         if first is None:
@@ -1152,7 +1143,8 @@ class Swarm:
                 if answer.manifest is None:  # it will not read the image now
                     self._not_a_reader(trade, node_id, job)
                 return
-            await asyncio.sleep(REJOIN_WAIT * 2**attempt)
+            if attempt + 1 < REJOIN_TRIES:
+                await asyncio.sleep(REJOIN_WAIT * 2**attempt)
 
     def _not_a_reader(self, trade: Trade, node_id: str, job: Fetching) -> None:
         if trade.job is job and job.lane.exclude(node_id):
@@ -1198,7 +1190,6 @@ class Swarm:
         for trade in list(self.trades.values()):
             if node_id in trade.active.links:
                 self._unlink(trade, node_id)
-                self._maybe_end(trade)
         peer = self.table.get(node_id)
         if peer is not None and peer.usable(self.clock()):
             self._end_reads(node_id)  # a link lost, the peer still a member
