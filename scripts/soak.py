@@ -6,8 +6,9 @@ images are evicted and fetched again all along. 64 readers loop until the time i
 up: each picks a host, an image and either the whole image or a Range of it, and
 checks the bytes against the origin's file. At the end it prints the errors, the
 latency of the reads (p50, p99, max), and each daemon's RSS and open file
-descriptors after the warm-up and at the end; the exit status is 1 if any read
-failed or a daemon's fds or RSS grew past a bound (fds +16, RSS x1.5 + 64 MiB).
+descriptors after the warm-up and at the end, each measured once no daemon is
+fetching; the exit status is 1 if any read failed or a daemon's fds or RSS grew
+past a bound (fds +16, RSS x1.5 + 64 MiB) and stayed there for 20 s.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import aiohttp
 HOSTS = 4
 READERS = 64
 MIB = 1024 * 1024
+SETTLE = 20.0  # seconds the daemons get to finish fetches and close sockets
 
 
 def free_port() -> int:
@@ -47,6 +49,24 @@ def usage(pid: int) -> tuple[int, int]:
         if line.startswith("VmRSS:"):
             rss = int(line.split()[1]) * 1024
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def open_fds(pid: int) -> dict[str, int]:
+    """What a process's fds point at, counted: socket, pipe, anon_inode:..., or the path."""
+    kinds: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        kind = target.split(":", 1)[0] if target.startswith(("socket:", "pipe:")) else target
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
+
+
+def grown(before: tuple[int, int], after: tuple[int, int]) -> bool:
+    (rss0, fd0), (rss1, fd1) = before, after
+    return fd1 > fd0 + 16 or rss1 > 1.5 * rss0 + 64 * MIB
 
 
 async def wait_http(url: str, seconds: float = 30) -> None:
@@ -158,6 +178,24 @@ class Run:
             self.latencies.append(time.monotonic() - t0)
             self.reads += 1
 
+    async def metric(self, s: aiohttp.ClientSession, sample: str) -> float:
+        """One sample of /metrics (name and labels as printed) summed over the daemons."""
+        total = 0.0
+        for url in self.urls:
+            async with s.get(url + "/metrics") as resp:
+                for line in (await resp.text()).splitlines():
+                    if line.startswith(sample + " "):
+                        total += float(line.split()[1])
+        return total
+
+    async def quiet(self, s: aiohttp.ClientSession) -> None:
+        """Wait until no daemon is fetching (at most SETTLE s)."""
+        deadline = time.monotonic() + SETTLE
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            if not await self.metric(s, 'swarmcache_images{state="fetching"}'):
+                return
+
     async def main(self) -> int:
         self.make_images()
         self.start()
@@ -177,7 +215,8 @@ class Run:
                         for _ in range(READERS)
                     )
                 )
-            await asyncio.sleep(1.0)
+            async with aiohttp.ClientSession(timeout=timeout) as s:
+                await self.quiet(s)
             before = [usage(p.pid) for p in daemons]
             warm_reads, self.reads, self.latencies = self.reads, 0, []
             async with aiohttp.ClientSession(timeout=timeout) as s:
@@ -189,16 +228,20 @@ class Run:
                         for _ in range(READERS)
                     )
                 )
-                took = time.monotonic() - start
-            await asyncio.sleep(1.0)
-            after = [usage(p.pid) for p in daemons]
+                stopped = time.monotonic()
+                took = stopped - start
             async with aiohttp.ClientSession(timeout=timeout) as s:
-                evictions = 0
-                for url in self.urls:
-                    async with s.get(url + "/metrics") as resp:
-                        for line in (await resp.text()).splitlines():
-                            if line.startswith("swarmcache_evictions_total "):
-                                evictions += int(float(line.split()[1]))
+                await self.quiet(s)
+                after = [usage(p.pid) for p in daemons]
+                # fds held a moment after the fetches end (a socket not closed yet, a
+                # pool's idle connection) are not a leak; ones that stay are
+                deadline = time.monotonic() + SETTLE
+                while any(map(grown, before, after)) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.5)
+                    after = [usage(p.pid) for p in daemons]
+                settled = time.monotonic() - stopped
+                kinds = [open_fds(p.pid) for p in daemons]
+                evictions = int(await self.metric(s, "swarmcache_evictions_total"))
         finally:
             self.stop()
         lat = sorted(self.latencies)
@@ -212,13 +255,16 @@ class Run:
             f"errors: {len(self.errors)}; latency p50 {statistics.median(lat) * 1000:.0f} ms, "
             f"p99 {lat[int(0.99 * (len(lat) - 1))] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms"
         )
+        print(f"measured {settled:.1f}s after the readers stopped (fetches ended, fds settled)")
         grew = []
         for i, ((rss0, fd0), (rss1, fd1)) in enumerate(zip(before, after, strict=True)):
             print(
                 f"daemon {i}: RSS {rss0 / MIB:.0f} -> {rss1 / MIB:.0f} MiB, open fds {fd0} -> {fd1}"
             )
-            if fd1 > fd0 + 16 or rss1 > 1.5 * rss0 + 64 * MIB:
+            if grown((rss0, fd0), (rss1, fd1)):
                 grew.append(i)
+                held = sorted(kinds[i].items(), key=lambda kv: -kv[1])
+                print("  its fds:", ", ".join(f"{n} {kind}" for kind, n in held[:12]))
         for err in self.errors[:10]:
             print("  error:", err)
         if grew:
