@@ -770,6 +770,66 @@ async def test_concurrent_fetches_evict_for_each_other(
         await wait_state(client, name, "complete")
 
 
+async def test_an_image_in_use_keeps_its_place_in_the_lru_order(
+    daemon: DaemonFactory, images: ImageDir
+) -> None:
+    """A fetch that ends with the cache over max_size, because the least recently used
+    image is being read, does not evict the image it just fetched for being last: the
+    cache waits over max_size until the read ends, and then LRU picks (the image just
+    read is the most recent now)."""
+    images.add("a", 320 * CHUNK)  # more than the socket buffers hold: the read waits
+    images.add("c", 8 * CHUNK)
+    client = await daemon(cache={"max_size": 324 * CHUNK})
+    await (await client.get("/v1/images/a")).read()
+    await wait_state(client, "a", "complete")
+    reading = await client.get("/v1/images/a")
+    await reading.content.readexactly(CHUNK)  # a is in use from now on
+    resp = await client.post("/v1/images/c/fetch?wait=30")
+    assert resp.status == 200, await resp.text()
+    listing = (await (await client.get("/v1/images")).json())["images"]
+    assert sorted((i["id"], i["state"]) for i in listing) == [
+        ("a", "complete"),
+        ("c", "complete"),
+    ]
+    reading.close()  # the read ends: the cache settles under max_size
+    for _ in range(200):
+        listing = (await (await client.get("/v1/images")).json())["images"]
+        if len(listing) == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert [i["id"] for i in listing] == ["a"]
+    metrics = await (await client.get("/metrics")).text()
+    assert metric(metrics, "swarmcache_cache_bytes") <= 324 * CHUNK
+
+
+async def test_peers_fetching_an_image_from_us_keep_it_from_eviction_for_a_while(
+    daemon: DaemonFactory, images: ImageDir, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image peers are fetching from this host (Swarm.uploading) is not evicted to
+    make room, for UPLOAD_GRACE at most: a peer that never finishes does not hold the
+    cache over max_size for good. (Real peers doing so: test_peers_local.py.)"""
+    from swarmcache.api import FETCHER
+    from swarmcache.fetch import fetcher as fetcher_module
+
+    monkeypatch.setattr(fetcher_module, "UPLOAD_GRACE", 1.0)
+    images.add("a", 8 * CHUNK)
+    images.add("b", 8 * CHUNK)
+    client = await daemon(cache={"max_size": 12 * CHUNK})
+    fetcher = client.app[FETCHER]
+    assert fetcher.swarm is not None
+    await (await client.get("/v1/images/a")).read()
+    await wait_state(client, "a", "complete")
+    monkeypatch.setattr(fetcher.swarm, "uploading", lambda: {"a"})
+    resp = await client.post("/v1/images/b/fetch?wait=30")
+    assert resp.status == 200, await resp.text()
+    listing = (await (await client.get("/v1/images")).json())["images"]
+    assert sorted(i["id"] for i in listing) == ["a", "b"]  # a spared, b not evicted
+    await asyncio.sleep(1.1)
+    fetcher.settle_cache()  # as when a use ends: the grace is over, LRU picks
+    listing = (await (await client.get("/v1/images")).json())["images"]
+    assert [i["id"] for i in listing] == ["b"]
+
+
 async def test_failure_records_are_capped(daemon: DaemonFactory) -> None:
     from swarmcache.api import FETCHER
     from swarmcache.errors import OriginError

@@ -668,3 +668,51 @@ async def test_a_finished_fetch_keeps_trading_with_a_peer_whose_state_is_not_in_
             swarm.stop(job)
             assert trade.job is None
             assert ("img" in swarm.trades) is linked
+
+
+async def test_an_image_a_peer_fetches_from_us_is_evicted_only_once_it_is_done(
+    tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
+) -> None:
+    """A holds img and B fetches it from A (slowly: B's download_rate); meanwhile A
+    fetches another image its cache has room for only without img. A keeps img while
+    B reads it (a 404 would send B to the origin and make it a reader of img again)
+    and evicts it once B is done, without another fetch to set it off."""
+    data = images.add("img", 3 * MIB)
+    images.add("other", 3 * MIB)
+    a = await start_daemon_process(
+        tmp_path, origin.url, name="a", env={"SWARMCACHE_CACHE_MAX_SIZE": "5MiB"}
+    )
+    daemon_processes.append(a)
+    a_port = a.url.rsplit(":", 1)[1]
+    b = await start_daemon_process(
+        tmp_path,
+        origin.url,
+        name="b",
+        extra=f'[limits]\ndownload_rate = "1MiB"\n[discovery]\nmdns = false\n'
+        f'static_peers = ["127.0.0.1:{a_port}"]\n',
+    )
+    daemon_processes.append(b)
+    async with aiohttp.ClientSession() as s:
+        assert await _get(s, a.url + "/v1/images/img") == data
+        await wait_peers(s, b.url, 1)
+        reading = asyncio.create_task(_get(s, b.url + "/v1/images/img"))
+        for _ in range(100):  # until B has part of it
+            async with s.get(b.url + "/v1/images/img/status") as resp:
+                if resp.status == 200 and (await resp.json()).get("bytes", 0) > 0:
+                    break
+            await asyncio.sleep(0.05)
+        async with s.post(a.url + "/v1/images/other/fetch?wait=30") as resp:
+            assert resp.status == 200, await resp.text()
+        async with s.get(a.url + "/v1/images/img/status") as resp:
+            assert resp.status == 200  # still here: B is reading it
+        assert not reading.done()  # (B needs 3 s at 1 MiB/s: the test's premise)
+        assert sha256(await reading) == sha256(data)
+        # B read none of img from the origin (A, fetching `other`, joined B at it: B
+        # fetches `other` too, so B's totals by source are no measure here)
+        assert origin.stats.bytes_by_path["img"] == len(data)  # sent once, to A
+        for _ in range(100):  # B is done: A's cache goes back under max_size
+            listing = (await (await s.get(a.url + "/v1/images")).json())["images"]
+            if [i["id"] for i in listing] == ["other"]:
+                break
+            await asyncio.sleep(0.1)
+        assert [(i["id"], i["state"]) for i in listing] == [("other", "complete")]

@@ -311,6 +311,25 @@ def test_plan_eviction(entries: list, max_size: int, incoming: int, expected: li
     assert plan_eviction(entries, max_size, incoming) == expected
 
 
+@pytest.mark.parametrize(
+    ("entries", "max_size", "expected"),
+    [
+        # the LRU image is in use: nothing younger goes in its stead (it goes later)
+        ([C("a", 10, 1, in_use=True), C("b", 10, 2)], 15, []),
+        # ... but what is older than it, or needed beyond it, does
+        ([C("o", 5, 0), C("a", 10, 1, in_use=True), C("b", 10, 2)], 15, ["o"]),
+        ([C("a", 10, 1, in_use=True), C("b", 10, 2), C("c", 10, 3)], 15, ["b"]),
+        # pinned images are out of the order altogether, as without waiting
+        ([C("a", 10, 1, pinned=True), C("b", 10, 2)], 15, ["b"]),
+        ([C("a", 10, 1), C("b", 10, 2)], 15, ["a"]),
+    ],
+)
+def test_plan_eviction_waiting_for_images_in_use(
+    entries: list, max_size: int, expected: list
+) -> None:
+    assert plan_eviction(entries, max_size, wait=True) == expected
+
+
 def test_backoff_is_bounded_and_jittered() -> None:
     import random
 

@@ -376,6 +376,8 @@ async def send_image(
         if image.touch(time.time()) and fetcher.store.get(image.image_id) is image:
             # not awaited: the response is done, and the client may already be gone
             fetcher.in_background(_save_meta_quietly, image)
+        if not image.readers:
+            fetcher.settle_cache()
 
 
 def _requested_range(request: web.Request, manifest: Manifest) -> tuple[int, int] | None:

@@ -251,6 +251,7 @@ async def _fetcher_ctx(app: web.Application) -> AsyncIterator[None]:
         )
         app[FETCHER] = fetcher
         app[SWARM].ride_along = fetcher.ride_along
+        app[SWARM].uploads_ended = fetcher.settle_cache
         metrics.add_state_collector(lambda: _state_metrics(fetcher))
         fetcher.evict_now()  # max_size may have shrunk since the last run
         resume = asyncio.create_task(fetcher.resume_partial(), name="resume-partial")

@@ -636,6 +636,11 @@ class Exchange:
                     peer.uploads += 1
         return serves
 
+    def fetched_from_since(self, since: float) -> bool:
+        """A neighbour that lacks blocks held here asked us for one at `since` or later:
+        it is fetching the image from us now."""
+        return any(p.offer > 0 and p.asked_at >= since for p in self.neighbours.values())
+
     def sent(self, node: str, now: float) -> None:
         """A block we served `node` (after `may_serve`) has left, or failed to: it used
         its slot until `now`. A request waits at our uplink behind the other slots'

@@ -628,8 +628,9 @@ class Store:
         """Bytes held by all images."""
         return sum(i.present_bytes for i in self.images.values())
 
-    def evict(self, in_use: set[str], incoming: int = 0) -> list[Path]:
-        """Evict LRU images until used + incoming <= max_size; returns paths to purge."""
+    def evict(self, in_use: set[str], incoming: int = 0, wait: bool = False) -> list[Path]:
+        """Evict LRU images until used + incoming <= max_size; returns paths to purge.
+        `wait`: images in use keep their place in the LRU order (plan_eviction)."""
         candidates = [
             Candidate(
                 image_id=i.image_id,
@@ -641,7 +642,7 @@ class Store:
             )
             for i in self.images.values()
         ]
-        victims = plan_eviction(candidates, self.max_size, incoming)
+        victims = plan_eviction(candidates, self.max_size, incoming, wait)
         trash = []
         for image_id in victims:
             log.info(
@@ -651,7 +652,9 @@ class Store:
             )
             trash.append(self.remove(image_id))
         over = self.used_bytes() + incoming - self.max_size
-        if over > 0:
+        if over > 0 and wait:
+            log.info("cache over max_size by %d bytes until images in use are done", over)
+        elif over > 0:
             log.warning("cache over max_size by %d bytes: the rest is pinned or in use", over)
         return trash
 

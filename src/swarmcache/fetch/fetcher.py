@@ -45,6 +45,7 @@ T = TypeVar("T")
 MAX_FAILURES = 1000  # failure records kept for the API; the oldest go first
 JOIN_KEPT = 10.0  # seconds the hosts a join named are used for the fetch that follows
 FRESH_FOR = 10.0  # seconds an origin's answer about an image is used again
+UPLOAD_GRACE = 60.0  # seconds peers fetching an image from us keep it from eviction
 REFUTED_FOR = 60.0  # seconds peers' manifests of an image are not taken after a wrong one
 
 
@@ -97,6 +98,7 @@ class Fetcher:
         self._background: set[asyncio.Task[Any]] = set()  # deletes, stats saves, ride-alongs
         self._reserved: dict[str, int] = {}  # bytes promised to fetches being set up
         self._setting_up: set[str] = set()  # images whose job is not registered yet
+        self._spared: dict[str, float] = {}  # image -> since when uploads keep it (_in_use)
         self._joined: dict[str, tuple[float, set[str]]] = {}  # image -> (when, hosts named)
         # image -> when the origin refuted a peer's manifest of it (FetchJob._confirmed)
         self._refuted: dict[str, float] = {}
@@ -403,7 +405,7 @@ class Fetcher:
                 elapsed,
                 dict(job.bytes_by_source),
             )
-            self._evict(0)
+            self.settle_cache()
             return
         self.metrics.fetches.labels("failed").inc()
         assert isinstance(err, SwarmcacheError)
@@ -425,14 +427,15 @@ class Fetcher:
         while len(self.failures) > MAX_FAILURES:
             del self.failures[next(iter(self.failures))]
 
-    def _evict(self, incoming: int, keep: str | None = None) -> None:
-        """Evict for `incoming` bytes plus what every running fetch still has to write."""
+    def _evict(self, incoming: int, keep: str | None = None, wait: bool = False) -> None:
+        """Evict for `incoming` bytes plus what every running fetch still has to write
+        (`wait`: see plan_eviction)."""
         reserved = sum(
             j.image.manifest.size - j.image.present_bytes for i, j in self.jobs.items() if i != keep
         ) + sum(n for i, n in self._reserved.items() if i != keep)
-        in_use = set(self.jobs) | self._setting_up | ({keep} if keep else set())
+        in_use = self._in_use() | ({keep} if keep else set())
         before = set(self.store.images)
-        trash = self.store.evict(in_use, incoming + reserved)
+        trash = self.store.evict(in_use, incoming + reserved, wait)
         for image_id in before - set(self.store.images):
             self._gone(image_id)
         self.metrics.evictions.inc(len(trash))
@@ -442,6 +445,30 @@ class Fetcher:
     def evict_now(self) -> None:
         """Bring the cache under max_size now (at start-up)."""
         self._evict(0)
+
+    def _in_use(self) -> set[str]:
+        """Images eviction leaves be for now: fetched here, read by a client, or fetched
+        from us by peers (Swarm.uploading)."""
+        in_use = set(self.jobs) | self._setting_up
+        in_use.update(i for i, image in self.store.images.items() if image.readers)
+        if self.swarm is not None:
+            # for UPLOAD_GRACE at most: a peer that keeps asking and never finishes
+            # (slow, or hostile) must not hold the cache over max_size for good
+            now, uploading = time.monotonic(), self.swarm.uploading()
+            for image_id in set(self._spared) - uploading:
+                del self._spared[image_id]
+            in_use.update(
+                i for i in uploading if now - self._spared.setdefault(i, now) < UPLOAD_GRACE
+            )
+        return in_use
+
+    def settle_cache(self) -> None:
+        """Bring the cache back under max_size when an image stops being in use (a
+        fetch, a client's read, or peers' reads of it ended), in LRU order: an image
+        still in use that is next in that order is waited for, not passed over for a
+        younger one (the image just fetched, say a pre-warm, for being last)."""
+        if self.store.used_bytes() > self.store.max_size:
+            self._evict(0, wait=True)
 
     def _gone(self, image_id: str) -> None:
         if self.swarm is not None:

@@ -323,6 +323,10 @@ class Swarm:
         # a reader's answer to a Join for an image it may not fetch yet: our manifest
         # once we fetch it too (set by the daemon: the fetcher)
         self.ride_along: Callable[[str], Awaitable[Manifest | None]] | None = None
+        # peers stopped fetching an image from us (see `uploading`): eviction may take
+        # it now (set by the daemon: the fetcher)
+        self.uploads_ended: Callable[[], None] | None = None
+        self._evict_soon = False
         self.members: dict[str, dict[str, tuple[str, int, float]]] = {}  # image -> joiners
         self.generation = 0  # moves whenever what we hold changes (announced over mDNS)
         self._connecting: dict[str, asyncio.Task[Link | None]] = {}
@@ -770,6 +774,7 @@ class Swarm:
             trade.job.poke()
         else:
             self._maybe_end(trade)  # no fetch here and nobody left: the trade ends
+            self._upload_may_have_ended(trade, node)
 
     def _heard(self, trade: Trade, node: str) -> None:
         trade.waiting.discard(node)
@@ -1039,7 +1044,30 @@ class Swarm:
         trade.exchange.neighbour_has(node, good)
         if trade.job is not None:
             trade.job.poke()
+        else:
+            self._upload_may_have_ended(trade, node)
         self._rotate(trade)
+
+    def uploading(self) -> set[str]:
+        """Images peers are fetching from us: one that lacks blocks we hold asked us for
+        one within peers.timeout. Eviction leaves them be: dropping an image a swarm
+        reads from us sends every reader a 404 and makes the swarm's readers fetch it
+        again (a churn that outlived its clients by many seconds under a soak)."""
+        since = self.clock() - self.config.timeout
+        return {i for i, t in self.trades.items() if t.exchange.fetched_from_since(since)}
+
+    def _upload_may_have_ended(self, trade: Trade, node: str) -> None:
+        """`node` finished the image or left: if we only serve it, eviction may take it.
+        Run soon, not now: an eviction ends trades, and our callers may be walking them."""
+        peer = trade.exchange.neighbours.get(node)
+        if trade.job is None and (peer is None or not peer.offer) and not self._evict_soon:
+            self._evict_soon = True
+            asyncio.get_running_loop().call_soon(self._uploads_ended)
+
+    def _uploads_ended(self) -> None:
+        self._evict_soon = False
+        if self.uploads_ended is not None:
+            self.uploads_ended()
 
     def _maybe_end(self, trade: Trade) -> None:
         if trade.job is None and not trade.active.links:
