@@ -35,20 +35,35 @@ async def _get(session: aiohttp.ClientSession, url: str) -> bytes:
         return await resp.read()
 
 
+async def _pair(
+    tmp_path: Path,
+    origin: Origin,
+    daemon_processes: list[Any],
+    names: tuple[str, str] = ("a", "b"),
+    env: dict[str, str] | None = None,
+    extra: str = "",
+) -> tuple[Any, Any]:
+    """Two daemons: the first with `env`, the second with the first as its static
+    peer and `extra` in its config."""
+    first = await start_daemon_process(tmp_path, origin.url, name=names[0], env=env)
+    daemon_processes.append(first)
+    port = first.url.rsplit(":", 1)[1]
+    second = await start_daemon_process(
+        tmp_path,
+        origin.url,
+        name=names[1],
+        extra=f'{extra}[discovery]\nmdns = false\nstatic_peers = ["127.0.0.1:{port}"]\n',
+    )
+    daemon_processes.append(second)
+    return first, second
+
+
 async def test_second_host_takes_every_chunk_from_the_first(
     tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
 ) -> None:
     data = images.add("img", 3 * MIB + 123)
-    a = await start_daemon_process(tmp_path, origin.url, name="a")
-    daemon_processes.append(a)
+    a, b = await _pair(tmp_path, origin, daemon_processes)
     a_port = a.url.rsplit(":", 1)[1]
-    b = await start_daemon_process(
-        tmp_path,
-        origin.url,
-        name="b",
-        extra=f'[discovery]\nmdns = false\nstatic_peers = ["127.0.0.1:{a_port}"]\n',
-    )
-    daemon_processes.append(b)
     async with aiohttp.ClientSession() as s:
         assert await _get(s, a.url + "/v1/images/img") == data
         origin_bytes = origin.stats.bytes_by_path["img"]
@@ -85,18 +100,13 @@ async def test_peer_serving_corrupt_chunks_is_quarantined_and_image_still_correc
     tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
 ) -> None:
     data = images.add("img", 2 * MIB)
-    bad = await start_daemon_process(
-        tmp_path, origin.url, name="bad", env={"SWARMCACHE_TEST_CORRUPT_PEER_CHUNKS": "1"}
-    )
-    daemon_processes.append(bad)
-    bad_port = bad.url.rsplit(":", 1)[1]
-    good = await start_daemon_process(
+    bad, good = await _pair(
         tmp_path,
-        origin.url,
-        name="good",
-        extra=f'[discovery]\nmdns = false\nstatic_peers = ["127.0.0.1:{bad_port}"]\n',
+        origin,
+        daemon_processes,
+        ("bad", "good"),
+        env={"SWARMCACHE_TEST_CORRUPT_PEER_CHUNKS": "1"},
     )
-    daemon_processes.append(good)
     async with aiohttp.ClientSession() as s:
         assert await _get(s, bad.url + "/v1/images/img") == data
         await wait_peers(s, good.url, 1)
@@ -679,19 +689,13 @@ async def test_an_image_a_peer_fetches_from_us_is_evicted_only_once_it_is_done(
     and evicts it once B is done, without another fetch to set it off."""
     data = images.add("img", 3 * MIB)
     images.add("other", 3 * MIB)
-    a = await start_daemon_process(
-        tmp_path, origin.url, name="a", env={"SWARMCACHE_CACHE_MAX_SIZE": "5MiB"}
-    )
-    daemon_processes.append(a)
-    a_port = a.url.rsplit(":", 1)[1]
-    b = await start_daemon_process(
+    a, b = await _pair(
         tmp_path,
-        origin.url,
-        name="b",
-        extra=f'[limits]\ndownload_rate = "1MiB"\n[discovery]\nmdns = false\n'
-        f'static_peers = ["127.0.0.1:{a_port}"]\n',
+        origin,
+        daemon_processes,
+        env={"SWARMCACHE_CACHE_MAX_SIZE": "5MiB"},
+        extra='[limits]\ndownload_rate = "1MiB"\n',
     )
-    daemon_processes.append(b)
     async with aiohttp.ClientSession() as s:
         assert await _get(s, a.url + "/v1/images/img") == data
         await wait_peers(s, b.url, 1)
