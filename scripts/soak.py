@@ -33,6 +33,7 @@ import aiohttp
 HOSTS = 4
 READERS = 64
 MIB = 1024 * 1024
+CACHE_MIB = 24
 SETTLE = 20.0  # seconds the daemons get to finish fetches and close sockets
 
 
@@ -95,6 +96,7 @@ class Run:
         self.reads = 0
         self.procs: list[subprocess.Popen[bytes]] = []
         self.urls: list[str] = []
+        self.peaks: list[float] = []
 
     def make_images(self) -> None:
         root = self.work / "images"
@@ -124,7 +126,7 @@ class Run:
             config.write_text(
                 f'[daemon]\nlisten = "127.0.0.1:{p}"\nlog_level = "{self.log_level}"\n'
                 f"access_log = {'true' if self.log_level == 'info' else 'false'}\n"
-                f'[cache]\ndir = "{self.work / f"cache{i}"}"\nmax_size = "24MiB"\n'
+                f'[cache]\ndir = "{self.work / f"cache{i}"}"\nmax_size = "{CACHE_MIB}MiB"\n'
                 f'chunk_size = "1MiB"\n[origin]\nurl = "{origin}"\n'
                 f"[discovery]\nmdns = false\nstatic_peers = [{peers}]\n"
             )
@@ -180,13 +182,25 @@ class Run:
 
     async def metric(self, s: aiohttp.ClientSession, sample: str) -> float:
         """One sample of /metrics (name and labels as printed) summed over the daemons."""
-        total = 0.0
+        return sum(await self.metrics(s, sample))
+
+    async def metrics(self, s: aiohttp.ClientSession, sample: str) -> list[float]:
+        """One sample of /metrics (name and labels as printed) of each daemon."""
+        values = []
         for url in self.urls:
             async with s.get(url + "/metrics") as resp:
                 for line in (await resp.text()).splitlines():
                     if line.startswith(sample + " "):
-                        total += float(line.split()[1])
-        return total
+                        values.append(float(line.split()[1]))
+        return values
+
+    async def watch_caches(self, s: aiohttp.ClientSession) -> None:
+        """Keep each daemon's largest swarmcache_cache_bytes in self.peaks (until cancelled):
+        how far over max_size images in use held the caches."""
+        while True:
+            now = await self.metrics(s, "swarmcache_cache_bytes")
+            self.peaks = [max(a, b) for a, b in zip(self.peaks or now, now, strict=True)]
+            await asyncio.sleep(0.25)
 
     async def quiet(self, s: aiohttp.ClientSession) -> None:
         """Wait until no daemon is fetching (at most SETTLE s)."""
@@ -222,12 +236,14 @@ class Run:
             async with aiohttp.ClientSession(timeout=timeout) as s:
                 start = time.monotonic()
                 deadline = start + self.seconds
+                watch = asyncio.create_task(self.watch_caches(s))
                 await asyncio.gather(
                     *(
                         self.reader(s, deadline, random.Random(self.rng.random()))
                         for _ in range(READERS)
                     )
                 )
+                watch.cancel()
                 stopped = time.monotonic()
                 took = stopped - start
             async with aiohttp.ClientSession(timeout=timeout) as s:
@@ -248,12 +264,17 @@ class Run:
         print(f"warm-up: {warm_reads} reads (not counted below but in the errors)")
         print(
             f"{self.reads} reads by {READERS} readers over {took:.0f}s on {HOSTS} hosts "
-            f"({len(self.images)} images of 1-6 MiB, 24 MiB caches); {evictions} evictions; "
-            f"load average {os.getloadavg()[0]:.2f}"
+            f"({len(self.images)} images of 1-6 MiB, {CACHE_MIB} MiB caches); "
+            f"{evictions} evictions; load average {os.getloadavg()[0]:.2f}"
         )
         print(
             f"errors: {len(self.errors)}; latency p50 {statistics.median(lat) * 1000:.0f} ms, "
             f"p99 {lat[int(0.99 * (len(lat) - 1))] * 1000:.0f} ms, max {lat[-1] * 1000:.0f} ms"
+        )
+        print(
+            "largest cache during the run: "
+            + ", ".join(f"{b / MIB:.0f}" for b in self.peaks)
+            + f" MiB (max_size {CACHE_MIB} MiB; images in use hold it over)"
         )
         print(f"measured {settled:.1f}s after the readers stopped (fetches ended, fds settled)")
         grew = []
