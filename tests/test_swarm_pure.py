@@ -243,3 +243,37 @@ async def test_mdns_re_announces_at_once_for_images_and_once_a_minute_for_blocks
         assert updates[1] == ("15", "2")
     finally:
         task.cancel()
+
+
+def test_uploading_is_a_run_of_blocks_sent_to_a_peer_that_lacks_some() -> None:
+    """Swarm.uploading: an image counts while a neighbour that lacks blocks we hold got
+    one within peers.timeout, for `within` seconds of a run of uploads at most; a
+    pause longer than peers.timeout starts a new run. Asking is not enough."""
+    import random
+
+    from swarmcache.config import PeersConfig
+    from swarmcache.exchange import ActiveSet, Exchange, Geometry
+    from swarmcache.metrics import Metrics
+    from swarmcache.peers.swarm import Swarm, Trade
+
+    now = [100.0]
+    swarm = Swarm("a" * 16, ("127.0.0.1", 1), PeersConfig(timeout=5.0), 4, Metrics(),
+                  clock=lambda: now[0])  # fmt: skip
+    m = Manifest("img", size=4 * 1024, chunk_size=1024, block_size=1024)
+    ex = Exchange(Geometry(m.size, 1024, 1024), range(4), random.Random(1))
+    swarm.trades["img"] = Trade("img", m, ex, ActiveSet(12, random.Random(1)))
+    ex.add_neighbour("b", bytes([0b0001]))  # b lacks 3 blocks we hold
+    ex.may_serve("b", now[0])  # it asks: not yet a reason to keep the image
+    assert swarm.uploading(60) == set()
+    for _ in range(15):  # a block every 4 s (< timeout): one run, 0 to 56 s
+        swarm.sent("img", "b")
+        assert swarm.uploading(60) == {"img"}
+        now[0] += 4
+    swarm.sent("img", "b")  # 60 s into the run: the grace is over, though it still reads
+    assert swarm.uploading(60) == set()
+    now[0] += 6  # a pause longer than the timeout...
+    assert swarm.uploading(60) == set()
+    swarm.sent("img", "b")  # ... then a new run
+    assert swarm.uploading(60) == {"img"}
+    ex.neighbour_has("b", [1, 2, 3])  # b has it all: nothing to keep it for
+    assert swarm.uploading(60) == set()

@@ -151,6 +151,7 @@ class _Neighbour:
     offer: int = 0  # blocks we hold that it lacks: it wants one of our upload slots
     served_at: float = float("-inf")  # when we last gave it an upload slot
     asked_at: float = float("-inf")  # when it last asked us for a block
+    sent_at: float = float("-inf")  # when a block we served it last left
     uploads: int = 0  # its requests we are serving now (see Exchange.sent)
     useful: dict[int, None] = field(default_factory=dict)  # held there, missing here
 
@@ -637,9 +638,9 @@ class Exchange:
         return serves
 
     def fetched_from_since(self, since: float) -> bool:
-        """A neighbour that lacks blocks held here asked us for one at `since` or later:
-        it is fetching the image from us now."""
-        return any(p.offer > 0 and p.asked_at >= since for p in self.neighbours.values())
+        """A neighbour that lacks blocks held here got one from us at `since` or later:
+        it is fetching the image from us now. (Asking is not enough: anyone may ask.)"""
+        return any(p.offer > 0 and p.sent_at >= since for p in self.neighbours.values())
 
     def sent(self, node: str, now: float) -> None:
         """A block we served `node` (after `may_serve`) has left, or failed to: it used
@@ -650,6 +651,7 @@ class Exchange:
         peer = self.neighbours.get(node)
         if peer is not None:
             peer.asked_at = max(peer.asked_at, now)
+            peer.sent_at = max(peer.sent_at, now)
             peer.uploads = max(0, peer.uploads - 1)
 
     def rotate(self, now: float) -> list[tuple[str, bool]]:

@@ -45,7 +45,8 @@ T = TypeVar("T")
 MAX_FAILURES = 1000  # failure records kept for the API; the oldest go first
 JOIN_KEPT = 10.0  # seconds the hosts a join named are used for the fetch that follows
 FRESH_FOR = 10.0  # seconds an origin's answer about an image is used again
-UPLOAD_GRACE = 60.0  # seconds peers fetching an image from us keep it from eviction
+UPLOAD_GRACE = 60.0  # seconds a run of uploads of an image keeps it from eviction
+RESETTLE = 5.0  # seconds between looks while uploads hold the cache over max_size
 REFUTED_FOR = 60.0  # seconds peers' manifests of an image are not taken after a wrong one
 
 
@@ -98,7 +99,8 @@ class Fetcher:
         self._background: set[asyncio.Task[Any]] = set()  # deletes, stats saves, ride-alongs
         self._reserved: dict[str, int] = {}  # bytes promised to fetches being set up
         self._setting_up: set[str] = set()  # images whose job is not registered yet
-        self._spared: dict[str, float] = {}  # image -> since when uploads keep it (_in_use)
+        # a settle to come while uploads keep the cache over max_size (_evict)
+        self._resettle: asyncio.TimerHandle | None = None
         self._joined: dict[str, tuple[float, set[str]]] = {}  # image -> (when, hosts named)
         # image -> when the origin refuted a peer's manifest of it (FetchJob._confirmed)
         self._refuted: dict[str, float] = {}
@@ -420,6 +422,7 @@ class Fetcher:
             # Never keep bytes that failed the whole-image check.
             self._purge(self.store.remove(image_id, force=True))
             self._gone(image_id)
+        self.settle_cache()  # its partial copy is no longer in use
 
     def _record_failure(self, image_id: str, err: SwarmcacheError, size: int | None) -> None:
         self.failures.pop(image_id, None)
@@ -436,6 +439,15 @@ class Fetcher:
         in_use = self._in_use() | ({keep} if keep else set())
         before = set(self.store.images)
         trash = self.store.evict(in_use, incoming + reserved, wait)
+        # uploads that end without a word (a peer stops asking, the grace runs out) call
+        # for no settle: look again while they may hold the cache over max_size
+        if (
+            self._resettle is None
+            and self.swarm is not None
+            and self.store.used_bytes() > self.store.max_size
+            and self.swarm.uploading(UPLOAD_GRACE)
+        ):
+            self._resettle = asyncio.get_running_loop().call_later(RESETTLE, self._resettled)
         for image_id in before - set(self.store.images):
             self._gone(image_id)
         self.metrics.evictions.inc(len(trash))
@@ -452,22 +464,19 @@ class Fetcher:
         in_use = set(self.jobs) | self._setting_up
         in_use.update(i for i, image in self.store.images.items() if image.readers)
         if self.swarm is not None:
-            # for UPLOAD_GRACE at most: a peer that keeps asking and never finishes
-            # (slow, or hostile) must not hold the cache over max_size for good
-            now, uploading = time.monotonic(), self.swarm.uploading()
-            for image_id in set(self._spared) - uploading:
-                del self._spared[image_id]
-            in_use.update(
-                i for i in uploading if now - self._spared.setdefault(i, now) < UPLOAD_GRACE
-            )
+            in_use |= self.swarm.uploading(UPLOAD_GRACE)
         return in_use
+
+    def _resettled(self) -> None:
+        self._resettle = None
+        self.settle_cache()
 
     def settle_cache(self) -> None:
         """Bring the cache back under max_size when an image stops being in use (a
         fetch, a client's read, or peers' reads of it ended), in LRU order: an image
         still in use that is next in that order is waited for, not passed over for a
         younger one (the image just fetched, say a pre-warm, for being last)."""
-        if self.store.used_bytes() > self.store.max_size:
+        if not (self._closed or self.stopping) and self.store.used_bytes() > self.store.max_size:
             self._evict(0, wait=True)
 
     def _gone(self, image_id: str) -> None:
@@ -621,6 +630,8 @@ class Fetcher:
         """Cancel every running fetch, wait for it and for pending deletes, stop the pool."""
         await self.cancel_all()
         self._closed = True
+        if self._resettle is not None:
+            self._resettle.cancel()
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         self.executor.shutdown(wait=True)

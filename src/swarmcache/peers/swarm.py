@@ -134,6 +134,10 @@ class Trade:
     rotating: bool = False
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     lacked: dict[str, float] = field(default_factory=dict)  # readers joined again: when
+    # the run of uploads of the image going on: since when, and the last block sent
+    # (a pause longer than peers.timeout starts a new run; see Swarm.uploading)
+    uploads_since: float = float("-inf")
+    uploaded_at: float = float("-inf")
 
     def digest(self, node: str, block: int) -> bytes | None:
         """The digest a block from `node` must have: the signed one when our manifest
@@ -768,13 +772,16 @@ class Swarm:
         trade.active.drop(node)
         trade.digests.pop(node, None)
         self._heard(trade, node)
+        peer = trade.exchange.neighbours.get(node)
+        lacked = peer is not None and peer.offer > 0
         for block in trade.exchange.drop_neighbour(node):
             log.debug("%s: block %d from %s goes elsewhere", trade.image_id, block, node)
         if trade.job is not None:
             trade.job.poke()
-        else:
-            self._maybe_end(trade)  # no fetch here and nobody left: the trade ends
-            self._upload_may_have_ended(trade, node)
+            return
+        self._maybe_end(trade)  # no fetch here and nobody left: the trade ends
+        if lacked:
+            self._upload_may_have_ended()
 
     def _heard(self, trade: Trade, node: str) -> None:
         trade.waiting.discard(node)
@@ -1033,8 +1040,10 @@ class Swarm:
 
     def _have(self, trade: Trade, node: str, msg: Have) -> None:
         digests = trade.digests.get(node)
-        if digests is None:
+        peer = trade.exchange.neighbours.get(node)
+        if digests is None or peer is None:
             return
+        lacked = peer.offer > 0
         n = trade.manifest.blocks
         good = []
         for block, digest in msg.blocks:
@@ -1044,23 +1053,30 @@ class Swarm:
         trade.exchange.neighbour_has(node, good)
         if trade.job is not None:
             trade.job.poke()
-        else:
-            self._upload_may_have_ended(trade, node)
+        elif lacked and not peer.offer:
+            self._upload_may_have_ended()
         self._rotate(trade)
 
-    def uploading(self) -> set[str]:
-        """Images peers are fetching from us: one that lacks blocks we hold asked us for
-        one within peers.timeout. Eviction leaves them be: dropping an image a swarm
-        reads from us sends every reader a 404 and makes the swarm's readers fetch it
-        again (a churn that outlived its clients by many seconds under a soak)."""
-        since = self.clock() - self.config.timeout
-        return {i for i, t in self.trades.items() if t.exchange.fetched_from_since(since)}
+    def uploading(self, within: float) -> set[str]:
+        """Images peers are fetching from us, in a run of uploads that began less than
+        `within` seconds ago: a neighbour that lacks blocks we hold got one from us
+        within peers.timeout. Eviction leaves them be for that long: dropping an image
+        a swarm reads from us sends every reader a 404 and makes the swarm's readers
+        fetch it again (a churn that outlived its clients by many seconds under a
+        soak); `within` keeps a peer that never finishes from holding it for good."""
+        now = self.clock()
+        since = now - self.config.timeout
+        return {
+            i
+            for i, t in self.trades.items()
+            if now - t.uploads_since < within and t.exchange.fetched_from_since(since)
+        }
 
-    def _upload_may_have_ended(self, trade: Trade, node: str) -> None:
-        """`node` finished the image or left: if we only serve it, eviction may take it.
-        Run soon, not now: an eviction ends trades, and our callers may be walking them."""
-        peer = trade.exchange.neighbours.get(node)
-        if trade.job is None and (peer is None or not peer.offer) and not self._evict_soon:
+    def _upload_may_have_ended(self) -> None:
+        """A neighbour that lacked blocks of an image we only serve has them all now, or
+        left: eviction may take the image. Run soon, not now: an eviction ends trades,
+        and our callers may be walking them."""
+        if not self._evict_soon:
             self._evict_soon = True
             asyncio.get_running_loop().call_soon(self._uploads_ended)
 
@@ -1112,7 +1128,11 @@ class Swarm:
         """A block `may_serve` let `node` read has left (or failed to)."""
         trade = self.trades.get(image_id)
         if trade is not None:
-            trade.exchange.sent(node, self.clock())
+            now = self.clock()
+            if now - trade.uploaded_at > self.config.timeout:
+                trade.uploads_since = now  # a new run of uploads (Swarm.uploading)
+            trade.uploaded_at = now
+            trade.exchange.sent(node, now)
 
     # -- peers that go away -------------------------------------------------------------------
 
