@@ -683,18 +683,19 @@ async def test_a_finished_fetch_keeps_trading_with_a_peer_whose_state_is_not_in_
 async def test_an_image_a_peer_fetches_from_us_is_evicted_only_once_it_is_done(
     tmp_path: Path, images: ImageDir, origin: Origin, daemon_processes: list[Any]
 ) -> None:
-    """A holds img and B fetches it from A (slowly: B's download_rate); meanwhile A
-    fetches another image its cache has room for only without img. A keeps img while
-    B reads it (a 404 would send B to the origin and make it a reader of img again)
-    and evicts it once B is done, without another fetch to set it off."""
+    """A holds img and B fetches it from A (slowly: A's upload_rate); meanwhile A
+    fetches another image its cache has room for only without img (at full speed:
+    B, a reader of it too, reads its share from the origin and sends it to A). A
+    keeps img while B reads it (a 404 would send B to the origin and make it a
+    reader of img again) and evicts it once B is done, without another fetch to set
+    it off."""
     data = images.add("img", 3 * MIB)
     images.add("other", 3 * MIB)
     a, b = await _pair(
         tmp_path,
         origin,
         daemon_processes,
-        env={"SWARMCACHE_CACHE_MAX_SIZE": "5MiB"},
-        extra='[limits]\ndownload_rate = "1MiB"\n',
+        env={"SWARMCACHE_CACHE_MAX_SIZE": "5MiB", "SWARMCACHE_LIMITS_UPLOAD_RATE": "512KiB"},
     )
     async with aiohttp.ClientSession() as s:
         assert await _get(s, a.url + "/v1/images/img") == data
@@ -709,7 +710,7 @@ async def test_an_image_a_peer_fetches_from_us_is_evicted_only_once_it_is_done(
             assert resp.status == 200, await resp.text()
         async with s.get(a.url + "/v1/images/img/status") as resp:
             assert resp.status == 200  # still here: B is reading it
-        assert not reading.done()  # (B needs 3 s at 1 MiB/s: the test's premise)
+        assert not reading.done()  # (B needs 6 s at 512 KiB/s: the test's premise)
         assert sha256(await reading) == sha256(data)
         # B read none of img from the origin (A, fetching `other`, joined B at it: B
         # fetches `other` too, so B's totals by source are no measure here)
