@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import os
 import random
@@ -243,8 +244,10 @@ class Run:
                         for _ in range(READERS)
                     )
                 )
-                watch.cancel()
                 stopped = time.monotonic()
+                watch.cancel()  # (it must not outlive the session it reads with)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
                 took = stopped - start
             async with aiohttp.ClientSession(timeout=timeout) as s:
                 await self.quiet(s)

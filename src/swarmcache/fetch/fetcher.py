@@ -436,17 +436,15 @@ class Fetcher:
         reserved = sum(
             j.image.manifest.size - j.image.present_bytes for i, j in self.jobs.items() if i != keep
         ) + sum(n for i, n in self._reserved.items() if i != keep)
-        in_use = self._in_use() | ({keep} if keep else set())
+        # in use (besides images clients read: the store sees those): fetched here, or
+        # fetched from us by peers (Swarm.uploading)
+        uploads = self.swarm.uploading(UPLOAD_GRACE) if self.swarm is not None else set()
+        in_use = set(self.jobs) | self._setting_up | uploads | ({keep} if keep else set())
         before = set(self.store.images)
         trash = self.store.evict(in_use, incoming + reserved, wait)
         # uploads that end without a word (a peer stops asking, the grace runs out) call
         # for no settle: look again while they may hold the cache over max_size
-        if (
-            self._resettle is None
-            and self.swarm is not None
-            and self.store.used_bytes() > self.store.max_size
-            and self.swarm.uploading(UPLOAD_GRACE)
-        ):
+        if uploads and self._resettle is None and self.store.used_bytes() > self.store.max_size:
             self._resettle = asyncio.get_running_loop().call_later(RESETTLE, self._resettled)
         for image_id in before - set(self.store.images):
             self._gone(image_id)
@@ -457,15 +455,6 @@ class Fetcher:
     def evict_now(self) -> None:
         """Bring the cache under max_size now (at start-up)."""
         self._evict(0)
-
-    def _in_use(self) -> set[str]:
-        """Images eviction leaves be for now: fetched here, read by a client, or fetched
-        from us by peers (Swarm.uploading)."""
-        in_use = set(self.jobs) | self._setting_up
-        in_use.update(i for i, image in self.store.images.items() if image.readers)
-        if self.swarm is not None:
-            in_use |= self.swarm.uploading(UPLOAD_GRACE)
-        return in_use
 
     def _resettled(self) -> None:
         self._resettle = None
